@@ -1,0 +1,656 @@
+//! A replica: one node's in-memory view of every key, and the rules for changing it.
+//!
+//! The replica is the kernel's state machine. It owns:
+//!
+//! - **admission** of local ops (`admit`): classify, and for the fast path assign the next
+//!   sequence, apply the fact and encode it for the WAL and gossip — without allocating on a
+//!   warm key;
+//! - **delivery** of facts from peers (`deliver`): duplicates are dropped by one comparison
+//!   with the version vector; facts of each origin are applied strictly in sequence order
+//!   (gaps and unfunded escrow spends wait in a bounded buffer); so the applied set is always
+//!   exactly a version vector;
+//! - **commands** from Raft (`apply_command`): applied only once every fact inside the
+//!   command's frontier is applied here (else `Blocked`, naming what is missing), which makes
+//!   their effect identical on every replica;
+//! - the **rules** in force, as a compiled snapshot switched at a Raft log position.
+//!
+//! # Determinism contract (between Raft and this state machine)
+//!
+//! Given the same sequence of `apply_command` calls, every replica returns the same outcomes
+//! and holds the same Raft-ordered state (register bases and versions, counter bases, escrow
+//! pools, key types), whatever facts it has or has not seen; once two replicas have applied the
+//! same facts and commands, in any interleaving that respects the rules above, they hold equal
+//! values. Nothing here reads a clock, does I/O, iterates a hash map into an output, or
+//! depends on memory addresses. The proptests in `kernel/tests/` check this.
+
+use crate::admission::{Admission, ConsensusReason, EscrowView, classify};
+use crate::clock::{HlcTimestamp, NodeId};
+use crate::command::{Command, CommandBody};
+use crate::fact::{Fact, FactError, FactId, FactKind, FactRef};
+use crate::refusal::Refusal;
+use crate::rules::CompiledRules;
+use crate::state::{KeyState, Outcome, Value};
+use crate::value::{Mode, Op, OpKind, ValueType};
+use crate::vv::VersionVector;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasherDefault;
+use thiserror::Error;
+
+/// Default bound on facts waiting for earlier ones.
+pub const PENDING_FACTS_MAX_DEFAULT: usize = 64 * 1024;
+
+/// FNV-1a: fast on short keys, and deterministic (no random seed), so nothing about the
+/// replica varies between runs. The table is never iterated into an output.
+#[derive(Default)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        // Final avalanche so the low bits hashbrown uses depend on every byte.
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^ (x >> 33)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut h = if self.0 == 0 {
+            0xcbf2_9ce4_8422_2325
+        } else {
+            self.0
+        };
+        for &b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        self.0 = h;
+    }
+}
+
+type KeyMap = HashMap<Box<[u8]>, KeyEntry, BuildHasherDefault<KeyHasher>>;
+
+#[derive(Clone, Debug)]
+struct KeyEntry {
+    state: KeyState,
+    /// The key's mode under `rules_version` (resolving a glob per op would cost more than the
+    /// whole fast path).
+    rules_version: u64,
+    mode: Mode,
+}
+
+/// What `admit` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admitted {
+    /// Applied locally as fact `id`; its encoding was appended to the caller's buffer.
+    Local { id: FactId, escrow: bool },
+    /// Must be proposed to the key's Raft group (see `Replica::prepare_command`).
+    Consensus(ConsensusReason),
+}
+
+/// What `deliver` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// Applied, together with `unblocked` waiting facts it released.
+    Applied { unblocked: usize },
+    /// Already applied here: nothing changed.
+    Duplicate,
+    /// Waits for earlier facts of its origin, for its key's creation, or for escrow rights.
+    Buffered,
+    /// The wait buffer is full; the fact was dropped and anti-entropy will bring it again.
+    Dropped,
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ReplicaError {
+    #[error(transparent)]
+    Refused(#[from] RefusedOp),
+    #[error(
+        "command on key '{key}' observed facts this replica has not applied yet ({missing}); deliver them first"
+    )]
+    Blocked { key: String, missing: String },
+    #[error(transparent)]
+    Fact(#[from] FactError),
+    #[error(
+        "fact {origin}:{seq} is {fact_type} but key '{key}' is {key_type}; a peer sent a fact that contradicts the key's type, which means a bug or corruption: stop the node and report it"
+    )]
+    TypeConflict {
+        origin: NodeId,
+        seq: u64,
+        key: String,
+        fact_type: ValueType,
+        key_type: ValueType,
+    },
+}
+
+/// A refusal with its key, as an owned error.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("{message}")]
+pub struct RefusedOp {
+    pub refusal: Refusal,
+    pub message: String,
+}
+
+impl RefusedOp {
+    fn new(key: &[u8], refusal: Refusal) -> RefusedOp {
+        RefusedOp {
+            refusal,
+            message: refusal.on_key(key).to_string(),
+        }
+    }
+}
+
+pub struct Replica {
+    node: NodeId,
+    vv: VersionVector,
+    keys: KeyMap,
+    /// Facts waiting for earlier ones, by (origin, seq).
+    pending: BTreeMap<(NodeId, u64), Fact>,
+    pending_facts_max: usize,
+    rules: CompiledRules,
+    rules_version: u64,
+}
+
+impl Replica {
+    pub fn new(node: NodeId, rules: CompiledRules) -> Replica {
+        assert!(node != 0, "node id 0 is reserved");
+        let rules_version = rules.version();
+        Replica {
+            node,
+            vv: VersionVector::new(),
+            keys: KeyMap::default(),
+            pending: BTreeMap::new(),
+            pending_facts_max: PENDING_FACTS_MAX_DEFAULT,
+            rules,
+            rules_version,
+        }
+    }
+
+    pub fn with_pending_facts_max(mut self, pending_facts_max: usize) -> Replica {
+        assert!(pending_facts_max > 0);
+        self.pending_facts_max = pending_facts_max;
+        self
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Every fact applied here, exactly.
+    pub fn version_vector(&self) -> &VersionVector {
+        &self.vv
+    }
+
+    pub fn pending_facts(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn rules(&self) -> &CompiledRules {
+        &self.rules
+    }
+
+    pub fn rules_version(&self) -> u64 {
+        self.rules_version
+    }
+
+    /// Switch rules. Called at the same Raft log position on every node.
+    pub fn set_rules(&mut self, rules: CompiledRules) {
+        assert!(
+            rules.version() > self.rules_version,
+            "rules versions only rise"
+        );
+        self.rules_version = rules.version();
+        self.rules = rules;
+    }
+
+    pub fn read(&self, key: &[u8]) -> Option<Value> {
+        self.keys.get(key).map(|e| e.state.value())
+    }
+
+    pub fn key_state(&self, key: &[u8]) -> Option<&KeyState> {
+        self.keys.get(key).map(|e| &e.state)
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// This node's quota on a bounded counter key.
+    pub fn escrow_view(&self, key: &[u8]) -> Option<EscrowView> {
+        match self.keys.get(key).map(|e| &e.state) {
+            Some(KeyState::Bounded(b)) => {
+                let (down, up) = b.rights_of(self.node);
+                Some(EscrowView {
+                    down,
+                    up,
+                    bounds: b.bounds(),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// The mode of `key` under the rules in force.
+    pub fn mode_of(&self, key: &[u8]) -> Mode {
+        match self.keys.get(key) {
+            Some(e) if e.rules_version == self.rules_version => e.mode,
+            _ => self.rules.resolve(key).mode,
+        }
+    }
+
+    /// Admit a local op. On the fast path the fact is applied and its encoding appended to
+    /// `out` (for the WAL and gossip); the caller acknowledges it once the WAL says durable.
+    pub fn admit(
+        &mut self,
+        key: &[u8],
+        op: &Op,
+        hlc: HlcTimestamp,
+        out: &mut Vec<u8>,
+    ) -> Result<Admitted, RefusedOp> {
+        let kind = op.kind();
+        let (arg, payload, fact_kind) = match op {
+            Op::CounterAdd { delta } => (*delta, &[][..], FactKind::CounterAdd),
+            Op::BoundedAdd { delta } => (*delta, &[][..], FactKind::BoundedAdd),
+            Op::MaxRaise { value } => (*value, &[][..], FactKind::MaxRaise),
+            Op::SetAdd { element } => (0, element.as_slice(), FactKind::SetAdd),
+            Op::RegisterPut { value } => (0, value.as_slice(), FactKind::RegisterLww),
+            Op::RegisterDelete => (0, &[][..], FactKind::RegisterLwwDelete),
+            // Never on the fast path; classify below decides between Raft and refusal.
+            _ => (0, &[][..], FactKind::CounterAdd),
+        };
+        let rules_version = self.rules_version;
+        let Some(entry) = self.keys.get_mut(key) else {
+            let mode = self.rules.resolve(key).mode;
+            return match classify(mode, None, kind, arg, None) {
+                Admission::Consensus(reason) => Ok(Admitted::Consensus(reason)),
+                Admission::Refused(r) => Err(RefusedOp::new(key, r)),
+                other => unreachable!("a key without a type is never admitted locally: {other:?}"),
+            };
+        };
+        if entry.rules_version != rules_version {
+            entry.mode = self.rules.resolve(key).mode;
+            entry.rules_version = rules_version;
+        }
+        let escrow = match &entry.state {
+            KeyState::Bounded(b) => {
+                let (down, up) = b.rights_of(self.node);
+                Some(EscrowView {
+                    down,
+                    up,
+                    bounds: b.bounds(),
+                })
+            }
+            _ => None,
+        };
+        let escrow_path = match classify(
+            entry.mode,
+            Some(entry.state.value_type()),
+            kind,
+            arg,
+            escrow,
+        ) {
+            Admission::FastPath => false,
+            Admission::EscrowLocal => true,
+            Admission::Consensus(reason) => return Ok(Admitted::Consensus(reason)),
+            Admission::Refused(r) => return Err(RefusedOp::new(key, r)),
+        };
+        if kind == OpKind::CounterAdd
+            && let KeyState::Counter(n) = &entry.state
+            && n.value().checked_add(arg).is_none()
+        {
+            return Err(RefusedOp::new(key, Refusal::Overflow { op: kind }));
+        }
+        let id = FactId {
+            origin: self.node,
+            seq: self.vv.get(self.node) + 1,
+        };
+        let fact = FactRef {
+            id,
+            kind: fact_kind,
+            hlc,
+            arg,
+            peer: 0,
+            key,
+            payload,
+        };
+        fact.encode_into(out).map_err(|e| RefusedOp {
+            refusal: Refusal::BadAmount,
+            message: e.to_string(),
+        })?;
+        debug_assert!(entry.state.can_apply(&fact));
+        entry.state.apply_fact(&fact);
+        self.vv.advance(self.node, id.seq);
+        Ok(Admitted::Local {
+            id,
+            escrow: escrow_path,
+        })
+    }
+
+    /// Give `amount` escrow rights on `key` to node `to` (`amount > 0`: decrement rights,
+    /// `< 0`: increment rights). Only the giver issues a transfer, from rights it holds.
+    pub fn transfer(
+        &mut self,
+        key: &[u8],
+        to: NodeId,
+        amount: i64,
+        hlc: HlcTimestamp,
+        out: &mut Vec<u8>,
+    ) -> Result<FactId, RefusedOp> {
+        if amount == 0 || amount == i64::MIN || to == self.node || to == 0 {
+            return Err(RefusedOp::new(key, Refusal::BadAmount));
+        }
+        let Some(KeyState::Bounded(b)) = self.keys.get(key).map(|e| &e.state) else {
+            let refusal = match self.keys.get(key) {
+                Some(e) => Refusal::TypeMismatch {
+                    key_type: e.state.value_type(),
+                    op: OpKind::BoundedAdd,
+                },
+                None => Refusal::MissingBounds,
+            };
+            return Err(RefusedOp::new(key, refusal));
+        };
+        b.holder_rights(self.node, -amount)
+            .map_err(|r| RefusedOp::new(key, r))?;
+        let id = FactId {
+            origin: self.node,
+            seq: self.vv.get(self.node) + 1,
+        };
+        let fact = FactRef {
+            id,
+            kind: FactKind::EscrowTransfer,
+            hlc,
+            arg: amount,
+            peer: to,
+            key,
+            payload: &[],
+        };
+        fact.encode_into(out).map_err(|e| RefusedOp {
+            refusal: Refusal::BadAmount,
+            message: e.to_string(),
+        })?;
+        self.keys
+            .get_mut(key)
+            .expect("checked above")
+            .state
+            .apply_fact(&fact);
+        self.vv.advance(self.node, id.seq);
+        Ok(id)
+    }
+
+    /// Turn an op that needs consensus into the command to propose, stamped with what this
+    /// replica has observed on the key. Returns a refusal for ops no path can take.
+    pub fn prepare_command(
+        &self,
+        key: &[u8],
+        op: &Op,
+        hlc: HlcTimestamp,
+    ) -> Result<Command, RefusedOp> {
+        let resolved = self.rules.resolve(key);
+        let existing = self.keys.get(key).map(|e| &e.state);
+        let bounds = match existing {
+            Some(KeyState::Bounded(b)) => Some(b.bounds()),
+            _ => resolved.bounds,
+        };
+        let need_bounds = || bounds.ok_or_else(|| RefusedOp::new(key, Refusal::MissingBounds));
+        let body = match op.clone() {
+            Op::RegisterPut { value } => CommandBody::RegisterPut { value },
+            Op::RegisterDelete => CommandBody::RegisterDelete,
+            Op::RegisterCas { expect, value } => CommandBody::RegisterCas { expect, value },
+            Op::CounterAdd { delta } => CommandBody::CounterAdd { delta },
+            Op::CounterSet { value } => CommandBody::CounterSet { value },
+            Op::BoundedAdd { delta } => CommandBody::BoundedAdd {
+                delta,
+                bounds: need_bounds()?,
+            },
+            Op::BoundedSet { value } => CommandBody::BoundedSet {
+                value,
+                bounds: need_bounds()?,
+            },
+            Op::BoundedSetBounds { bounds } => CommandBody::BoundedSetBounds { bounds },
+            Op::MaxRaise { value } => CommandBody::MaxRaise { value },
+            Op::MaxSet { value } => CommandBody::MaxSet { value },
+            Op::SetAdd { element } => CommandBody::SetAdd { element },
+            Op::SetRemove { element } => CommandBody::SetRemove { element },
+        };
+        if let Some(state) = existing
+            && state.value_type() != body.value_type()
+        {
+            return Err(RefusedOp::new(
+                key,
+                Refusal::TypeMismatch {
+                    key_type: state.value_type(),
+                    op: op.kind(),
+                },
+            ));
+        }
+        Ok(Command {
+            key: key.to_vec(),
+            hlc,
+            proposer: self.node,
+            frontier: existing.map(KeyState::frontier).unwrap_or_default(),
+            absorb: existing.and_then(KeyState::lww_winner),
+            body,
+        })
+    }
+
+    /// A command asking the key's pool for escrow rights for this node.
+    pub fn prepare_grant(
+        &self,
+        key: &[u8],
+        down: i64,
+        up: i64,
+        hlc: HlcTimestamp,
+    ) -> Result<Command, RefusedOp> {
+        let bounds = match self.keys.get(key).map(|e| &e.state) {
+            Some(KeyState::Bounded(b)) => b.bounds(),
+            Some(other) => {
+                return Err(RefusedOp::new(
+                    key,
+                    Refusal::TypeMismatch {
+                        key_type: other.value_type(),
+                        op: OpKind::BoundedAdd,
+                    },
+                ));
+            }
+            None => self
+                .rules
+                .resolve(key)
+                .bounds
+                .ok_or_else(|| RefusedOp::new(key, Refusal::MissingBounds))?,
+        };
+        Ok(Command {
+            key: key.to_vec(),
+            hlc,
+            proposer: self.node,
+            body: CommandBody::EscrowGrant {
+                node: self.node,
+                down,
+                up,
+                bounds,
+            },
+            frontier: Default::default(),
+            absorb: None,
+        })
+    }
+
+    /// Apply a Raft-ordered command. `Err(Blocked)` means facts inside its frontier are not
+    /// applied here yet: nothing changed; deliver them and call again.
+    pub fn apply_command(&mut self, cmd: &Command) -> Result<Outcome, ReplicaError> {
+        let missing: Vec<String> = cmd
+            .frontier
+            .entries
+            .iter()
+            .filter(|e| self.vv.get(e.origin) < e.seq)
+            .map(|e| format!("n{} up to {}", e.origin, e.seq))
+            .collect();
+        if !missing.is_empty() {
+            return Err(ReplicaError::Blocked {
+                key: crate::refusal::DisplayKey(&cmd.key).to_string(),
+                missing: missing.join(", "),
+            });
+        }
+        let outcome = match self.keys.get_mut(cmd.key.as_slice()) {
+            Some(entry) => {
+                let key_type = entry.state.value_type();
+                if key_type != cmd.body.value_type() {
+                    return Ok(Outcome::Refused(Refusal::TypeMismatch {
+                        key_type,
+                        op: body_op_kind(&cmd.body),
+                    }));
+                }
+                entry.state.apply_command(
+                    &cmd.body,
+                    &cmd.frontier,
+                    cmd.absorb.as_ref(),
+                    cmd.hlc,
+                    cmd.proposer,
+                )
+            }
+            None => {
+                let mut state =
+                    match KeyState::new(cmd.body.value_type(), cmd.body.creation_bounds()) {
+                        Ok(s) => s,
+                        Err(r) => return Ok(Outcome::Refused(r)),
+                    };
+                let outcome = state.apply_command(
+                    &cmd.body,
+                    &cmd.frontier,
+                    cmd.absorb.as_ref(),
+                    cmd.hlc,
+                    cmd.proposer,
+                );
+                // A refused first command leaves no key behind, so the key's type is fixed
+                // only by a command that took effect.
+                if !matches!(outcome, Outcome::Refused(_))
+                    || matches!(cmd.body, CommandBody::Create { .. })
+                {
+                    self.keys.insert(
+                        cmd.key.clone().into_boxed_slice(),
+                        KeyEntry {
+                            state,
+                            rules_version: self.rules_version,
+                            mode: self.rules.resolve(&cmd.key).mode,
+                        },
+                    );
+                }
+                outcome
+            }
+        };
+        if !self.pending.is_empty() {
+            self.drain();
+        }
+        Ok(outcome)
+    }
+
+    /// Deliver a fact from a peer (or from the WAL on recovery).
+    pub fn deliver(&mut self, fact: &FactRef<'_>) -> Result<Delivered, ReplicaError> {
+        let FactId { origin, seq } = fact.id;
+        if seq <= self.vv.get(origin) || self.pending.contains_key(&(origin, seq)) {
+            return Ok(Delivered::Duplicate);
+        }
+        if seq == self.vv.get(origin) + 1 && self.try_apply(fact)? {
+            let unblocked = if self.pending.is_empty() {
+                0
+            } else {
+                self.drain()
+            };
+            return Ok(Delivered::Applied { unblocked });
+        }
+        if self.pending.len() >= self.pending_facts_max {
+            // Keep the facts closest to being applicable; drop the one furthest ahead.
+            let &furthest = self
+                .pending
+                .keys()
+                .max_by_key(|&&(o, s)| s - self.vv.get(o))
+                .expect("buffer is full");
+            if furthest.1 - self.vv.get(furthest.0) <= seq - self.vv.get(origin) {
+                return Ok(Delivered::Dropped);
+            }
+            self.pending.remove(&furthest);
+        }
+        self.pending.insert((origin, seq), fact.to_owned());
+        Ok(Delivered::Buffered)
+    }
+
+    /// Apply `fact` (the next of its origin) if its key exists and it is funded.
+    fn try_apply(&mut self, fact: &FactRef<'_>) -> Result<bool, ReplicaError> {
+        let Some(entry) = self.keys.get_mut(fact.key) else {
+            // Its key is created by a Raft command not applied here yet.
+            return Ok(false);
+        };
+        let fact_type = KeyState::fact_type(fact.kind);
+        if entry.state.value_type() != fact_type {
+            return Err(ReplicaError::TypeConflict {
+                origin: fact.id.origin,
+                seq: fact.id.seq,
+                key: crate::refusal::DisplayKey(fact.key).to_string(),
+                fact_type,
+                key_type: entry.state.value_type(),
+            });
+        }
+        if !entry.state.can_apply(fact) {
+            return Ok(false);
+        }
+        entry.state.apply_fact(fact);
+        self.vv.advance(fact.id.origin, fact.id.seq);
+        Ok(true)
+    }
+
+    /// Apply every waiting fact that has become applicable; returns how many.
+    fn drain(&mut self) -> usize {
+        let mut applied = 0;
+        loop {
+            let mut progressed = false;
+            let mut cursor = (0, 0);
+            while let Some((&(origin, seq), _)) = self.pending.range(cursor..).next() {
+                cursor = (origin.saturating_add(1), 0);
+                if seq != self.vv.get(origin) + 1 {
+                    continue;
+                }
+                let fact = self.pending.remove(&(origin, seq)).expect("just seen");
+                match self.try_apply(&fact.as_ref()) {
+                    Ok(true) => {
+                        applied += 1;
+                        progressed = true;
+                        // Look at this origin again: its next fact may be waiting too.
+                        cursor = (origin, 0);
+                    }
+                    // Not yet applicable, or contradicting its key's type (reported when it is
+                    // delivered again by anti-entropy): keep it waiting.
+                    Ok(false) | Err(_) => {
+                        self.pending.insert((origin, seq), fact);
+                    }
+                }
+                if origin == NodeId::MAX {
+                    break;
+                }
+            }
+            if !progressed {
+                return applied;
+            }
+        }
+    }
+}
+
+fn body_op_kind(body: &CommandBody) -> OpKind {
+    match body {
+        CommandBody::RegisterPut { .. } => OpKind::RegisterPut,
+        CommandBody::RegisterDelete => OpKind::RegisterDelete,
+        CommandBody::RegisterCas { .. } => OpKind::RegisterCas,
+        CommandBody::Create { value_type, .. } => match value_type {
+            ValueType::Register => OpKind::RegisterPut,
+            ValueType::Counter => OpKind::CounterAdd,
+            ValueType::BoundedCounter => OpKind::BoundedAdd,
+            ValueType::Max => OpKind::MaxRaise,
+            ValueType::Set => OpKind::SetAdd,
+        },
+        CommandBody::CounterAdd { .. } => OpKind::CounterAdd,
+        CommandBody::CounterSet { .. } => OpKind::CounterSet,
+        CommandBody::BoundedAdd { .. } | CommandBody::EscrowGrant { .. } => OpKind::BoundedAdd,
+        CommandBody::BoundedSet { .. } => OpKind::BoundedSet,
+        CommandBody::BoundedSetBounds { .. } => OpKind::BoundedSetBounds,
+        CommandBody::MaxRaise { .. } => OpKind::MaxRaise,
+        CommandBody::MaxSet { .. } => OpKind::MaxSet,
+        CommandBody::SetAdd { .. } => OpKind::SetAdd,
+        CommandBody::SetRemove { .. } => OpKind::SetRemove,
+    }
+}

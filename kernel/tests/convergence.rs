@@ -1,0 +1,254 @@
+//! Convergence and observed-reset determinism, under any delivery order with duplicates.
+//!
+//! Each case runs a random schedule of client ops at random nodes, partial gossip deliveries
+//! (reordered, duplicated, partitioned) and replicas applying the Raft log at their own pace.
+//! Then everything heals. Properties:
+//! - every replica holds the same value for every key (strong eventual consistency);
+//! - every replica computed the same outcome for every log entry (determinism of the ordered
+//!   path, whatever facts each had when it applied);
+//! - with only commutative ops, values equal the sequential reference (sum, max, union):
+//!   no acknowledged fact lost or applied twice.
+
+mod sim;
+
+use calm_kernel::{Mode, Op, Value};
+use proptest::prelude::*;
+use sim::{Ack, Cluster, KEYS, NODES};
+
+#[derive(Clone, Debug)]
+enum Step {
+    Client {
+        node: usize,
+        key: usize,
+        op: Op,
+    },
+    Deliver {
+        from: usize,
+        to: usize,
+        count: usize,
+        pick: usize,
+        dup: bool,
+    },
+    Apply {
+        node: usize,
+        count: usize,
+    },
+    Partition {
+        a: usize,
+        b: usize,
+        cut: bool,
+    },
+    /// Operators switch every key to this mode (a Raft-ordered rules change).
+    FlipRules(Mode),
+}
+
+fn step(commutative_only: bool) -> impl Strategy<Value = Step> {
+    let flips = if commutative_only { 0 } else { 1 };
+    let client = (0..NODES, 0..KEYS.len())
+        .prop_flat_map(|(node, key)| sim::op_on(key).prop_map(move |(k, op)| (node, k, op)))
+        .prop_filter_map("commutative only", move |(node, key, op)| {
+            (!commutative_only || op.kind().commutes()).then_some(Step::Client { node, key, op })
+        });
+    prop_oneof![
+        5 => client,
+        4 => (0..NODES, 0..NODES, 1usize..6, any::<usize>(), any::<bool>())
+            .prop_map(|(from, to, count, pick, dup)| Step::Deliver { from, to, count, pick, dup }),
+        2 => (0..NODES, 1usize..4).prop_map(|(node, count)| Step::Apply { node, count }),
+        1 => (0..NODES, 0..NODES, any::<bool>()).prop_map(|(a, b, cut)| Step::Partition { a, b, cut }),
+        flips => prop_oneof![Just(Mode::Available), Just(Mode::Hybrid), Just(Mode::Strict)]
+            .prop_map(Step::FlipRules),
+    ]
+}
+
+fn run(mode: Mode, steps: &[Step]) -> Cluster {
+    let mut c = Cluster::new(mode);
+    // Every key is created through Raft first (its type is fixed in Raft order); the creating
+    // op is an ordinary commutative op, so the references below still hold.
+    for (i, key) in KEYS.iter().enumerate() {
+        let op = match i {
+            0 => Op::CounterAdd { delta: 0 },
+            1 => Op::MaxRaise { value: -100 },
+            2 => Op::SetAdd {
+                element: b"seed".to_vec(),
+            },
+            _ => Op::RegisterPut {
+                value: b"seed".to_vec(),
+            },
+        };
+        c.client_op(0, key, op);
+    }
+    for node in 0..NODES {
+        c.raft_apply(node, KEYS.len());
+    }
+    for s in steps {
+        match s.clone() {
+            Step::Client { node, key, op } => c.client_op(node, KEYS[key], op),
+            Step::Deliver {
+                from,
+                to,
+                count,
+                pick,
+                dup,
+            } => c.deliver(from, to, count, pick, dup),
+            Step::Apply { node, count } => c.raft_apply(node, count),
+            Step::Partition { a, b, cut } => {
+                c.cut[a][b] = cut;
+                c.cut[b][a] = cut;
+            }
+            Step::FlipRules(mode) => c.flip_rules(mode),
+        }
+    }
+    c.settle();
+    c
+}
+
+fn assert_converged(c: &Cluster) {
+    let first = c.values(0);
+    for node in 1..NODES {
+        assert_eq!(
+            c.values(node),
+            first,
+            "replica {node} diverged from replica 0"
+        );
+        assert_eq!(
+            c.outcomes[node], c.outcomes[0],
+            "replica {node} computed other outcomes for the log"
+        );
+        assert_eq!(
+            c.replicas[node].version_vector(),
+            c.replicas[0].version_vector()
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, max_shrink_iters: 2048, ..ProptestConfig::default() })]
+
+    #[test]
+    fn commutative_ops_converge_to_the_sequential_result(
+        steps in prop::collection::vec(step(true), 0..120),
+        mode in prop_oneof![Just(Mode::Hybrid), Just(Mode::Available), Just(Mode::Strict)],
+    ) {
+        let c = run(mode, &steps);
+        assert_converged(&c);
+        // Reference: sum of acknowledged adds, max of raises, union of adds.
+        let mut sum = 0i64;
+        let mut max = -100i64;
+        let mut set = std::collections::BTreeSet::from([b"seed".to_vec()]);
+        for s in &steps {
+            if let Step::Client { op, .. } = s {
+                match op {
+                    Op::CounterAdd { delta } => sum += delta,
+                    Op::MaxRaise { value } => max = max.max(*value),
+                    Op::SetAdd { element } => { set.insert(element.clone()); }
+                    _ => unreachable!(),
+                }
+            }
+        }
+        prop_assert!(c.acks.iter().all(|a| *a != Ack::Refused));
+        let values = c.values(0);
+        prop_assert_eq!(values[0].clone(), Some(Value::Counter(sum)));
+        prop_assert_eq!(values[1].clone(), Some(Value::Max(Some(max))));
+        prop_assert_eq!(values[2].clone(), Some(Value::Set(set.into_iter().collect())));
+    }
+
+    #[test]
+    fn observed_reset_is_deterministic(
+        steps in prop::collection::vec(step(false), 0..150),
+        mode in prop_oneof![Just(Mode::Hybrid), Just(Mode::Strict)],
+    ) {
+        let c = run(mode, &steps);
+        assert_converged(&c);
+    }
+
+    #[test]
+    fn rule_flips_under_load_keep_replicas_deterministic(
+        steps in prop::collection::vec(step(false), 0..150),
+        mode in prop_oneof![Just(Mode::Hybrid), Just(Mode::Available), Just(Mode::Strict)],
+    ) {
+        // Same schedules as above, starting from each mode; flips are part of `step`.
+        let c = run(mode, &steps);
+        assert_converged(&c);
+    }
+
+    #[test]
+    fn available_mode_registers_converge_last_writer_wins(
+        steps in prop::collection::vec(step(false), 0..150),
+    ) {
+        // In available mode CAS and sets are refused, puts are LWW facts.
+        let c = run(Mode::Available, &steps);
+        assert_converged(&c);
+    }
+}
+
+#[test]
+fn a_counter_set_keeps_concurrent_adds_on_top_everywhere() {
+    let mut c = Cluster::new(Mode::Hybrid);
+    c.client_op(0, KEYS[0], Op::CounterAdd { delta: 0 });
+    for n in 0..NODES {
+        c.raft_apply(n, 1);
+    }
+    c.client_op(0, KEYS[0], Op::CounterAdd { delta: 5 });
+    c.client_op(1, KEYS[0], Op::CounterAdd { delta: 7 }); // concurrent with the set below
+    c.deliver(0, 2, 1, 0, false);
+    c.client_op(2, KEYS[0], Op::CounterSet { value: 100 }); // node 2 observed only the +5
+    c.settle();
+    assert_converged(&c);
+    assert_eq!(c.values(0)[0], Some(Value::Counter(107)));
+}
+
+#[test]
+fn a_command_absorbs_the_last_writer_wins_value_it_observed() {
+    use calm_kernel::{CasExpect, Outcome};
+    let reg = KEYS[3];
+    let mut c = Cluster::new(Mode::Available);
+    c.client_op(
+        0,
+        reg,
+        Op::RegisterPut {
+            value: b"seed".to_vec(),
+        },
+    );
+    for n in 0..NODES {
+        c.raft_apply(n, 1);
+    }
+    c.client_op(
+        1,
+        reg,
+        Op::RegisterPut {
+            value: b"x".to_vec(),
+        },
+    ); // LWW fact
+    c.flip_rules(Mode::Hybrid);
+    c.settle();
+    let seen = |c: &Cluster| match c.replicas[2].read(reg) {
+        Some(Value::Register { value, .. }) => value,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(seen(&c), Some(b"x".to_vec()));
+    // A failing CAS changes nothing: the observed LWW value stays.
+    c.client_op(
+        2,
+        reg,
+        Op::RegisterCas {
+            expect: CasExpect::Version(99),
+            value: None,
+        },
+    );
+    c.settle();
+    assert_eq!(c.outcomes[0].last(), Some(&Outcome::CasFailed));
+    assert_eq!(seen(&c), Some(b"x".to_vec()));
+    // And CAS compares with it.
+    c.client_op(
+        0,
+        reg,
+        Op::RegisterCas {
+            expect: CasExpect::Value(Some(b"x".to_vec())),
+            value: Some(b"y".to_vec()),
+        },
+    );
+    c.settle();
+    assert_eq!(c.outcomes[0].last(), Some(&Outcome::Done));
+    assert_converged(&c);
+    assert_eq!(seen(&c), Some(b"y".to_vec()));
+}

@@ -1,0 +1,308 @@
+//! A deterministic in-memory cluster for property tests: replicas, one committed Raft log
+//! applied in order by each replica at its own pace, and gossip links that reorder,
+//! duplicate and partition. It drives only the kernel's public API.
+#![allow(dead_code)]
+
+use calm_kernel::fact::decode_fact;
+use calm_kernel::rules::{Rule, RuleSet};
+use calm_kernel::{
+    Admitted, Bounds, Command, Delivered, HlcTimestamp, Mode, NodeId, Op, Outcome, Replica,
+    ReplicaError, Value, ValueType,
+};
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+
+pub const NODES: usize = 3;
+pub const KEYS: [&[u8]; 4] = [b"k:counter", b"k:max", b"k:set", b"k:reg"];
+pub const STOCK: &[u8] = b"stock:1";
+pub const STOCK_BOUNDS: Bounds = Bounds { min: 0, max: 20 };
+
+pub fn rules(mode: Mode) -> RuleSet {
+    RuleSet {
+        version: 1,
+        rules: vec![Rule {
+            pattern: "stock:*".into(),
+            mode,
+            value_type: Some(ValueType::BoundedCounter),
+            bounds: Some(STOCK_BOUNDS),
+        }],
+        default_mode: mode,
+    }
+}
+
+/// What a simulated client asked for, and what it was told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ack {
+    /// Admitted on the fast path as this fact.
+    Fact {
+        key: Vec<u8>,
+        op: Op,
+    },
+    /// Committed to the log at this index.
+    Logged {
+        index: usize,
+    },
+    Refused,
+}
+
+/// One committed log entry: a command on a key, or new rules (as group 0 would order them).
+#[derive(Clone, Debug)]
+pub enum Entry {
+    Command(Command),
+    Rules(RuleSet),
+}
+
+impl Entry {
+    pub fn command(&self) -> Option<&Command> {
+        match self {
+            Entry::Command(c) => Some(c),
+            Entry::Rules(_) => None,
+        }
+    }
+}
+
+pub struct Cluster {
+    pub replicas: Vec<Replica>,
+    /// The committed Raft log and how far each replica applied it.
+    pub log: Vec<Entry>,
+    /// Rules of the last logged rules entry (what the next flip replaces).
+    pub rules: RuleSet,
+    pub applied: Vec<usize>,
+    /// Outcome of each log entry as each replica computed it.
+    pub outcomes: Vec<Vec<Outcome>>,
+    /// Every fact ever admitted, encoded, by origin then sequence (anti-entropy's source).
+    pub archive: BTreeMap<(NodeId, u64), Vec<u8>>,
+    /// In-flight gossip per (from, to): encoded facts, delivered in any order.
+    pub links: BTreeMap<(usize, usize), Vec<Vec<u8>>>,
+    pub cut: [[bool; NODES]; NODES],
+    pub hlc: u64,
+    pub acks: Vec<Ack>,
+}
+
+impl Cluster {
+    pub fn new(mode: Mode) -> Cluster {
+        let compiled = rules(mode).compile().expect("test rules are valid");
+        Cluster {
+            replicas: (1..=NODES as NodeId)
+                .map(|n| Replica::new(n, compiled.clone()))
+                .collect(),
+            log: Vec::new(),
+            rules: rules(mode),
+            applied: vec![0; NODES],
+            outcomes: vec![Vec::new(); NODES],
+            archive: BTreeMap::new(),
+            links: BTreeMap::new(),
+            cut: [[false; NODES]; NODES],
+            hlc: 0,
+            acks: Vec::new(),
+        }
+    }
+
+    fn tick(&mut self) -> HlcTimestamp {
+        self.hlc += 1;
+        HlcTimestamp(self.hlc)
+    }
+
+    fn gossip(&mut self, from: usize, encoded: Vec<u8>) {
+        let (fact, _) = decode_fact(&encoded).expect("kernel encodes valid facts");
+        self.archive
+            .insert((fact.id.origin, fact.id.seq), encoded.clone());
+        for to in 0..NODES {
+            if to != from {
+                self.links
+                    .entry((from, to))
+                    .or_default()
+                    .push(encoded.clone());
+            }
+        }
+    }
+
+    /// A client sends `op` on `key` to `node`; fast-path facts are gossiped, consensus ops
+    /// are proposed by that node (with what it has observed) and committed.
+    pub fn client_op(&mut self, node: usize, key: &[u8], op: Op) {
+        let hlc = self.tick();
+        let mut out = Vec::new();
+        match self.replicas[node].admit(key, &op, hlc, &mut out) {
+            Ok(Admitted::Local { .. }) => {
+                self.gossip(node, out);
+                self.acks.push(Ack::Fact {
+                    key: key.to_vec(),
+                    op,
+                });
+            }
+            Ok(Admitted::Consensus(_)) => {
+                match self.replicas[node].prepare_command(key, &op, hlc) {
+                    Ok(cmd) => {
+                        self.log.push(Entry::Command(cmd));
+                        self.acks.push(Ack::Logged {
+                            index: self.log.len() - 1,
+                        });
+                    }
+                    Err(_) => self.acks.push(Ack::Refused),
+                }
+            }
+            Err(_) => self.acks.push(Ack::Refused),
+        }
+    }
+
+    pub fn grant(&mut self, node: usize, down: i64, up: i64) {
+        let hlc = self.tick();
+        if let Ok(cmd) = self.replicas[node].prepare_grant(STOCK, down, up, hlc) {
+            self.log.push(Entry::Command(cmd));
+        }
+    }
+
+    /// Log a rules change: every key's mode (default and `stock:*`) becomes `mode`.
+    pub fn flip_rules(&mut self, mode: Mode) {
+        let mut rules = rules(mode);
+        rules.version = self.rules.version + 1;
+        self.rules = rules.clone();
+        self.log.push(Entry::Rules(rules));
+    }
+
+    pub fn transfer(&mut self, node: usize, to: usize, amount: i64) {
+        let hlc = self.tick();
+        let mut out = Vec::new();
+        if self.replicas[node]
+            .transfer(STOCK, to as NodeId + 1, amount, hlc, &mut out)
+            .is_ok()
+        {
+            self.gossip(node, out);
+        }
+    }
+
+    /// Deliver up to `count` in-flight facts on link (from, to), picking by `pick`; a
+    /// duplicate stays in flight when `dup` is set.
+    pub fn deliver(&mut self, from: usize, to: usize, count: usize, pick: usize, dup: bool) {
+        if from == to || self.cut[from][to] {
+            return;
+        }
+        for i in 0..count {
+            let Some(queue) = self.links.get_mut(&(from, to)) else {
+                return;
+            };
+            if queue.is_empty() {
+                return;
+            }
+            let at = (pick + i * 7) % queue.len();
+            let encoded = if dup {
+                queue[at].clone()
+            } else {
+                queue.swap_remove(at)
+            };
+            let (fact, _) = decode_fact(&encoded).unwrap();
+            let delivered = self.replicas[to].deliver(&fact).expect("no type conflicts");
+            assert_ne!(delivered, Delivered::Dropped, "buffer is large enough here");
+        }
+    }
+
+    /// Replica `node` applies up to `count` more log entries. A command blocked on facts it
+    /// has not seen pulls them from the archive (as the node would from a peer) and retries.
+    pub fn raft_apply(&mut self, node: usize, count: usize) {
+        for _ in 0..count {
+            let index = self.applied[node];
+            let Some(entry) = self.log.get(index).cloned() else {
+                return;
+            };
+            let cmd = match entry {
+                Entry::Command(cmd) => cmd,
+                Entry::Rules(rules) => {
+                    self.replicas[node].set_rules(rules.compile().expect("valid rules"));
+                    self.outcomes[node].push(Outcome::Done);
+                    self.applied[node] += 1;
+                    continue;
+                }
+            };
+            let outcome = loop {
+                match self.replicas[node].apply_command(&cmd) {
+                    Ok(outcome) => break outcome,
+                    Err(ReplicaError::Blocked { .. }) => self.pull_missing(node, &cmd),
+                    Err(e) => panic!("apply failed: {e}"),
+                }
+            };
+            self.outcomes[node].push(outcome);
+            self.applied[node] += 1;
+        }
+    }
+
+    fn pull_missing(&mut self, node: usize, cmd: &Command) {
+        let mut progressed = false;
+        for entry in &cmd.frontier.entries {
+            let have = self.replicas[node].version_vector().get(entry.origin);
+            for seq in have + 1..=entry.seq {
+                let encoded = self.archive[&(entry.origin, seq)].clone();
+                let (fact, _) = decode_fact(&encoded).unwrap();
+                self.replicas[node].deliver(&fact).unwrap();
+                progressed = true;
+            }
+        }
+        assert!(progressed, "blocked command with nothing to pull");
+    }
+
+    /// Heal every partition, apply the whole log and deliver every fact everywhere.
+    pub fn settle(&mut self) {
+        self.cut = [[false; NODES]; NODES];
+        for node in 0..NODES {
+            for encoded in self
+                .archive
+                .values()
+                .cloned()
+                .collect::<Vec<_>>()
+                .iter()
+                .rev()
+            {
+                let (fact, _) = decode_fact(encoded).unwrap();
+                self.replicas[node].deliver(&fact).unwrap();
+            }
+            self.raft_apply(node, usize::MAX);
+            assert_eq!(
+                self.replicas[node].pending_facts(),
+                0,
+                "every fact applies once all are delivered and the log is applied"
+            );
+        }
+        self.links.clear();
+    }
+
+    pub fn values(&self, node: usize) -> Vec<Option<Value>> {
+        KEYS.iter()
+            .chain([&STOCK])
+            .map(|k| self.replicas[node].read(k))
+            .collect()
+    }
+}
+
+/// Ops on the test keys, weighted towards the fast path.
+pub fn op_on(key_index: usize) -> BoxedStrategy<(usize, Op)> {
+    let small = -5i64..=5;
+    match key_index {
+        0 => prop_oneof![
+            4 => small.clone().prop_map(|delta| Op::CounterAdd { delta }),
+            1 => small.clone().prop_map(|value| Op::CounterSet { value }),
+        ]
+        .prop_map(|op| (0, op))
+        .boxed(),
+        1 => prop_oneof![
+            4 => (-20i64..20).prop_map(|value| Op::MaxRaise { value }),
+            1 => (-20i64..20).prop_map(|value| Op::MaxSet { value }),
+        ]
+        .prop_map(|op| (1, op))
+        .boxed(),
+        2 => prop_oneof![
+            3 => (0u8..4).prop_map(|e| Op::SetAdd { element: vec![b'a' + e] }),
+            1 => (0u8..4).prop_map(|e| Op::SetRemove { element: vec![b'a' + e] }),
+        ]
+        .prop_map(|op| (2, op))
+        .boxed(),
+        _ => prop_oneof![
+            2 => (0u8..4).prop_map(|v| Op::RegisterPut { value: vec![v] }),
+            1 => Just(Op::RegisterDelete),
+            2 => ((0u64..4), (0u8..4)).prop_map(|(v, n)| Op::RegisterCas {
+                expect: calm_kernel::CasExpect::Version(v),
+                value: Some(vec![n]),
+            }),
+        ]
+        .prop_map(|op| (3, op))
+        .boxed(),
+    }
+}
