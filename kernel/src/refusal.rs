@@ -51,6 +51,8 @@ pub enum Refusal {
     Overflow { op: OpKind },
     /// An escrow grant or transfer of a negative amount, or of nothing.
     BadAmount,
+    /// Bounds whose span does not fit a signed 64-bit value (escrow counts rights in i64).
+    BoundsTooWide { bounds: Bounds },
 }
 
 impl Refusal {
@@ -62,9 +64,10 @@ impl Refusal {
             | Refusal::BoundsChangeStrandsQuota { .. }
             | Refusal::MissingBounds => StatusCode::FailedPrecondition,
             Refusal::EscrowExhausted { .. } => StatusCode::ResourceExhausted,
-            Refusal::OutOfBounds { .. } | Refusal::Overflow { .. } | Refusal::BadAmount => {
-                StatusCode::InvalidArgument
-            }
+            Refusal::OutOfBounds { .. }
+            | Refusal::Overflow { .. }
+            | Refusal::BadAmount
+            | Refusal::BoundsTooWide { .. } => StatusCode::InvalidArgument,
         }
     }
 
@@ -143,6 +146,11 @@ impl fmt::Display for KeyRefusal<'_> {
                 op.verb()
             ),
             Refusal::BadAmount => write!(f, "key '{key}': escrow amounts must be positive"),
+            Refusal::BoundsTooWide { bounds } => write!(
+                f,
+                "key '{key}': bounds {bounds} span more than {}; choose narrower bounds",
+                i64::MAX
+            ),
         }
     }
 }

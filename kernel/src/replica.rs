@@ -76,6 +76,8 @@ struct KeyEntry {
     /// whole fast path).
     rules_version: u64,
     mode: Mode,
+    /// Changed since the last `take_dirty`; its key is then in `Replica::dirty`.
+    dirty: bool,
 }
 
 /// What `admit` did.
@@ -148,6 +150,8 @@ pub struct Replica {
     pending_facts_max: usize,
     rules: CompiledRules,
     rules_version: u64,
+    /// Keys changed since the last `take_dirty`, for the node to persist in one batch.
+    dirty: Vec<Box<[u8]>>,
 }
 
 impl Replica {
@@ -162,7 +166,51 @@ impl Replica {
             pending_facts_max: PENDING_FACTS_MAX_DEFAULT,
             rules,
             rules_version,
+            dirty: Vec::new(),
         }
+    }
+
+    /// Rebuild from persisted state: every key's state and the version vector of facts it
+    /// includes (written in the same batch, so they agree). Facts after it are replayed with
+    /// `deliver`, commands after the group's applied index with `apply_command`.
+    pub fn restore(
+        node: NodeId,
+        rules: CompiledRules,
+        vv: VersionVector,
+        keys: impl IntoIterator<Item = (Vec<u8>, KeyState)>,
+    ) -> Replica {
+        let mut replica = Replica::new(node, rules);
+        replica.vv = vv;
+        for (key, state) in keys {
+            let mode = replica.rules.resolve(&key).mode;
+            let previous = replica.keys.insert(
+                key.into_boxed_slice(),
+                KeyEntry {
+                    state,
+                    rules_version: replica.rules_version,
+                    mode,
+                    dirty: false,
+                },
+            );
+            assert!(previous.is_none(), "state store yields each key once");
+        }
+        replica
+    }
+
+    /// Hand every key changed since the last call to `sink` (with its state), oldest change
+    /// first, and mark them clean. The node writes them with the version vector and applied
+    /// indexes in one batch.
+    pub fn take_dirty(&mut self, mut sink: impl FnMut(&[u8], &KeyState)) {
+        for key in self.dirty.drain(..) {
+            let entry = self.keys.get_mut(&key).expect("dirty keys exist");
+            debug_assert!(entry.dirty);
+            entry.dirty = false;
+            sink(&key, &entry.state);
+        }
+    }
+
+    pub fn dirty_keys(&self) -> usize {
+        self.dirty.len()
     }
 
     pub fn with_pending_facts_max(mut self, pending_facts_max: usize) -> Replica {
@@ -318,6 +366,7 @@ impl Replica {
         })?;
         debug_assert!(entry.state.can_apply(&fact));
         entry.state.apply_fact(&fact);
+        mark_dirty(&mut self.dirty, entry, key);
         self.vv.advance(self.node, id.seq);
         Ok(Admitted::Local {
             id,
@@ -367,11 +416,9 @@ impl Replica {
             refusal: Refusal::BadAmount,
             message: e.to_string(),
         })?;
-        self.keys
-            .get_mut(key)
-            .expect("checked above")
-            .state
-            .apply_fact(&fact);
+        let entry = self.keys.get_mut(key).expect("checked above");
+        entry.state.apply_fact(&fact);
+        mark_dirty(&mut self.dirty, entry, key);
         self.vv.advance(self.node, id.seq);
         Ok(id)
     }
@@ -497,13 +544,15 @@ impl Replica {
                         op: body_op_kind(&cmd.body),
                     }));
                 }
-                entry.state.apply_command(
+                let outcome = entry.state.apply_command(
                     &cmd.body,
                     &cmd.frontier,
                     cmd.absorb.as_ref(),
                     cmd.hlc,
                     cmd.proposer,
-                )
+                );
+                mark_dirty(&mut self.dirty, entry, &cmd.key);
+                outcome
             }
             None => {
                 let mut state =
@@ -520,17 +569,17 @@ impl Replica {
                 );
                 // A refused first command leaves no key behind, so the key's type is fixed
                 // only by a command that took effect.
-                if !matches!(outcome, Outcome::Refused(_))
-                    || matches!(cmd.body, CommandBody::Create { .. })
-                {
+                if !matches!(outcome, Outcome::Refused(_)) {
                     self.keys.insert(
                         cmd.key.clone().into_boxed_slice(),
                         KeyEntry {
                             state,
                             rules_version: self.rules_version,
                             mode: self.rules.resolve(&cmd.key).mode,
+                            dirty: true,
                         },
                     );
+                    self.dirty.push(cmd.key.clone().into_boxed_slice());
                 }
                 outcome
             }
@@ -591,6 +640,7 @@ impl Replica {
             return Ok(false);
         }
         entry.state.apply_fact(fact);
+        mark_dirty(&mut self.dirty, entry, fact.key);
         self.vv.advance(fact.id.origin, fact.id.seq);
         Ok(true)
     }
@@ -628,6 +678,14 @@ impl Replica {
                 return applied;
             }
         }
+    }
+}
+
+/// Note that `entry` changed; allocates only when a clean key becomes dirty.
+fn mark_dirty(dirty: &mut Vec<Box<[u8]>>, entry: &mut KeyEntry, key: &[u8]) {
+    if !entry.dirty {
+        entry.dirty = true;
+        dirty.push(key.into());
     }
 }
 

@@ -30,6 +30,7 @@ use crate::command::{CommandBody, FrontierEntry, KeyFrontier, LwwWrite};
 use crate::fact::{FactKind, FactRef};
 use crate::refusal::{Direction, Refusal};
 use crate::value::{Bounds, CasExpect, ValueType};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Result of a command, identical on every replica that applies it.
@@ -60,7 +61,7 @@ pub enum Value {
     Set(Vec<Vec<u8>>),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeyState {
     Register(RegisterState),
     Counter(Numeric),
@@ -69,14 +70,51 @@ pub enum KeyState {
     Set(SetState),
 }
 
+/// Version byte in front of every encoded key state; bumped on incompatible changes.
+pub const KEY_STATE_FORMAT: u8 = 1;
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum StateCodecError {
+    #[error("stored key state is empty; the state store is corrupt, restore from a checkpoint")]
+    Empty,
+    #[error(
+        "stored key state has format {found}, this build reads format {KEY_STATE_FORMAT}; run a matching calm version"
+    )]
+    Format { found: u8 },
+    #[error(
+        "stored key state does not decode ({reason}); the state store is corrupt, restore from a checkpoint"
+    )]
+    Decode { reason: String },
+}
+
 impl KeyState {
+    /// Encode for the state store: a format byte, then a deterministic postcard encoding
+    /// (the same state always gives the same bytes, so replicas can compare digests).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![KEY_STATE_FORMAT];
+        postcard::to_io(self, &mut out).expect("encoding into a Vec cannot fail");
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<KeyState, StateCodecError> {
+        let (&format, body) = bytes.split_first().ok_or(StateCodecError::Empty)?;
+        if format != KEY_STATE_FORMAT {
+            return Err(StateCodecError::Format { found: format });
+        }
+        postcard::from_bytes(body).map_err(|e| StateCodecError::Decode {
+            reason: e.to_string(),
+        })
+    }
+
     /// A fresh key of `value_type`. Bounded counters need bounds.
     pub fn new(value_type: ValueType, bounds: Option<Bounds>) -> Result<KeyState, Refusal> {
         Ok(match value_type {
             ValueType::Register => KeyState::Register(RegisterState::default()),
             ValueType::Counter => KeyState::Counter(Numeric::default()),
             ValueType::BoundedCounter => {
-                KeyState::Bounded(BoundedState::new(bounds.ok_or(Refusal::MissingBounds)?))
+                let bounds = bounds.ok_or(Refusal::MissingBounds)?;
+                check_span(bounds)?;
+                KeyState::Bounded(BoundedState::new(bounds))
             }
             ValueType::Max => KeyState::Max(MaxState::default()),
             ValueType::Set => KeyState::Set(SetState::default()),
@@ -244,6 +282,16 @@ impl KeyState {
     }
 }
 
+/// Rights are counted in i64, so `max - min` must fit one (and bounds must not be inverted).
+pub fn check_span(bounds: Bounds) -> Result<(), Refusal> {
+    let span = bounds.max as i128 - bounds.min as i128;
+    if (0..=i64::MAX as i128).contains(&span) {
+        Ok(())
+    } else {
+        Err(Refusal::BoundsTooWide { bounds })
+    }
+}
+
 fn seqs_frontier(seqs: &[(NodeId, u64)]) -> KeyFrontier {
     KeyFrontier {
         entries: seqs
@@ -272,7 +320,7 @@ fn note_seq(seqs: &mut Vec<(NodeId, u64)>, origin: NodeId, seq: u64) {
 // Counters
 
 /// One origin's adds to a numeric key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Contribution {
     origin: NodeId,
     /// Last fact of this origin on the key.
@@ -285,7 +333,7 @@ struct Contribution {
 }
 
 /// A counter: `value = base + Σ (total - covered_total)`, kept up to date incrementally.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Numeric {
     base: i64,
     contributions: Vec<Contribution>,
@@ -395,7 +443,7 @@ impl Numeric {
 // Bounded counters and escrow
 
 /// Escrow rights held by one node for one key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Holder {
     pub node: NodeId,
     /// Rights to decrement.
@@ -405,7 +453,7 @@ pub struct Holder {
 }
 
 /// A counter kept within `bounds` by escrow (Balegas et al., 2015).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BoundedState {
     numeric: Numeric,
     bounds: Bounds,
@@ -606,6 +654,9 @@ impl BoundedState {
                 }
             }
             CommandBody::BoundedSetBounds { bounds } => {
+                if let Err(r) = check_span(bounds) {
+                    return Outcome::Refused(r);
+                }
                 let pool_down =
                     self.pool_down as i128 + self.bounds.min as i128 - bounds.min as i128;
                 let pool_up = self.pool_up as i128 + bounds.max as i128 - self.bounds.max as i128;
@@ -665,7 +716,7 @@ impl BoundedState {
 // ---------------------------------------------------------------------------------------------
 // Max
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct MaxOrigin {
     origin: NodeId,
     seq: u64,
@@ -674,7 +725,7 @@ struct MaxOrigin {
     stack: Vec<(u64, i64)>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MaxState {
     base: Option<i64>,
     origins: Vec<MaxOrigin>,
@@ -733,7 +784,7 @@ impl MaxState {
 // ---------------------------------------------------------------------------------------------
 // Set
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Element {
     /// Latest add of each origin not covered by a remove.
     adds: Vec<(NodeId, u64)>,
@@ -741,7 +792,7 @@ struct Element {
     ordered: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetState {
     elements: BTreeMap<Vec<u8>, Element>,
     /// Last fact of each origin on this key.
@@ -795,7 +846,7 @@ impl SetState {
 // ---------------------------------------------------------------------------------------------
 // Register
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Written {
     hlc: HlcTimestamp,
     origin: NodeId,
@@ -803,7 +854,7 @@ struct Written {
     value: Option<Vec<u8>>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterState {
     /// The Raft-ordered write (or absorbed LWW write), if any.
     base: Option<Written>,
@@ -979,6 +1030,28 @@ mod tests {
         assert!(!s.can_apply(&fact(1, 2, FactKind::BoundedAdd, -4)));
         assert!(s.can_apply(&fact(1, 2, FactKind::BoundedAdd, -3)));
         assert_eq!(s.value(), Value::Bounded { value: 3, bounds });
+    }
+
+    #[test]
+    fn bounds_wider_than_i64_are_refused() {
+        let wide = Bounds::new(i64::MIN, i64::MAX).unwrap();
+        assert_eq!(
+            KeyState::new(ValueType::BoundedCounter, Some(wide)),
+            Err(Refusal::BoundsTooWide { bounds: wide })
+        );
+        let ok = Bounds::new(-(1 << 61), 1 << 61).unwrap();
+        let mut s = KeyState::new(ValueType::BoundedCounter, Some(ok)).unwrap();
+        let out = s.apply_command(
+            &CommandBody::BoundedSetBounds { bounds: wide },
+            &KeyFrontier::default(),
+            None,
+            HlcTimestamp(1),
+            1,
+        );
+        assert_eq!(
+            out,
+            Outcome::Refused(Refusal::BoundsTooWide { bounds: wide })
+        );
     }
 
     #[test]
