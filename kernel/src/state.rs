@@ -777,7 +777,8 @@ impl MaxState {
             .origins
             .iter()
             .filter_map(|o| o.stack.first().map(|&(_, v)| v))
-            .fold(Some(value), |acc, v| acc.map(|a| a.max(v)));
+            .fold(value, i64::max)
+            .into();
     }
 }
 
@@ -817,10 +818,19 @@ impl SetState {
 
     fn add_fact(&mut self, origin: NodeId, seq: u64, element: &[u8]) {
         note_seq(&mut self.seqs, origin, seq);
-        let e = self.element(element);
-        match e.adds.binary_search_by_key(&origin, |a| a.0) {
-            Ok(i) => e.adds[i].1 = seq,
-            Err(i) => e.adds.insert(i, (origin, seq)),
+        // One lookup on the hot path (an element that exists); insert only when new.
+        match self.elements.get_mut(element) {
+            Some(e) => match e.adds.binary_search_by_key(&origin, |a| a.0) {
+                Ok(i) => e.adds[i].1 = seq,
+                Err(i) => e.adds.insert(i, (origin, seq)),
+            },
+            None => {
+                let e = Element {
+                    adds: vec![(origin, seq)],
+                    ordered: false,
+                };
+                self.elements.insert(element.to_vec(), e);
+            }
         }
     }
 

@@ -1,2 +1,5 @@
 //! calm-raft: the durable and ordered path of a calm node.
+pub mod checkpoint;
+pub mod local;
+pub mod store;
 pub mod wal;

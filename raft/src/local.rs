@@ -1,0 +1,249 @@
+//! One node's durable fast path: the kernel replica bound to the WAL, the state store and
+//! checkpoints.
+//!
+//! Order of truth: the WAL is the log of record; the state store holds applied states with
+//! the LSN they cover; checkpoints are verified copies of the store. Three rules keep them
+//! consistent through any crash:
+//!
+//! 1. A fact is acknowledged (and may be gossiped) only once its WAL batch is durable.
+//! 2. The store is written only with effects of *durable* WAL records (`persist` waits for the
+//!    WAL first). Otherwise a crash could leave the store holding a fact whose bytes the WAL
+//!    lost, which this node could then never send to a peer.
+//! 3. WAL segments are removed only below the oldest kept checkpoint's LSN, so falling back
+//!    to an older checkpoint can always replay forward.
+//!
+//! Recovery (`open`): open the live store; if it cannot be opened or read, move it aside and
+//! restore the newest checkpoint that verifies; rebuild the replica from it; replay every
+//! fact in the WAL from the store's LSN (idempotent: facts already included are skipped by
+//! the version vector). Raft records are left to the consensus path (issue 4).
+
+use crate::checkpoint::{CHECKPOINTS_KEPT_DEFAULT, CheckpointError, Checkpoints};
+use crate::store::{AppliedMeta, StateStore, StoreError};
+use crate::wal::{AppendTicket, Wal, WalError, WalOptions, WalRecord, WalRecordKind};
+use calm_kernel::fact::decode_facts;
+use calm_kernel::rules::CompiledRules;
+use calm_kernel::{
+    Admitted, FactError, HlcTimestamp, NodeId, Op, RefusedOp, Replica, ReplicaError,
+};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum LocalError {
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error(
+        "WAL batch at LSN {lsn} holds a fact that does not decode ({source}); the WAL is corrupt"
+    )]
+    BadFact {
+        lsn: u64,
+        #[source]
+        source: FactError,
+    },
+    #[error(
+        "the state store at {path} is unusable ({reason}) and no checkpoint verifies; restore the data directory from a backup"
+    )]
+    NoState { path: PathBuf, reason: String },
+    #[error("cannot move the damaged state store {path} aside: {source}")]
+    MoveAside {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What recovery did, for the log and for tests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Checkpoint restored because the live store was unusable.
+    pub restored_checkpoint: Option<u64>,
+    /// Newer checkpoints rejected on the way.
+    pub rejected_checkpoints: usize,
+    /// WAL replay started at this LSN.
+    pub replay_from_lsn: u64,
+    pub replayed_batches: u64,
+    /// Facts applied by replay (the rest were already in the store).
+    pub replayed_facts: u64,
+}
+
+pub struct LocalOptions {
+    pub wal: WalOptions,
+    pub checkpoints_kept: usize,
+}
+
+impl Default for LocalOptions {
+    fn default() -> LocalOptions {
+        LocalOptions {
+            wal: WalOptions::default(),
+            checkpoints_kept: CHECKPOINTS_KEPT_DEFAULT,
+        }
+    }
+}
+
+pub struct LocalState {
+    replica: Replica,
+    wal: Wal,
+    store: StateStore,
+    checkpoints: Checkpoints,
+    /// Applied Raft indexes per group (kept here so the store's meta stays whole).
+    groups: std::collections::BTreeMap<u64, u64>,
+}
+
+impl LocalState {
+    /// Open `dir` (created if new) and recover.
+    pub fn open(
+        dir: impl AsRef<Path>,
+        node: NodeId,
+        rules: CompiledRules,
+        options: LocalOptions,
+    ) -> Result<(LocalState, RecoveryReport), LocalError> {
+        let dir = dir.as_ref();
+        let mut report = RecoveryReport::default();
+        let checkpoints = Checkpoints::open(dir.join("checkpoints"), options.checkpoints_kept)?;
+        let state_dir = dir.join("state");
+        let (store, meta, keys) = match open_store(&state_dir) {
+            Ok(loaded) => loaded,
+            Err(damage) => {
+                tracing::error!(error = %damage, "state store unusable; restoring a checkpoint");
+                let selection = checkpoints.latest_valid()?;
+                report.rejected_checkpoints = selection.rejected.len();
+                let Some(chosen) = selection.chosen else {
+                    return Err(LocalError::NoState {
+                        path: state_dir,
+                        reason: damage.to_string(),
+                    });
+                };
+                // Kept for the operator to inspect; never overwrite an earlier one.
+                let aside = (1u32..)
+                    .map(|n| state_dir.with_extension(format!("damaged-{n}")))
+                    .find(|p| !p.exists())
+                    .expect("some name is free");
+                std::fs::rename(&state_dir, &aside).map_err(|source| LocalError::MoveAside {
+                    path: state_dir.clone(),
+                    source,
+                })?;
+                checkpoints.restore(&chosen, &state_dir)?;
+                report.restored_checkpoint = Some(chosen.manifest.id);
+                open_store(&state_dir)?
+            }
+        };
+        let wal = Wal::open(dir.join("wal"), options.wal)?;
+        let mut replica = Replica::restore(node, rules, meta.vv.clone(), keys);
+        report.replay_from_lsn = meta.wal_lsn;
+        // If segments the store still needs were deleted, this fails (LsnRemoved) rather
+        // than silently skipping facts.
+        for batch in wal.read_from(meta.wal_lsn)? {
+            let batch = batch?;
+            report.replayed_batches += 1;
+            for record in &batch.records {
+                if record.kind != WalRecordKind::Facts {
+                    continue;
+                }
+                for fact in decode_facts(&record.payload) {
+                    let fact = fact.map_err(|source| LocalError::BadFact {
+                        lsn: batch.position.lsn,
+                        source,
+                    })?;
+                    if let calm_kernel::Delivered::Applied { unblocked } = replica.deliver(&fact)? {
+                        report.replayed_facts += 1 + unblocked as u64;
+                    }
+                }
+            }
+        }
+        let state = LocalState {
+            replica,
+            wal,
+            store,
+            checkpoints,
+            groups: meta.groups,
+        };
+        Ok((state, report))
+    }
+
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    pub fn replica_mut(&mut self) -> &mut Replica {
+        &mut self.replica
+    }
+
+    pub fn wal(&self) -> &Wal {
+        &self.wal
+    }
+
+    pub fn store(&self) -> &StateStore {
+        &self.store
+    }
+
+    /// Admit `op`. A fast-path fact is applied and appended; the returned ticket resolves
+    /// when it is durable, and only then may the client be told (and peers sent the fact).
+    pub fn admit(
+        &mut self,
+        key: &[u8],
+        op: &Op,
+        hlc: HlcTimestamp,
+    ) -> Result<Result<(Admitted, Option<AppendTicket>), RefusedOp>, LocalError> {
+        let mut encoded = Vec::new();
+        let admitted = match self.replica.admit(key, op, hlc, &mut encoded) {
+            Ok(a) => a,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        if encoded.is_empty() {
+            return Ok(Ok((admitted, None)));
+        }
+        let ticket = self.wal.append(&[WalRecord::facts(encoded)])?;
+        Ok(Ok((admitted, Some(ticket))))
+    }
+
+    /// Write every changed key to the store with the position it now covers. Waits for the
+    /// WAL first (rule 2 of the module docs).
+    pub fn persist(&mut self) -> Result<AppliedMeta, LocalError> {
+        // Everything the replica reflects was appended before this barrier (batches become
+        // durable in order), so once it is durable all of it is, and the store may cover it.
+        // The barrier is an empty facts record: replay reads it as no facts.
+        let barrier = self.wal.append(&[WalRecord::facts(Vec::new())])?.wait()?;
+        let wal_lsn = barrier.lsn + 1;
+        let meta = AppliedMeta {
+            vv: self.replica.version_vector().clone(),
+            groups: self.groups.clone(),
+            wal_lsn,
+        };
+        let mut changed = Vec::new();
+        self.replica
+            .take_dirty(|key, state| changed.push((key.to_vec(), state.clone())));
+        self.store
+            .write(changed.iter().map(|(k, s)| (k.as_slice(), s)), &meta)?;
+        Ok(meta)
+    }
+
+    /// Persist, capture a verified checkpoint, and drop WAL segments every kept checkpoint
+    /// covers. Returns the checkpoint id.
+    pub fn checkpoint(&mut self) -> Result<u64, LocalError> {
+        let meta = self.persist()?;
+        let manifest = self.checkpoints.create(&self.store, &meta)?;
+        if let Some(lsn) = self.checkpoints.oldest_kept_wal_lsn()? {
+            self.wal.remove_segments_below_lsn(lsn)?;
+        }
+        Ok(manifest.id)
+    }
+}
+
+type Loaded = (
+    StateStore,
+    AppliedMeta,
+    Vec<(Vec<u8>, calm_kernel::KeyState)>,
+);
+
+fn open_store(path: &Path) -> Result<Loaded, StoreError> {
+    let store = StateStore::open(path)?;
+    let meta = store.meta()?;
+    let keys = store.load()?;
+    Ok((store, meta, keys))
+}

@@ -1,0 +1,197 @@
+//! The state store: applied key states in RocksDB.
+//!
+//! The WAL is the source of truth; RocksDB holds what has been *applied*, so that a restart
+//! replays only the WAL after the store's position instead of the whole history. Two column
+//! families:
+//!
+//! - `keys`: key bytes -> `KeyState::encode()` (format byte + deterministic postcard);
+//! - `meta`: the [`AppliedMeta`] — the version vector of facts included, each Raft group's
+//!   applied index, and the WAL LSN below which every record is reflected.
+//!
+//! Data and meta are written in one `WriteBatch`, so whatever RocksDB has after a crash is a
+//! state together with the exact position it corresponds to. RocksDB's own WAL is off (our
+//! WAL replays anything lost from memtables); `atomic_flush` keeps the column families
+//! consistent with each other when they reach disk.
+
+use calm_kernel::VersionVector;
+use calm_kernel::state::{KeyState, StateCodecError};
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, FlushOptions, IteratorMode, Options, WriteBatch, WriteOptions,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+const CF_KEYS: &str = "keys";
+const CF_META: &str = "meta";
+const META_APPLIED: &[u8] = b"applied";
+
+/// Where the state in the store stands. Written with every batch of key states.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedMeta {
+    /// Every fact whose effect the stored states include.
+    pub vv: VersionVector,
+    /// Raft group id -> last applied log index.
+    pub groups: BTreeMap<u64, u64>,
+    /// Every WAL record with a smaller LSN is reflected; replay starts here.
+    pub wal_lsn: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error(
+        "cannot open the state store at {path}: {source}; if it is corrupt, move it aside and restart to rebuild it from the newest checkpoint and the WAL"
+    )]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("state store I/O failed at {path}: {source}; check the disk, then restart the node")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("key {key:?} in the state store at {path}: {source}")]
+    Codec {
+        path: PathBuf,
+        key: String,
+        #[source]
+        source: StateCodecError,
+    },
+    #[error(
+        "the applied positions in the state store at {path} do not decode ({reason}); the store is corrupt, move it aside and restart to rebuild it"
+    )]
+    Meta { path: PathBuf, reason: String },
+}
+
+pub struct StateStore {
+    db: DB,
+    path: PathBuf,
+}
+
+impl StateStore {
+    /// Open (or create) the store at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<StateStore, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.set_atomic_flush(true);
+        // Checksums on every block read: a flipped bit is an error, never a wrong value.
+        options.set_paranoid_checks(true);
+        let cfs =
+            [CF_KEYS, CF_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db =
+            DB::open_cf_descriptors(&options, &path, cfs).map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(StateStore { db, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self) -> impl Fn(rocksdb::Error) -> StoreError + '_ {
+        |source| StoreError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Write changed key states and the position they bring the store to, atomically.
+    pub fn write<'a>(
+        &self,
+        keys: impl IntoIterator<Item = (&'a [u8], &'a KeyState)>,
+        meta: &AppliedMeta,
+    ) -> Result<(), StoreError> {
+        let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");
+        let meta_cf = self.db.cf_handle(CF_META).expect("opened with this family");
+        let mut batch = WriteBatch::default();
+        for (key, state) in keys {
+            batch.put_cf(&keys_cf, key, state.encode());
+        }
+        let encoded = postcard::to_stdvec(meta).expect("encoding into a Vec cannot fail");
+        batch.put_cf(&meta_cf, META_APPLIED, encoded);
+        let mut options = WriteOptions::default();
+        // Our WAL is the log of record; replay covers anything not yet flushed.
+        options.disable_wal(true);
+        self.db.write_opt(batch, &options).map_err(self.io())
+    }
+
+    /// The applied position (default when the store is new).
+    pub fn meta(&self) -> Result<AppliedMeta, StoreError> {
+        let meta_cf = self.db.cf_handle(CF_META).expect("opened with this family");
+        match self.db.get_cf(&meta_cf, META_APPLIED).map_err(self.io())? {
+            None => Ok(AppliedMeta::default()),
+            Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| StoreError::Meta {
+                path: self.path.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Every stored key state, in key order.
+    pub fn load(&self) -> Result<Vec<(Vec<u8>, KeyState)>, StoreError> {
+        let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(&keys_cf, IteratorMode::Start) {
+            let (key, value) = item.map_err(self.io())?;
+            let state = KeyState::decode(&value).map_err(|source| StoreError::Codec {
+                path: self.path.clone(),
+                key: String::from_utf8_lossy(&key).into_owned(),
+                source,
+            })?;
+            out.push((key.into_vec(), state));
+        }
+        Ok(out)
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<KeyState>, StoreError> {
+        let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");
+        let Some(bytes) = self.db.get_cf(&keys_cf, key).map_err(self.io())? else {
+            return Ok(None);
+        };
+        KeyState::decode(&bytes)
+            .map(Some)
+            .map_err(|source| StoreError::Codec {
+                path: self.path.clone(),
+                key: String::from_utf8_lossy(key).into_owned(),
+                source,
+            })
+    }
+
+    /// BLAKE3 over every (key, state) in key order: equal on replicas holding equal state,
+    /// so they can detect divergence by comparing 32 bytes.
+    pub fn digest(&self) -> Result<blake3::Hash, StoreError> {
+        let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");
+        let mut hasher = blake3::Hasher::new();
+        for item in self.db.iterator_cf(&keys_cf, IteratorMode::Start) {
+            let (key, value) = item.map_err(self.io())?;
+            hasher.update(&(key.len() as u64).to_le_bytes());
+            hasher.update(&key);
+            hasher.update(&(value.len() as u64).to_le_bytes());
+            hasher.update(&value);
+        }
+        Ok(hasher.finalize())
+    }
+
+    /// Persist memtables (both families together) to SST files.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");
+        let meta_cf = self.db.cf_handle(CF_META).expect("opened with this family");
+        let mut options = FlushOptions::default();
+        options.set_wait(true);
+        self.db
+            .flush_cfs_opt(&[&keys_cf, &meta_cf], &options)
+            .map_err(self.io())
+    }
+
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+}
