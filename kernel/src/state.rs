@@ -452,6 +452,26 @@ pub struct Holder {
     pub up: i64,
 }
 
+/// Whether `down`/`up` rights cover moving a value by `delta` (negative = down).
+fn rights_cover(delta: i64, down: i64, up: i64, bounds: Bounds) -> Result<(), Refusal> {
+    let (direction, available) = if delta < 0 {
+        (Direction::Down, down)
+    } else {
+        (Direction::Up, up)
+    };
+    let needed = delta.unsigned_abs();
+    if needed <= available.max(0) as u64 {
+        Ok(())
+    } else {
+        Err(Refusal::EscrowExhausted {
+            direction,
+            needed: i64::try_from(needed).unwrap_or(i64::MAX),
+            available,
+            bounds,
+        })
+    }
+}
+
 /// A counter kept within `bounds` by escrow (Balegas et al., 2015).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BoundedState {
@@ -507,21 +527,7 @@ impl BoundedState {
     /// Check that `node` holds the rights to move the value by `delta`.
     pub fn holder_rights(&self, node: NodeId, delta: i64) -> Result<(), Refusal> {
         let (down, up) = self.rights_of(node);
-        let (direction, needed, available) = if delta < 0 {
-            (Direction::Down, delta.unsigned_abs(), down)
-        } else {
-            (Direction::Up, delta.unsigned_abs(), up)
-        };
-        if needed <= available as u64 {
-            Ok(())
-        } else {
-            Err(Refusal::EscrowExhausted {
-                direction,
-                needed: i64::try_from(needed).unwrap_or(i64::MAX),
-                available,
-                bounds: self.bounds,
-            })
-        }
+        rights_cover(delta, down, up, self.bounds)
     }
 
     fn holder(&mut self, node: NodeId) -> &mut Holder {
@@ -607,21 +613,7 @@ impl BoundedState {
 
     /// Check the pool can move the value by `delta`.
     fn pool_covers(&self, delta: i64) -> Result<(), Refusal> {
-        let (direction, needed, available) = if delta < 0 {
-            (Direction::Down, delta.unsigned_abs(), self.pool_down)
-        } else {
-            (Direction::Up, delta.unsigned_abs(), self.pool_up)
-        };
-        if needed <= available as u64 {
-            Ok(())
-        } else {
-            Err(Refusal::EscrowExhausted {
-                direction,
-                needed: i64::try_from(needed).unwrap_or(i64::MAX),
-                available,
-                bounds: self.bounds,
-            })
-        }
+        rights_cover(delta, self.pool_down, self.pool_up, self.bounds)
     }
 
     fn apply_command(&mut self, body: &CommandBody, frontier: &KeyFrontier) -> Outcome {
