@@ -412,3 +412,31 @@ fn remove_segments_before_keeps_what_a_checkpoint_does_not_cover() {
     let batches = read_all(&wal);
     assert_eq!(batches.last().unwrap().position, last);
 }
+
+#[test]
+fn remove_segments_below_lsn_keeps_the_segment_holding_that_lsn() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), small_options(WalBackend::Pwrite)).unwrap();
+    let positions: Vec<_> = (0..200u64)
+        .map(|n| {
+            wal.append(&[WalRecord::facts(vec![n as u8; 2000])])
+                .unwrap()
+                .wait()
+                .unwrap()
+        })
+        .collect();
+    let keep_from = positions[150];
+    assert!(keep_from.segment_id > 2);
+    // Below the oldest LSN nothing goes.
+    assert_eq!(wal.remove_segments_below_lsn(1).unwrap(), 0);
+    let removed = wal.remove_segments_below_lsn(keep_from.lsn).unwrap();
+    assert_eq!(removed as u64, keep_from.segment_id - 1);
+    assert!(wal.oldest_lsn() <= keep_from.lsn);
+    let replayed: Vec<_> = wal
+        .read_from(keep_from.lsn)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(replayed.len(), 50);
+    assert_eq!(replayed[0].position, keep_from);
+}
