@@ -184,6 +184,9 @@ impl LocalState {
 
     /// Admit `op`. A fast-path fact is applied and appended; the returned ticket resolves
     /// when it is durable, and only then may the client be told (and peers sent the fact).
+    ///
+    /// An `Err` (or a ticket that fails) is fatal: the fact is applied in memory but will
+    /// never be durable, so the node must stop and recover from disk, as with any fsync error.
     pub fn admit(
         &mut self,
         key: &[u8],
