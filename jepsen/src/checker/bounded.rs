@@ -12,9 +12,9 @@
 //!   agreeing and equal to the acknowledged adds plus a subset of the indeterminate ones.
 //!   Adds refused definitely (`fail`, e.g. RESOURCE_EXHAUSTED) never count.
 
-use super::counter::{KeyOps, ReadBound, SubsetSumLimits};
-use super::{Anomaly, AnomalyKind, CheckError, Checker, Stats, Verdict};
-use crate::history::{F, History, describe};
+use super::counter::{KeyOps, ReadBound, SubsetSumLimits, check_counter_keys};
+use super::{Anomaly, AnomalyKind, CheckError, Checker, Verdict};
+use crate::history::{History, describe};
 
 const NAME: &str = "bounded";
 
@@ -54,17 +54,14 @@ impl Checker for BoundedChecker {
                 ),
             });
         }
-        let groups = super::group_by_key(history, NAME, &[F::Add, F::Read])?;
-        let mut findings = Vec::new();
-        let mut stats = Stats::new();
-        stats.insert("keys", groups.len() as i64);
-        for (key, ops) in &groups {
-            let k = KeyOps::collect(*key, ops, NAME)?;
-            k.add_stats(&mut stats);
-            self.check_bounds(&k, &mut findings);
-            k.check_reads(self.initial, self.reads, &self.limits, &mut findings);
-        }
-        Ok(Verdict::from_findings(NAME, findings, stats))
+        check_counter_keys(
+            history,
+            NAME,
+            self.initial,
+            self.reads,
+            &self.limits,
+            |k, findings| self.check_bounds(k, findings),
+        )
     }
 }
 

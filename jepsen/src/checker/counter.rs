@@ -71,17 +71,38 @@ impl Checker for CounterChecker {
     }
 
     fn check(&self, history: &History) -> Result<Verdict, CheckError> {
-        let groups = super::group_by_key(history, NAME, &[F::Add, F::Read])?;
-        let mut findings = Vec::new();
-        let mut stats = Stats::new();
-        stats.insert("keys", groups.len() as i64);
-        for (key, ops) in &groups {
-            let k = KeyOps::collect(*key, ops, NAME)?;
-            k.add_stats(&mut stats);
-            k.check_reads(self.initial, self.reads, &self.limits, &mut findings);
-        }
-        Ok(Verdict::from_findings(NAME, findings, stats))
+        check_counter_keys(
+            history,
+            NAME,
+            self.initial,
+            self.reads,
+            &self.limits,
+            |_, _| {},
+        )
     }
+}
+
+/// The per-key loop shared by the counter and bounded-counter checkers: group add/read ops by
+/// key, run `extra` (checks of the specific checker) and then the counter read checks.
+pub(crate) fn check_counter_keys(
+    history: &History,
+    name: &'static str,
+    initial: i64,
+    reads: ReadBound,
+    limits: &SubsetSumLimits,
+    mut extra: impl FnMut(&KeyOps<'_>, &mut Vec<Anomaly>),
+) -> Result<Verdict, CheckError> {
+    let groups = super::group_by_key(history, name, &[F::Add, F::Read])?;
+    let mut findings = Vec::new();
+    let mut stats = Stats::new();
+    stats.insert("keys", groups.len() as i64);
+    for (key, ops) in &groups {
+        let k = KeyOps::collect(*key, ops, name)?;
+        k.add_stats(&mut stats);
+        extra(&k, &mut findings);
+        k.check_reads(initial, reads, limits, &mut findings);
+    }
+    Ok(Verdict::from_findings(name, findings, stats))
 }
 
 #[derive(Debug, Clone, Copy)]
