@@ -13,7 +13,8 @@
 //! 3. [`fact`]: a fast-path write becomes a *fact* `(origin, seq)` with a fixed little-endian
 //!    header (zerocopy); sequences have no gaps, so facts are idempotent by id.
 //! 4. [`replica`]: applies facts per origin in order (buffering gaps and unfunded escrow
-//!    spends), and applies Raft [`command`]s only after the facts they observed.
+//!    spends), applies Raft [`command`]s only after the facts they observed, and installs a
+//!    Raft group snapshot by joining a peer's key states into its own.
 //! 5. [`state`]: the per-type state and its laws: convergence of commutative ops under any
 //!    delivery order, observed-reset for ordered writes, escrow conservation for bounded
 //!    counters.

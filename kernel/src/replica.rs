@@ -12,7 +12,21 @@
 //! - **commands** from Raft (`apply_command`): applied only once every fact inside the
 //!   command's frontier is applied here (else `Blocked`, naming what is missing), which makes
 //!   their effect identical on every replica;
+//! - **Raft snapshot install** per group (`install_snapshot`): a lagging replica joins a
+//!   peer's key states taken at a later log index of the group (see
+//!   `KeyState::join_snapshot`);
 //! - the **rules** in force, as a compiled snapshot switched at a Raft log position.
+//!
+//! # Facts beyond the version vector
+//!
+//! The version vector only ever advances contiguously, by delivery. A snapshot install can
+//! leave a key holding facts of an origin beyond it (the peer had seen more of that origin);
+//! the version vector is left alone (this replica cannot serve those facts to peers), and
+//! when such a fact is later delivered it advances the version vector without touching the
+//! key again: a fact is "already applied" when its key's [`KeyState::fact_seq`] for its
+//! origin reaches it. The same per-key test decides whether a command's frontier is
+//! satisfied. Without an install, a key's `fact_seq` never exceeds the version vector, so
+//! both tests reduce to the version-vector comparison.
 //!
 //! # Determinism contract (between Raft and this state machine)
 //!
@@ -92,7 +106,9 @@ pub enum Admitted {
 /// What `deliver` did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Delivered {
-    /// Applied, together with `unblocked` waiting facts it released.
+    /// Applied, together with `unblocked` waiting facts it released: the version vector
+    /// advanced. A fact its key already held (installed with a Raft snapshot) counts as
+    /// applied too: it advances the version vector and leaves the key unchanged.
     Applied { unblocked: usize },
     /// Already applied here: nothing changed.
     Duplicate,
@@ -106,10 +122,23 @@ pub enum Delivered {
 pub enum ReplicaError {
     #[error(transparent)]
     Refused(#[from] RefusedOp),
+    /// A command's frontier names facts not applied here yet. `missing` lists, per origin
+    /// (sorted), the sequence this replica needs that origin's facts up to: deliver that
+    /// origin's facts after the version vector up to it (from any peer that has them, not
+    /// necessarily the proposer), then apply the command again.
     #[error(
-        "command on key '{key}' observed facts this replica has not applied yet ({missing}); deliver them first"
+        "command on key '{key}' observed facts this replica has not applied yet ({}); deliver each origin's facts after this replica's version vector up to that sequence, then apply the command again",
+        display_missing(missing)
     )]
-    Blocked { key: String, missing: String },
+    Blocked {
+        key: String,
+        missing: Vec<(NodeId, u64)>,
+    },
+    /// A Raft snapshot that cannot be this replica's group state.
+    #[error(
+        "Raft snapshot does not fit this replica: key '{key}' {problem}; do not install it: the snapshot or this replica's state store is corrupt or from another cluster, report it"
+    )]
+    BadSnapshot { key: String, problem: String },
     #[error(transparent)]
     Fact(#[from] FactError),
     #[error(
@@ -122,6 +151,14 @@ pub enum ReplicaError {
         fact_type: ValueType,
         key_type: ValueType,
     },
+}
+
+fn display_missing(missing: &[(NodeId, u64)]) -> String {
+    missing
+        .iter()
+        .map(|(origin, seq)| format!("n{origin} up to {seq}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A refusal with its key, as an owned error.
@@ -141,6 +178,7 @@ impl RefusedOp {
     }
 }
 
+#[derive(Clone)]
 pub struct Replica {
     node: NodeId,
     vv: VersionVector,
@@ -170,8 +208,9 @@ impl Replica {
         }
     }
 
-    /// Rebuild from persisted state: every key's state and the version vector of facts it
-    /// includes (written in the same batch, so they agree). Facts after it are replayed with
+    /// Rebuild from persisted state: every key's state and the version vector of facts
+    /// applied (written in the same batch, so they agree; after a snapshot install keys may
+    /// hold facts beyond it, which replay then only counts). Facts after it are replayed with
     /// `deliver`, commands after the group's applied index with `apply_command`.
     pub fn restore(
         node: NodeId,
@@ -260,6 +299,112 @@ impl Replica {
 
     pub fn key_count(&self) -> usize {
         self.keys.len()
+    }
+
+    /// Every key `pred` selects with a copy of its state, sorted by key: what a Raft group
+    /// snapshot of this replica holds (pass the group's membership test).
+    pub fn keys_matching(&self, pred: impl Fn(&[u8]) -> bool) -> Vec<(Vec<u8>, KeyState)> {
+        let mut out: Vec<(Vec<u8>, KeyState)> = self
+            .keys
+            .iter()
+            .filter(|(key, _)| pred(key))
+            .map(|(key, entry)| (key.to_vec(), entry.state.clone()))
+            .collect();
+        // The map's order is arbitrary; outputs must not depend on it.
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Install a Raft snapshot of one group: `keys` is every key of the group (`in_group`)
+    /// with its state on the peer that took the snapshot at log index N, and this replica
+    /// has applied a prefix (index <= N) of the group's log. Afterwards the group's keys are
+    /// as if this replica had applied the log up to N itself, on top of, per key and origin,
+    /// the longer of its own and the peer's fact prefixes (`KeyState::join_snapshot`). The
+    /// version vector does not change; facts the keys now hold beyond it are recognised
+    /// when delivered (see the module docs). Installed keys are marked dirty; waiting facts
+    /// that became applicable are applied, and their count is returned.
+    ///
+    /// Everything is checked before anything changes: a snapshot key outside the group, a
+    /// key twice, a type differing from the local key's, or a local key of the group missing
+    /// from the snapshot (keys are created in Raft order, so the snapshot holds every key of
+    /// this replica's prefix) is `BadSnapshot` and leaves the replica untouched.
+    pub fn install_snapshot(
+        &mut self,
+        keys: impl IntoIterator<Item = (Vec<u8>, KeyState)>,
+        in_group: impl Fn(&[u8]) -> bool,
+    ) -> Result<usize, ReplicaError> {
+        let bad = |key: &[u8], problem: String| ReplicaError::BadSnapshot {
+            key: crate::refusal::DisplayKey(key).to_string(),
+            problem,
+        };
+        let snapshot: BTreeMap<Vec<u8>, KeyState> = {
+            let mut map = BTreeMap::new();
+            for (key, state) in keys {
+                if !in_group(&key) {
+                    return Err(bad(&key, "is not in the snapshot's group".into()));
+                }
+                if let Some(local) = self.keys.get(key.as_slice())
+                    && local.state.value_type() != state.value_type()
+                {
+                    return Err(bad(
+                        &key,
+                        format!(
+                            "is {} in the snapshot but {} here",
+                            state.value_type(),
+                            local.state.value_type()
+                        ),
+                    ));
+                }
+                if map.contains_key(&key) {
+                    return Err(bad(&key, "appears twice".into()));
+                }
+                map.insert(key, state);
+            }
+            map
+        };
+        let mut absent: Vec<&[u8]> = self
+            .keys
+            .keys()
+            .map(|k| &k[..])
+            .filter(|k| in_group(k) && !snapshot.contains_key(*k))
+            .collect();
+        absent.sort_unstable();
+        if let Some(key) = absent.first() {
+            return Err(bad(
+                key,
+                format!(
+                    "exists here but not in the snapshot ({} such keys); this replica applied group commands the snapshot lacks",
+                    absent.len()
+                ),
+            ));
+        }
+        for (key, state) in snapshot {
+            match self.keys.get_mut(key.as_slice()) {
+                Some(entry) => {
+                    entry.state.join_snapshot(&state);
+                    mark_dirty(&mut self.dirty, entry, &key);
+                }
+                None => {
+                    let mode = self.rules.resolve(&key).mode;
+                    let key: Box<[u8]> = key.into_boxed_slice();
+                    self.dirty.push(key.clone());
+                    self.keys.insert(
+                        key,
+                        KeyEntry {
+                            state,
+                            rules_version: self.rules_version,
+                            mode,
+                            dirty: true,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(if self.pending.is_empty() {
+            0
+        } else {
+            self.drain()
+        })
     }
 
     /// This node's quota on a bounded counter key.
@@ -522,17 +667,22 @@ impl Replica {
     /// Apply a Raft-ordered command. `Err(Blocked)` means facts inside its frontier are not
     /// applied here yet: nothing changed; deliver them and call again.
     pub fn apply_command(&mut self, cmd: &Command) -> Result<Outcome, ReplicaError> {
-        let missing: Vec<String> = cmd
+        let state = self.keys.get(cmd.key.as_slice()).map(|e| &e.state);
+        // The frontier names facts on this key: the key holding them is what counts (after
+        // a snapshot install it may hold facts beyond the version vector).
+        let missing: Vec<(NodeId, u64)> = cmd
             .frontier
             .entries
             .iter()
-            .filter(|e| self.vv.get(e.origin) < e.seq)
-            .map(|e| format!("n{} up to {}", e.origin, e.seq))
+            .filter(|e| {
+                self.vv.get(e.origin) < e.seq && state.is_none_or(|s| s.fact_seq(e.origin) < e.seq)
+            })
+            .map(|e| (e.origin, e.seq))
             .collect();
         if !missing.is_empty() {
             return Err(ReplicaError::Blocked {
                 key: crate::refusal::DisplayKey(&cmd.key).to_string(),
-                missing: missing.join(", "),
+                missing,
             });
         }
         let outcome = match self.keys.get_mut(cmd.key.as_slice()) {
@@ -635,6 +785,11 @@ impl Replica {
                 fact_type,
                 key_type: entry.state.value_type(),
             });
+        }
+        if entry.state.fact_seq(fact.id.origin) >= fact.id.seq {
+            // Already on the key (installed with a snapshot): count it, do not apply it again.
+            self.vv.advance(fact.id.origin, fact.id.seq);
+            return Ok(true);
         }
         if !entry.state.can_apply(fact) {
             return Ok(false);

@@ -24,6 +24,20 @@
 //! All arithmetic on counters wraps modulo 2^64: wrapping addition is still commutative and
 //! associative, so replicas converge even if concurrent adds overflow; the admission path
 //! refuses adds that would overflow the local view.
+//!
+//! # Raft part and fact part (snapshot install)
+//!
+//! Every state is a function of two inputs: the Raft log prefix applied (bases, versions,
+//! covered marks, `ordered` flags, escrow pool and grants, bounds, and the cut each command
+//! made) and, per origin, the prefix of that origin's facts *on this key* (cumulative: the
+//! part for seq 8 includes the part for seq 5). [`KeyState::join_snapshot`] relies on this to
+//! install a peer's state taken at a later Raft index: the Raft part comes from the snapshot,
+//! each origin's fact part from whichever side has seen more of that origin on the key. The
+//! cuts commands made in sets, max stacks and registers are not stored; they are recovered
+//! from the snapshot instead (see each type's `join_snapshot`), which works because a command
+//! applies only after the facts it cut, so every cut is at most the snapshot's seq of that
+//! origin. After a join a key may hold facts beyond the replica's version vector;
+//! [`KeyState::fact_seq`] lets the replica recognise them when they are delivered later.
 
 use crate::clock::{HlcTimestamp, NodeId};
 use crate::command::{CommandBody, FrontierEntry, KeyFrontier, LwwWrite};
@@ -71,7 +85,8 @@ pub enum KeyState {
 }
 
 /// Version byte in front of every encoded key state; bumped on incompatible changes.
-pub const KEY_STATE_FORMAT: u8 = 1;
+/// 2: bounded counters record cumulative grants and transfers (snapshot install).
+pub const KEY_STATE_FORMAT: u8 = 2;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum StateCodecError {
@@ -203,6 +218,48 @@ impl KeyState {
         }
     }
 
+    /// Sequence of the last fact of `origin` applied on this key (0 = none). Facts of one
+    /// origin apply in order, so every fact of `origin` on this key up to it is applied. It
+    /// can exceed the replica's version vector after a snapshot install.
+    pub fn fact_seq(&self, origin: NodeId) -> u64 {
+        match self {
+            KeyState::Counter(n) => n.fact_seq(origin),
+            KeyState::Bounded(b) => b.numeric.fact_seq(origin),
+            KeyState::Max(m) => m
+                .origins
+                .binary_search_by_key(&origin, |o| o.origin)
+                .map_or(0, |i| m.origins[i].seq),
+            KeyState::Set(s) => seq_of(&s.seqs, origin),
+            KeyState::Register(r) => seq_of(&r.seqs, origin),
+        }
+    }
+
+    /// Join a Raft snapshot of this key into the local state (Raft snapshot install).
+    ///
+    /// `snapshot` is a peer's state of this key taken when the peer had applied the key's
+    /// Raft log up to some index N; `self` has applied a prefix of the same log (index <= N).
+    /// The result is the state this replica would have after applying the log up to N on top
+    /// of, per origin, the longer of the two fact prefixes on this key: the Raft part comes
+    /// from the snapshot, each origin's fact part from the side with the higher
+    /// [`fact_seq`](Self::fact_seq) (they are cumulative, so it includes the other). Derived
+    /// fields (values, escrow quotas) are recomputed; escrow conservation still holds.
+    ///
+    /// Panics if the types differ: a key's type is fixed in Raft order, so the caller checks.
+    pub fn join_snapshot(&mut self, snapshot: &KeyState) {
+        match (self, snapshot) {
+            (KeyState::Counter(local), KeyState::Counter(snap)) => local.join_snapshot(snap),
+            (KeyState::Bounded(local), KeyState::Bounded(snap)) => local.join_snapshot(snap),
+            (KeyState::Max(local), KeyState::Max(snap)) => local.join_snapshot(snap),
+            (KeyState::Set(local), KeyState::Set(snap)) => local.join_snapshot(snap),
+            (KeyState::Register(local), KeyState::Register(snap)) => local.join_snapshot(snap),
+            (local, snap) => panic!(
+                "snapshot of a {} key joined into a {} key: the replica must check types first",
+                snap.value_type(),
+                local.value_type()
+            ),
+        }
+    }
+
     /// What a command proposed now would observe on this key.
     pub fn frontier(&self) -> KeyFrontier {
         match self {
@@ -305,6 +362,22 @@ fn seqs_frontier(seqs: &[(NodeId, u64)]) -> KeyFrontier {
     }
 }
 
+fn seq_of(seqs: &[(NodeId, u64)], origin: NodeId) -> u64 {
+    seqs.binary_search_by_key(&origin, |e| e.0)
+        .map_or(0, |i| seqs[i].1)
+}
+
+/// Per origin, the higher of two `(origin, seq)` lists (both sorted by origin).
+fn join_seqs(local: &[(NodeId, u64)], snapshot: &[(NodeId, u64)]) -> Vec<(NodeId, u64)> {
+    let mut out: Vec<(NodeId, u64)> = local.iter().chain(snapshot).copied().collect();
+    out.sort_unstable();
+    // Sorted by (origin, seq): keep the last (highest) entry of each origin.
+    out.reverse();
+    out.dedup_by_key(|e| e.0);
+    out.reverse();
+    out
+}
+
 /// Record that `origin`'s fact `seq` touched the key (for frontiers of sets and registers).
 fn note_seq(seqs: &mut Vec<(NodeId, u64)>, origin: NodeId, seq: u64) {
     match seqs.binary_search_by_key(&origin, |e| e.0) {
@@ -368,6 +441,66 @@ impl Numeric {
         &mut self.contributions[i]
     }
 
+    fn find(&self, origin: NodeId) -> Option<&Contribution> {
+        self.contributions
+            .binary_search_by_key(&origin, |c| c.origin)
+            .ok()
+            .map(|i| &self.contributions[i])
+    }
+
+    fn fact_seq(&self, origin: NodeId) -> u64 {
+        self.find(origin).map_or(0, |c| c.seq)
+    }
+
+    /// `base` and the covered marks are the Raft part; `(seq, total)` per origin the fact part.
+    fn join_snapshot(&mut self, snapshot: &Numeric) {
+        let mut origins: Vec<NodeId> = self
+            .contributions
+            .iter()
+            .chain(&snapshot.contributions)
+            .map(|c| c.origin)
+            .collect();
+        origins.sort_unstable();
+        origins.dedup();
+        let contributions = origins
+            .into_iter()
+            .map(|origin| {
+                let local = self.find(origin);
+                let snap = snapshot.find(origin);
+                let facts = match (local, snap) {
+                    (Some(l), Some(s)) if l.seq > s.seq => l,
+                    (_, Some(s)) => s,
+                    (Some(l), None) => l,
+                    (None, None) => unreachable!("origin taken from one of the two"),
+                };
+                debug_assert!(
+                    local.is_none_or(|l| l.covered_seq <= snap.map_or(0, |s| s.covered_seq)),
+                    "the local Raft prefix is a prefix of the snapshot's"
+                );
+                // No snapshot entry: no command up to the snapshot covered this origin, so
+                // neither did the (shorter) local prefix.
+                let (covered_seq, covered_total) =
+                    snap.map_or((0, 0), |s| (s.covered_seq, s.covered_total));
+                Contribution {
+                    origin,
+                    seq: facts.seq,
+                    total: facts.total,
+                    covered_seq,
+                    covered_total,
+                }
+            })
+            .collect();
+        self.contributions = contributions;
+        self.base = snapshot.base;
+        self.value = self.computed_value();
+    }
+
+    fn computed_value(&self) -> i64 {
+        self.contributions.iter().fold(self.base, |v, c| {
+            v.wrapping_add(c.total.wrapping_sub(c.covered_total))
+        })
+    }
+
     fn add_fact(&mut self, origin: NodeId, seq: u64, delta: i64) {
         let c = self.contribution(origin);
         assert!(c.seq < seq, "facts of one origin apply in order");
@@ -428,9 +561,7 @@ impl Numeric {
             }
         }
         self.base = value;
-        self.value = self.contributions.iter().fold(self.base, |v, c| {
-            v.wrapping_add(c.total.wrapping_sub(c.covered_total))
-        });
+        self.value = self.computed_value();
         assert_eq!(
             self.value.wrapping_sub(before),
             delta,
@@ -472,7 +603,22 @@ fn rights_cover(delta: i64, down: i64, up: i64, bounds: Bounds) -> Result<(), Re
     }
 }
 
+/// Rights one origin has given another by transfer facts, cumulative (wrapping).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Transfer {
+    from: NodeId,
+    to: NodeId,
+    down: i64,
+    up: i64,
+}
+
 /// A counter kept within `bounds` by escrow (Balegas et al., 2015).
+///
+/// A holder's quota is kept both incrementally (`holders`, read on every admission) and as
+/// its decomposition, so that a snapshot join can rebuild it:
+/// `quota(h) = granted(h) + own adds(h) + transfers into h - transfers out of h`, where
+/// grants are Raft-ordered, and each origin's adds (its numeric total) and transfers out
+/// are cumulative per-origin fact parts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BoundedState {
     numeric: Numeric,
@@ -480,6 +626,11 @@ pub struct BoundedState {
     /// Rights held by the key's Raft group.
     pool_down: i64,
     pool_up: i64,
+    /// Cumulative pool grants per node (Raft part), sorted by node; `down`/`up` wrap.
+    granted: Vec<Holder>,
+    /// Cumulative transfers per (giver, taker), sorted: part of the giver's fact part.
+    transfers: Vec<Transfer>,
+    /// Current quotas, sorted by node: derived from the fields above.
     holders: Vec<Holder>,
 }
 
@@ -494,6 +645,8 @@ impl BoundedState {
             bounds,
             pool_down: start - bounds.min,
             pool_up: bounds.max - start,
+            granted: Vec::new(),
+            transfers: Vec::new(),
             holders: Vec::new(),
         };
         state.check_invariant();
@@ -531,21 +684,82 @@ impl BoundedState {
     }
 
     fn holder(&mut self, node: NodeId) -> &mut Holder {
-        let i = match self.holders.binary_search_by_key(&node, |h| h.node) {
-            Ok(i) => i,
-            Err(i) => {
-                self.holders.insert(
-                    i,
-                    Holder {
-                        node,
-                        down: 0,
-                        up: 0,
-                    },
-                );
-                i
+        holder_in(&mut self.holders, node)
+    }
+
+    /// `node`'s quota from its decomposition (see the type's docs); wrapping sums are exact
+    /// because the true quota fits an i64.
+    fn derived_rights(&self, node: NodeId) -> (i64, i64) {
+        let (mut down, mut up) = self
+            .granted
+            .iter()
+            .find(|g| g.node == node)
+            .map_or((0, 0), |g| (g.down, g.up));
+        let added = self.numeric.find(node).map_or(0, |c| c.total);
+        down = down.wrapping_add(added);
+        up = up.wrapping_sub(added);
+        for t in &self.transfers {
+            if t.to == node {
+                down = down.wrapping_add(t.down);
+                up = up.wrapping_add(t.up);
             }
-        };
-        &mut self.holders[i]
+            if t.from == node {
+                down = down.wrapping_sub(t.down);
+                up = up.wrapping_sub(t.up);
+            }
+        }
+        (down, up)
+    }
+
+    /// Quotas rebuilt from their decomposition: one per node that was granted rights, issued
+    /// a fact on the key or received a transfer (exactly the nodes the incremental path
+    /// creates a holder for).
+    fn derived_holders(&self) -> Vec<Holder> {
+        let mut nodes: Vec<NodeId> = self
+            .granted
+            .iter()
+            .map(|g| g.node)
+            .chain(self.numeric.contributions.iter().map(|c| c.origin))
+            .chain(self.transfers.iter().flat_map(|t| [t.from, t.to]))
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        nodes
+            .into_iter()
+            .map(|node| {
+                let (down, up) = self.derived_rights(node);
+                Holder { node, down, up }
+            })
+            .collect()
+    }
+
+    /// Join a snapshot of this key (see `KeyState::join_snapshot`): pool, grants, bounds and
+    /// the numeric Raft part from the snapshot; each origin's adds and transfers out from the
+    /// side that has seen more of its facts on the key; quotas recomputed. Conservation
+    /// holds because it reduces to an identity between Raft-ordered fields alone (every
+    /// fact moves rights between holders or between the value and a holder), which the
+    /// snapshot satisfies. No quota goes negative: each origin's own part comes from a side
+    /// where it was non-negative, and grants and incoming transfers only grow with a longer
+    /// prefix, so the join holds at least what that side held.
+    fn join_snapshot(&mut self, snapshot: &BoundedState) {
+        let local_ahead =
+            |origin| self.numeric.fact_seq(origin) > snapshot.numeric.fact_seq(origin);
+        let mut transfers: Vec<Transfer> = self
+            .transfers
+            .iter()
+            .filter(|t| local_ahead(t.from))
+            .chain(snapshot.transfers.iter().filter(|t| !local_ahead(t.from)))
+            .copied()
+            .collect();
+        transfers.sort_unstable_by_key(|t| (t.from, t.to));
+        self.numeric.join_snapshot(&snapshot.numeric);
+        self.transfers = transfers;
+        self.bounds = snapshot.bounds;
+        self.pool_down = snapshot.pool_down;
+        self.pool_up = snapshot.pool_up;
+        self.granted.clone_from(&snapshot.granted);
+        self.holders = self.derived_holders();
+        self.check_invariant();
     }
 
     /// The escrow identity: every unit between the value and each bound is a right held by
@@ -574,6 +788,16 @@ impl BoundedState {
             self.bounds.contains(self.numeric.value),
             "value within bounds"
         );
+        // Kept out of release builds: it is quadratic in holders and runs on every spend.
+        #[cfg(debug_assertions)]
+        for h in &self.holders {
+            assert_eq!(
+                self.derived_rights(h.node),
+                (h.down, h.up),
+                "quota of n{} matches its decomposition",
+                h.node
+            );
+        }
     }
 
     fn add_fact(&mut self, origin: NodeId, seq: u64, delta: i64) {
@@ -605,6 +829,30 @@ impl BoundedState {
             t.down += amount;
         } else {
             t.up -= amount;
+        }
+        let i = match self
+            .transfers
+            .binary_search_by_key(&(giver, taker), |t| (t.from, t.to))
+        {
+            Ok(i) => i,
+            Err(i) => {
+                self.transfers.insert(
+                    i,
+                    Transfer {
+                        from: giver,
+                        to: taker,
+                        down: 0,
+                        up: 0,
+                    },
+                );
+                i
+            }
+        };
+        let t = &mut self.transfers[i];
+        if amount > 0 {
+            t.down = t.down.wrapping_add(amount);
+        } else {
+            t.up = t.up.wrapping_sub(amount);
         }
         // A transfer is a fact on the key: it moves the origin's frontier, not the value.
         self.numeric.add_fact(giver, seq, 0);
@@ -696,6 +944,9 @@ impl BoundedState {
                 let h = self.holder(node);
                 h.down += down;
                 h.up += up;
+                let g = holder_in(&mut self.granted, node);
+                g.down = g.down.wrapping_add(down);
+                g.up = g.up.wrapping_add(up);
                 Outcome::Done
             }
             ref other => panic!("{other:?} is not a bounded counter command"),
@@ -703,6 +954,25 @@ impl BoundedState {
         self.check_invariant();
         outcome
     }
+}
+
+/// The entry of `node` in a list sorted by node, inserted (at zero) if absent.
+fn holder_in(holders: &mut Vec<Holder>, node: NodeId) -> &mut Holder {
+    let i = match holders.binary_search_by_key(&node, |h| h.node) {
+        Ok(i) => i,
+        Err(i) => {
+            holders.insert(
+                i,
+                Holder {
+                    node,
+                    down: 0,
+                    up: 0,
+                },
+            );
+            i
+        }
+    };
+    &mut holders[i]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -748,6 +1018,62 @@ impl MaxState {
         }
         o.stack.push((seq, value));
         self.value = Some(self.value.map_or(value, |v| v.max(value)));
+    }
+
+    /// `base` is the Raft part; each origin's raises its fact part, minus what sets cut.
+    ///
+    /// The cut of origin `o` (the highest frontier seq of a set so far) is not stored, but a
+    /// stack is the right-to-left maxima of `o`'s raises after the cut, and the snapshot's
+    /// cut is at most its `seq` for `o`. So when the local side is ahead, its entries after the
+    /// snapshot's `seq` are kept as they are, and an entry at or before it is kept exactly when
+    /// the snapshot's stack still has it (it would be a right-to-left maximum there too).
+    fn join_snapshot(&mut self, snapshot: &MaxState) {
+        let mut origins: Vec<NodeId> = self
+            .origins
+            .iter()
+            .chain(&snapshot.origins)
+            .map(|o| o.origin)
+            .collect();
+        origins.sort_unstable();
+        origins.dedup();
+        fn find(list: &[MaxOrigin], origin: NodeId) -> Option<&MaxOrigin> {
+            list.binary_search_by_key(&origin, |o| o.origin)
+                .ok()
+                .map(|i| &list[i])
+        }
+        let joined = origins
+            .into_iter()
+            .map(
+                |origin| match (find(&self.origins, origin), find(&snapshot.origins, origin)) {
+                    (Some(l), s) if l.seq > s.map_or(0, |s| s.seq) => {
+                        let (snap_seq, snap_stack) =
+                            s.map_or((0, &[][..]), |s| (s.seq, &s.stack[..]));
+                        MaxOrigin {
+                            origin,
+                            seq: l.seq,
+                            stack: l
+                                .stack
+                                .iter()
+                                .filter(|&&(seq, _)| {
+                                    seq > snap_seq || snap_stack.iter().any(|e| e.0 == seq)
+                                })
+                                .copied()
+                                .collect(),
+                        }
+                    }
+                    (_, Some(s)) => s.clone(),
+                    (Some(l), None) => l.clone(),
+                    (None, None) => unreachable!("origin taken from one of the two"),
+                },
+            )
+            .collect();
+        self.origins = joined;
+        self.base = snapshot.base;
+        self.value = self
+            .origins
+            .iter()
+            .filter_map(|o| o.stack.first().map(|&(_, v)| v))
+            .fold(self.base, |acc, v| Some(acc.map_or(v, |a| a.max(v))));
     }
 
     fn raise_ordered(&mut self, value: i64) {
@@ -830,6 +1156,53 @@ impl SetState {
         self.element(element).ordered = true;
     }
 
+    /// `ordered` is the Raft part; each origin's latest add per element its fact part, minus
+    /// what removes cut. Removes' cuts are not stored, but each is at most the snapshot's seq
+    /// of that origin: so a local add (of an origin the local side is ahead on) after that
+    /// seq is kept, and one at or before it is the origin's latest add there too, kept
+    /// exactly when the snapshot still has it.
+    fn join_snapshot(&mut self, snapshot: &SetState) {
+        let local_ahead = |origin| seq_of(&self.seqs, origin) > seq_of(&snapshot.seqs, origin);
+        let mut elements: BTreeMap<Vec<u8>, Element> = snapshot
+            .elements
+            .iter()
+            .map(|(element, e)| {
+                let adds = e
+                    .adds
+                    .iter()
+                    .filter(|&&(origin, _)| !local_ahead(origin))
+                    .copied()
+                    .collect();
+                (
+                    element.clone(),
+                    Element {
+                        adds,
+                        ordered: e.ordered,
+                    },
+                )
+            })
+            .collect();
+        for (element, e) in &self.elements {
+            let in_snapshot = snapshot.elements.get(element);
+            for &(origin, seq) in &e.adds {
+                let keep = local_ahead(origin)
+                    && (seq > seq_of(&snapshot.seqs, origin)
+                        || in_snapshot.is_some_and(|s| s.adds.contains(&(origin, seq))));
+                if keep {
+                    let joined = elements.entry(element.clone()).or_default();
+                    let at = joined
+                        .adds
+                        .binary_search_by_key(&origin, |a| a.0)
+                        .expect_err("an origin's adds come from one side");
+                    joined.adds.insert(at, (origin, seq));
+                }
+            }
+        }
+        elements.retain(|_, e| e.ordered || !e.adds.is_empty());
+        self.elements = elements;
+        self.seqs = join_seqs(&self.seqs, &snapshot.seqs);
+    }
+
     fn remove(&mut self, element: &[u8], frontier: &KeyFrontier) {
         let Some(e) = self.elements.get_mut(element) else {
             return;
@@ -906,6 +1279,31 @@ impl RegisterState {
             }
             Err(i) => self.lww.insert(i, written),
         }
+    }
+
+    /// `base` and `version` are the Raft part; each origin's latest LWW write its fact part,
+    /// minus what commands absorbed. Where the local side is ahead on an origin, its write
+    /// (if a local command has not absorbed it) is that origin's latest fact on the key, later
+    /// than anything the snapshot saw, so no command up to the snapshot absorbed it: keep it.
+    fn join_snapshot(&mut self, snapshot: &RegisterState) {
+        let local_ahead = |origin| seq_of(&self.seqs, origin) > seq_of(&snapshot.seqs, origin);
+        let mut lww: Vec<Written> = snapshot
+            .lww
+            .iter()
+            .filter(|w| !local_ahead(w.origin))
+            .cloned()
+            .collect();
+        for w in &self.lww {
+            if local_ahead(w.origin) {
+                debug_assert!(w.seq > seq_of(&snapshot.seqs, w.origin));
+                lww.push(w.clone());
+            }
+        }
+        lww.sort_unstable_by_key(|w| w.origin);
+        self.lww = lww;
+        self.base.clone_from(&snapshot.base);
+        self.version = snapshot.version;
+        self.seqs = join_seqs(&self.seqs, &snapshot.seqs);
     }
 
     fn write(&mut self, hlc: HlcTimestamp, proposer: NodeId, value: Option<Vec<u8>>) {
@@ -1053,6 +1451,122 @@ mod tests {
         assert_eq!(
             out,
             Outcome::Refused(Refusal::BoundsTooWide { bounds: wide })
+        );
+    }
+
+    fn set_fact(origin: NodeId, seq: u64, element: &'static [u8]) -> FactRef<'static> {
+        FactRef {
+            payload: element,
+            ..fact(origin, seq, FactKind::SetAdd, 0)
+        }
+    }
+
+    fn lww(origin: NodeId, seq: u64, value: &'static [u8]) -> FactRef<'static> {
+        FactRef {
+            payload: value,
+            ..fact(origin, seq, FactKind::RegisterLww, 0)
+        }
+    }
+
+    fn command(s: &mut KeyState, body: CommandBody, frontier: &KeyFrontier) -> Outcome {
+        let absorb = s.lww_winner();
+        s.apply_command(&body, frontier, absorb.as_ref(), HlcTimestamp(100), 9)
+    }
+
+    /// `local` and `snap` share a Raft prefix; `snap` then applies `body` observing its own
+    /// facts. The join must equal `snap` after both catch up on each other's facts.
+    fn join_matches(
+        mut local: KeyState,
+        mut snap: KeyState,
+        body: CommandBody,
+        local_only: &[FactRef<'static>],
+        snap_only: &[FactRef<'static>],
+    ) {
+        let observed = snap.frontier();
+        command(&mut snap, body, &observed);
+        local.join_snapshot(&snap);
+        let mut reference = snap.clone();
+        for f in local_only {
+            if reference.fact_seq(f.id.origin) < f.id.seq {
+                reference.apply_fact(f);
+            }
+        }
+        for f in snap_only {
+            if local.fact_seq(f.id.origin) < f.id.seq {
+                local.apply_fact(f);
+            }
+        }
+        assert_eq!(local, reference);
+        assert_eq!(local.value(), reference.value());
+    }
+
+    #[test]
+    fn joins_take_the_raft_part_from_the_snapshot_and_the_longer_fact_prefix() {
+        // Counter: origin 1 is ahead locally (after the set's cut), origin 2 in the snapshot.
+        let mut base = KeyState::new(ValueType::Counter, None).unwrap();
+        base.apply_fact(&fact(1, 1, FactKind::CounterAdd, 5));
+        let (mut local, mut snap) = (base.clone(), base);
+        snap.apply_fact(&fact(2, 1, FactKind::CounterAdd, 7));
+        let local_only = [fact(1, 2, FactKind::CounterAdd, 11)];
+        local.apply_fact(&local_only[0]);
+        join_matches(
+            local,
+            snap,
+            CommandBody::CounterSet { value: 100 },
+            &local_only,
+            &[fact(2, 1, FactKind::CounterAdd, 7)],
+        );
+
+        // Max: the set cuts origin 1's raises up to seq 2; local has seq 3 on top.
+        let mut base = KeyState::new(ValueType::Max, None).unwrap();
+        base.apply_fact(&fact(1, 1, FactKind::MaxRaise, 50));
+        base.apply_fact(&fact(1, 2, FactKind::MaxRaise, 40));
+        let (mut local, snap) = (base.clone(), base);
+        let local_only = [fact(1, 3, FactKind::MaxRaise, 30)];
+        local.apply_fact(&local_only[0]);
+        join_matches(
+            local,
+            snap,
+            CommandBody::MaxSet { value: 10 },
+            &local_only,
+            &[],
+        );
+
+        // Set: a remove cut origin 1's add of "a" at seq 1; local added "b" again at seq 3.
+        let mut base = KeyState::new(ValueType::Set, None).unwrap();
+        base.apply_fact(&set_fact(1, 1, b"a"));
+        base.apply_fact(&set_fact(1, 2, b"b"));
+        let (mut local, snap) = (base.clone(), base);
+        // "a" stays removed: its local add (seq 1) is at or before the snapshot's seq 2.
+        let local_only = [set_fact(1, 3, b"b"), set_fact(3, 1, b"c")];
+        for f in &local_only {
+            local.apply_fact(f);
+        }
+        join_matches(
+            local,
+            snap,
+            CommandBody::SetRemove {
+                element: b"a".to_vec(),
+            },
+            &local_only,
+            &[],
+        );
+
+        // Register: a put absorbs origin 1's write at seq 1; local has its write at seq 2.
+        let mut base = KeyState::new(ValueType::Register, None).unwrap();
+        base.apply_fact(&lww(1, 1, b"x"));
+        base.apply_fact(&lww(2, 1, b"y"));
+        let (mut local, snap) = (base.clone(), base);
+        let local_only = [lww(1, 2, b"z")];
+        local.apply_fact(&local_only[0]);
+        join_matches(
+            local,
+            snap,
+            CommandBody::RegisterPut {
+                value: b"w".to_vec(),
+            },
+            &local_only,
+            &[],
         );
     }
 

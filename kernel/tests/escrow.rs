@@ -11,7 +11,6 @@
 
 mod sim;
 
-use calm_kernel::state::KeyState;
 use calm_kernel::{Mode, Op, Outcome, Value};
 use proptest::prelude::*;
 use sim::{Ack, Cluster, NODES, STOCK, STOCK_BOUNDS};
@@ -68,32 +67,8 @@ fn step(with_sets: bool) -> impl Strategy<Value = Step> {
     ]
 }
 
-/// Bounds and conservation on one replica, from its public state.
 fn check_replica(c: &Cluster, node: usize) {
-    let Some(KeyState::Bounded(b)) = c.replicas[node].key_state(STOCK) else {
-        return;
-    };
-    let bounds = b.bounds();
-    assert!(
-        bounds.contains(b.value()),
-        "replica {node} shows {} outside {bounds}",
-        b.value()
-    );
-    let (pool_down, pool_up) = b.pool();
-    let down: i64 = pool_down + b.holders().iter().map(|h| h.down).sum::<i64>();
-    let up: i64 = pool_up + b.holders().iter().map(|h| h.up).sum::<i64>();
-    assert_eq!(
-        b.value() - bounds.min,
-        down,
-        "replica {node}: decrement rights not conserved"
-    );
-    assert_eq!(
-        bounds.max - b.value(),
-        up,
-        "replica {node}: increment rights not conserved"
-    );
-    assert!(pool_down >= 0 && pool_up >= 0);
-    assert!(b.holders().iter().all(|h| h.down >= 0 && h.up >= 0));
+    sim::check_escrow(&c.replicas[node]);
 }
 
 fn run(mode: Mode, steps: &[Step]) -> Cluster {

@@ -5,6 +5,7 @@
 
 use calm_kernel::fact::decode_fact;
 use calm_kernel::rules::{Rule, RuleSet};
+use calm_kernel::state::KeyState;
 use calm_kernel::{
     Admitted, Bounds, Command, Delivered, HlcTimestamp, Mode, NodeId, Op, Outcome, Replica,
     ReplicaError, Value, ValueType,
@@ -77,6 +78,9 @@ pub struct Cluster {
     pub cut: [[bool; NODES]; NODES],
     pub hlc: u64,
     pub acks: Vec<Ack>,
+    /// Per replica: log entries a snapshot install already covered, with the outcome the
+    /// snapshot's source computed for them; `raft_apply` skips them.
+    pub skip: Vec<BTreeMap<usize, Outcome>>,
 }
 
 impl Cluster {
@@ -95,6 +99,7 @@ impl Cluster {
             cut: [[false; NODES]; NODES],
             hlc: 0,
             acks: Vec::new(),
+            skip: vec![BTreeMap::new(); NODES],
         }
     }
 
@@ -204,6 +209,11 @@ impl Cluster {
             let Some(entry) = self.log.get(index).cloned() else {
                 return;
             };
+            if let Some(outcome) = self.skip[node].remove(&index) {
+                self.outcomes[node].push(outcome);
+                self.applied[node] += 1;
+                continue;
+            }
             let cmd = match entry {
                 Entry::Command(cmd) => cmd,
                 Entry::Rules(rules) => {
@@ -216,7 +226,7 @@ impl Cluster {
             let outcome = loop {
                 match self.replicas[node].apply_command(&cmd) {
                     Ok(outcome) => break outcome,
-                    Err(ReplicaError::Blocked { .. }) => self.pull_missing(node, &cmd),
+                    Err(ReplicaError::Blocked { missing, .. }) => self.pull_missing(node, &missing),
                     Err(e) => panic!("apply failed: {e}"),
                 }
             };
@@ -225,18 +235,36 @@ impl Cluster {
         }
     }
 
-    fn pull_missing(&mut self, node: usize, cmd: &Command) {
-        let mut progressed = false;
-        for entry in &cmd.frontier.entries {
-            let have = self.replicas[node].version_vector().get(entry.origin);
-            for seq in have + 1..=entry.seq {
-                let encoded = self.archive[&(entry.origin, seq)].clone();
+    /// Pull what a `Blocked` error names from the archive, as the node would from peers.
+    fn pull_missing(&mut self, node: usize, missing: &[(NodeId, u64)]) {
+        assert!(!missing.is_empty(), "blocked command with nothing to pull");
+        for &(origin, up_to) in missing {
+            let have = self.replicas[node].version_vector().get(origin);
+            assert!(have < up_to, "Blocked names only facts not applied");
+            for seq in have + 1..=up_to {
+                let encoded = self.archive[&(origin, seq)].clone();
                 let (fact, _) = decode_fact(&encoded).unwrap();
                 self.replicas[node].deliver(&fact).unwrap();
-                progressed = true;
             }
         }
-        assert!(progressed, "blocked command with nothing to pull");
+    }
+
+    /// Replica `to` installs a Raft snapshot of the group `in_group` taken from replica
+    /// `from` (which must have applied at least as much of the log). The group's entries
+    /// between the two positions are then covered: `to` skips them, keeping `from`'s outcomes.
+    pub fn install_snapshot(&mut self, to: usize, from: usize, in_group: &dyn Fn(&[u8]) -> bool) {
+        assert!(self.applied[to] <= self.applied[from]);
+        let keys = self.replicas[from].keys_matching(in_group);
+        self.replicas[to]
+            .install_snapshot(keys, in_group)
+            .expect("a snapshot from a replica further along fits");
+        for index in self.applied[to]..self.applied[from] {
+            if let Entry::Command(cmd) = &self.log[index]
+                && in_group(&cmd.key)
+            {
+                self.skip[to].insert(index, self.outcomes[from][index].clone());
+            }
+        }
     }
 
     /// Heal every partition, apply the whole log and deliver every fact everywhere.
@@ -264,12 +292,65 @@ impl Cluster {
         self.links.clear();
     }
 
+    /// Every key's full state on `node`, sorted by key.
+    pub fn states(&self, node: usize) -> Vec<(Vec<u8>, KeyState)> {
+        self.replicas[node].keys_matching(|_| true)
+    }
+
     pub fn values(&self, node: usize) -> Vec<Option<Value>> {
         KEYS.iter()
             .chain([&STOCK])
             .map(|k| self.replicas[node].read(k))
             .collect()
     }
+}
+
+/// Apply one log entry to a replica outside a cluster; every fact its frontier names must
+/// already be delivered.
+pub fn apply_entry(replica: &mut Replica, entry: &Entry) -> Outcome {
+    match entry {
+        Entry::Command(cmd) => replica
+            .apply_command(cmd)
+            .unwrap_or_else(|e| panic!("entry does not apply: {e}")),
+        Entry::Rules(rules) => {
+            if rules.version > replica.rules_version() {
+                replica.set_rules(rules.compile().expect("valid rules"));
+            }
+            Outcome::Done
+        }
+    }
+}
+
+/// Bounds and conservation of the escrow key on one replica, from its public state.
+pub fn check_escrow(replica: &Replica) {
+    let Some(KeyState::Bounded(b)) = replica.key_state(STOCK) else {
+        return;
+    };
+    let node = replica.node();
+    let bounds = b.bounds();
+    assert!(
+        bounds.contains(b.value()),
+        "n{node} shows {} outside {bounds}",
+        b.value()
+    );
+    let (pool_down, pool_up) = b.pool();
+    let down: i64 = pool_down + b.holders().iter().map(|h| h.down).sum::<i64>();
+    let up: i64 = pool_up + b.holders().iter().map(|h| h.up).sum::<i64>();
+    assert_eq!(
+        b.value() - bounds.min,
+        down,
+        "n{node}: decrement rights not conserved"
+    );
+    assert_eq!(
+        bounds.max - b.value(),
+        up,
+        "n{node}: increment rights not conserved"
+    );
+    assert!(pool_down >= 0 && pool_up >= 0, "n{node}: negative pool");
+    assert!(
+        b.holders().iter().all(|h| h.down >= 0 && h.up >= 0),
+        "n{node}: negative quota"
+    );
 }
 
 /// Ops on the test keys, weighted towards the fast path.
