@@ -304,10 +304,16 @@ impl Checkpoints {
 
     /// WAL records below this LSN are covered by every kept checkpoint and may be deleted.
     pub fn oldest_kept_wal_lsn(&self) -> Result<Option<u64>, CheckpointError> {
+        Ok(self.oldest_kept_applied()?.map(|a| a.wal_lsn))
+    }
+
+    /// What the oldest kept checkpoint holds: falling back to it must stay possible, so the
+    /// WAL keeps everything after its position (facts and Raft entries alike).
+    pub fn oldest_kept_applied(&self) -> Result<Option<AppliedMeta>, CheckpointError> {
         let mut oldest = None;
+        // `ids` is newest first, so the last one verified is the oldest.
         for id in self.ids()? {
-            let v = self.verify(id)?;
-            oldest = Some(v.manifest.applied.wal_lsn);
+            oldest = Some(self.verify(id)?.manifest.applied);
         }
         Ok(oldest)
     }

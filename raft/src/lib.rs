@@ -1,5 +1,6 @@
 //! calm-raft: the durable and ordered path of a calm node.
 pub mod checkpoint;
+pub mod consensus;
 pub mod local;
 pub mod store;
 pub mod wal;

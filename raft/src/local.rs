@@ -15,9 +15,13 @@
 //! Recovery (`open`): open the live store; if it cannot be opened or read, move it aside and
 //! restore the newest checkpoint that verifies; rebuild the replica from it; replay every
 //! fact in the WAL from the store's LSN (idempotent: facts already included are skipped by
-//! the version vector). Raft records are left to the consensus path (issue 4).
+//! the version vector). Raft records are replayed from the oldest retained segment into the
+//! groups' log index ([`RaftLogs`]); openraft then re-applies each group's entries after the
+//! applied id the store holds.
 
 use crate::checkpoint::{CHECKPOINTS_KEPT_DEFAULT, CheckpointError, Checkpoints};
+use crate::consensus::RaftLogs;
+use crate::consensus::state_machine::decode_applied;
 use crate::store::{AppliedMeta, StateStore, StoreError};
 use crate::wal::{AppendTicket, Wal, WalError, WalOptions, WalRecord, WalRecordKind};
 use calm_kernel::fact::decode_facts;
@@ -25,7 +29,9 @@ use calm_kernel::rules::CompiledRules;
 use calm_kernel::{
     Admitted, FactError, HlcTimestamp, NodeId, Op, RefusedOp, Replica, ReplicaError,
 };
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -50,6 +56,8 @@ pub enum LocalError {
         "the state store at {path} is unusable ({reason}) and no checkpoint verifies; restore the data directory from a backup"
     )]
     NoState { path: PathBuf, reason: String },
+    #[error("Raft log recovery: {0}")]
+    RaftLog(#[source] std::io::Error),
     #[error("cannot move the damaged state store {path} aside: {source}")]
     MoveAside {
         path: PathBuf,
@@ -70,6 +78,8 @@ pub struct RecoveryReport {
     pub replayed_batches: u64,
     /// Facts applied by replay (the rest were already in the store).
     pub replayed_facts: u64,
+    /// Raft records fed to the groups' log index.
+    pub replayed_raft_records: u64,
 }
 
 pub struct LocalOptions {
@@ -88,11 +98,12 @@ impl Default for LocalOptions {
 
 pub struct LocalState {
     replica: Replica,
-    wal: Wal,
+    wal: Arc<Wal>,
     store: StateStore,
     checkpoints: Checkpoints,
-    /// Applied Raft indexes per group (kept here so the store's meta stays whole).
-    groups: std::collections::BTreeMap<u64, u64>,
+    /// Each group's applied position, opaque here (kept so the store's meta stays whole).
+    groups: BTreeMap<u64, Vec<u8>>,
+    raft_logs: Arc<RaftLogs>,
 }
 
 impl LocalState {
@@ -133,16 +144,27 @@ impl LocalState {
                 open_store(&state_dir)?
             }
         };
-        let wal = Wal::open(dir.join("wal"), options.wal)?;
+        let wal = Arc::new(Wal::open(dir.join("wal"), options.wal)?);
+        let raft_logs = Arc::new(RaftLogs::new(wal.clone()));
         let mut replica = Replica::restore(node, rules, meta.vv.clone(), keys);
         report.replay_from_lsn = meta.wal_lsn;
-        // If segments the store still needs were deleted, this fails (LsnRemoved) rather
+        // Raft records are needed from the oldest segment; facts only from the store's LSN.
+        // If segments the store still needs were deleted, reading fails (LsnRemoved) rather
         // than silently skipping facts.
-        for batch in wal.read_from(meta.wal_lsn)? {
+        let from = wal.oldest_lsn().min(meta.wal_lsn);
+        for batch in wal.read_from(from)? {
             let batch = batch?;
             report.replayed_batches += 1;
+            let lsn = batch.position.lsn;
             for record in &batch.records {
                 if record.kind != WalRecordKind::Facts {
+                    raft_logs
+                        .replay(record.kind, &record.payload, lsn)
+                        .map_err(LocalError::RaftLog)?;
+                    report.replayed_raft_records += 1;
+                    continue;
+                }
+                if lsn < meta.wal_lsn {
                     continue;
                 }
                 for fact in decode_facts(&record.payload) {
@@ -156,12 +178,21 @@ impl LocalState {
                 }
             }
         }
+        let mut applied = BTreeMap::new();
+        for (group, bytes) in &meta.groups {
+            let (log_id, _) = decode_applied(bytes).map_err(LocalError::RaftLog)?;
+            applied.insert(*group, log_id);
+        }
+        raft_logs
+            .finish_recovery(&applied)
+            .map_err(LocalError::RaftLog)?;
         let state = LocalState {
             replica,
             wal,
             store,
             checkpoints,
             groups: meta.groups,
+            raft_logs,
         };
         Ok((state, report))
     }
@@ -174,8 +205,23 @@ impl LocalState {
         &mut self.replica
     }
 
-    pub fn wal(&self) -> &Wal {
+    pub fn wal(&self) -> &Arc<Wal> {
         &self.wal
+    }
+
+    /// Every Raft group's log on this node (rebuilt by recovery).
+    pub fn raft_logs(&self) -> &Arc<RaftLogs> {
+        &self.raft_logs
+    }
+
+    /// A group's applied position as its state machine recorded it.
+    pub fn group_applied(&self, group: u64) -> Option<&[u8]> {
+        self.groups.get(&group).map(Vec::as_slice)
+    }
+
+    /// Record a group's applied position; it reaches the store with the next `persist`.
+    pub fn set_group_applied(&mut self, group: u64, applied: Vec<u8>) {
+        self.groups.insert(group, applied);
     }
 
     pub fn store(&self) -> &StateStore {
@@ -226,13 +272,35 @@ impl LocalState {
         Ok(meta)
     }
 
-    /// Persist, capture a verified checkpoint, and drop WAL segments every kept checkpoint
-    /// covers. Returns the checkpoint id.
+    /// `persist`, then flush the store to disk: for state that no WAL record can rebuild
+    /// (an installed Raft snapshot).
+    pub fn persist_durable(&mut self) -> Result<AppliedMeta, LocalError> {
+        let meta = self.persist()?;
+        self.store.flush()?;
+        Ok(meta)
+    }
+
+    /// Persist, capture a verified checkpoint, and drop WAL segments that neither a kept
+    /// checkpoint nor a Raft group needs. Returns the checkpoint id.
     pub fn checkpoint(&mut self) -> Result<u64, LocalError> {
         let meta = self.persist()?;
         let manifest = self.checkpoints.create(&self.store, &meta)?;
-        if let Some(lsn) = self.checkpoints.oldest_kept_wal_lsn()? {
-            self.wal.remove_segments_below_lsn(lsn)?;
+        if let Some(oldest) = self.checkpoints.oldest_kept_applied()? {
+            let mut oldest_applied = BTreeMap::new();
+            for (group, bytes) in &oldest.groups {
+                let (log_id, _) = decode_applied(bytes).map_err(LocalError::RaftLog)?;
+                oldest_applied.insert(*group, log_id.map_or(0, |l| l.index));
+            }
+            // Votes, committed ids and purge points may sit in the segments about to go.
+            self.raft_logs
+                .rewrite_records()
+                .map_err(LocalError::RaftLog)?;
+            let floor = match self.raft_logs.retention_floor(&oldest_applied) {
+                Some(raft) => raft.min(oldest.wal_lsn),
+                None => oldest.wal_lsn,
+            };
+            self.wal.remove_segments_below_lsn(floor)?;
+            self.raft_logs.forget_below(self.wal.oldest_lsn());
         }
         Ok(manifest.id)
     }

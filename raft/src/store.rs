@@ -32,8 +32,9 @@ const META_APPLIED: &[u8] = b"applied";
 pub struct AppliedMeta {
     /// Every fact whose effect the stored states include.
     pub vv: VersionVector,
-    /// Raft group id -> last applied log index.
-    pub groups: BTreeMap<u64, u64>,
+    /// Raft group id -> its applied position (last applied log id and membership), encoded
+    /// by the consensus layer (`consensus::state_machine::encode_applied`).
+    pub groups: BTreeMap<u64, Vec<u8>>,
     /// Every WAL record with a smaller LSN is reflected; replay starts here.
     pub wal_lsn: u64,
 }

@@ -34,7 +34,7 @@ fn replica_with_keys(n: usize) -> Replica {
 fn persist(r: &mut Replica, store: &StateStore, wal_lsn: u64) -> AppliedMeta {
     let meta = AppliedMeta {
         vv: r.version_vector().clone(),
-        groups: BTreeMap::from([(3, 17)]),
+        groups: BTreeMap::from([(3, vec![17])]),
         wal_lsn,
     };
     let mut changed = Vec::new();

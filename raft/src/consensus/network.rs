@@ -1,0 +1,229 @@
+//! Raft traffic between nodes: one gRPC channel per peer shared by every group.
+//!
+//! openraft asks for a client per (group, target); all of them for one target share that
+//! target's tonic channel (one HTTP/2 connection, streams multiplexed), so a node with many
+//! groups still keeps one connection per peer. Messages name their group; the peer's
+//! [`PeerService`](super::service::PeerService) routes them.
+//!
+//! Errors: a peer that does not answer (connection refused, deadline passed, stopped process)
+//! is `Unreachable`, which makes openraft back off; anything else is a `Network` error.
+
+use super::types::{
+    AppendEntriesRequest, AppendEntriesResponse, CalmRaft, GroupId, NodeId, Snapshot,
+    SnapshotResponse, TransferLeaderRequest, Vote, VoteRequest, VoteResponse,
+};
+use super::wire::{self, GroupMessage, SnapshotChunk, raft_peer_client::RaftPeerClient};
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::TransferLeaderResponse;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+
+/// Bytes of snapshot data per streamed chunk (well under tonic's 4 MiB message limit).
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+/// How long a connection attempt to a peer may take before the call fails.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The node's channels to its peers, one per peer, created lazily.
+#[derive(Default)]
+pub struct Peers {
+    channels: Mutex<HashMap<NodeId, (String, Channel)>>,
+}
+
+impl Peers {
+    pub fn new() -> Arc<Peers> {
+        Arc::new(Peers::default())
+    }
+
+    /// The client for `node` at `addr` (`host:port`). A changed address replaces the channel.
+    pub fn client(
+        &self,
+        node: NodeId,
+        addr: &str,
+    ) -> Result<RaftPeerClient<Channel>, tonic::Status> {
+        let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((known, channel)) = channels.get(&node)
+            && known == addr
+        {
+            return Ok(RaftPeerClient::new(channel.clone()));
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| {
+                tonic::Status::invalid_argument(format!("peer {node} address {addr:?}: {e}"))
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            // A stopped (SIGSTOP) peer keeps its TCP connection open: keepalive notices.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(node, (addr.to_string(), channel.clone()));
+        Ok(RaftPeerClient::new(channel))
+    }
+}
+
+/// openraft's network factory for one group.
+pub struct GroupNetwork {
+    pub group: GroupId,
+    pub peers: Arc<Peers>,
+}
+
+impl RaftNetworkFactory<CalmRaft> for GroupNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &super::types::BasicNode) -> PeerClient {
+        PeerClient {
+            group: self.group,
+            target,
+            client: self.peers.client(target, &node.addr),
+        }
+    }
+}
+
+/// openraft's client for one (group, target).
+pub struct PeerClient {
+    group: GroupId,
+    target: NodeId,
+    client: Result<RaftPeerClient<Channel>, tonic::Status>,
+}
+
+fn rpc_error(status: tonic::Status) -> RPCError<CalmRaft> {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            RPCError::Unreachable(Unreachable::new(&status))
+        }
+        _ => RPCError::Network(NetworkError::new(&status)),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Rpc {
+    Append,
+    Vote,
+    PreVote,
+    TransferLeader,
+}
+
+impl PeerClient {
+    fn client(&self) -> Result<RaftPeerClient<Channel>, RPCError<CalmRaft>> {
+        self.client
+            .clone()
+            .map_err(|s| RPCError::Unreachable(Unreachable::new(&s)))
+    }
+
+    async fn unary<Req, Resp>(
+        &mut self,
+        rpc: Rpc,
+        req: &Req,
+        ttl: Duration,
+    ) -> Result<Resp, RPCError<CalmRaft>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+    {
+        let mut client = self.client()?;
+        let mut request = tonic::Request::new(GroupMessage {
+            group: self.group,
+            payload: wire::encode(req),
+        });
+        request.set_timeout(ttl);
+        let reply = match rpc {
+            Rpc::Append => client.append_entries(request).await,
+            Rpc::Vote => client.vote(request).await,
+            Rpc::PreVote => client.pre_vote(request).await,
+            Rpc::TransferLeader => client.transfer_leader(request).await,
+        }
+        .map_err(rpc_error)?;
+        wire::decode(&reply.into_inner().payload).map_err(|e| {
+            RPCError::Network(NetworkError::from_string(format!(
+                "group {} reply from node {}: {e}",
+                self.group, self.target
+            )))
+        })
+    }
+}
+
+impl RaftNetworkV2<CalmRaft> for PeerClient {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse, RPCError<CalmRaft>> {
+        self.unary(Rpc::Append, &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest,
+        option: RPCOption,
+    ) -> Result<VoteResponse, RPCError<CalmRaft>> {
+        self.unary(Rpc::Vote, &rpc, option.hard_ttl()).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest,
+        option: RPCOption,
+    ) -> Result<VoteResponse, RPCError<CalmRaft>> {
+        self.unary(Rpc::PreVote, &rpc, option.hard_ttl()).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<CalmRaft>, RPCError<CalmRaft>> {
+        self.unary(Rpc::TransferLeader, &req, option.hard_ttl())
+            .await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse, StreamingError<CalmRaft>> {
+        let mut client = self
+            .client()
+            .map_err(|e| StreamingError::Unreachable(Unreachable::from_string(e)))?;
+        let header = wire::encode(&(vote, snapshot.meta.clone()));
+        let data = snapshot.snapshot;
+        let mut chunks = Vec::with_capacity(data.len() / SNAPSHOT_CHUNK_BYTES + 1);
+        let mut first = true;
+        for piece in data
+            .chunks(SNAPSHOT_CHUNK_BYTES)
+            .chain(data.is_empty().then_some(&[][..]))
+        {
+            chunks.push(SnapshotChunk {
+                group: self.group,
+                header: if first { header.clone() } else { Vec::new() },
+                data: piece.to_vec(),
+            });
+            first = false;
+        }
+        let mut request = tonic::Request::new(tokio_stream::iter(chunks));
+        request.set_timeout(option.hard_ttl());
+        let reply = tokio::select! {
+            reply = client.install_snapshot(request) => reply,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        let reply = reply.map_err(|status| match rpc_error(status) {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            RPCError::Network(n) => StreamingError::Network(n),
+            other => StreamingError::Network(NetworkError::from_string(other)),
+        })?;
+        wire::decode(&reply.into_inner().payload).map_err(|e| {
+            StreamingError::Network(NetworkError::from_string(format!(
+                "group {} snapshot reply from node {}: {e}",
+                self.group, self.target
+            )))
+        })
+    }
+}

@@ -1,0 +1,512 @@
+//! A node's Raft groups: starting them, proposing, linearizable reads, leadership.
+//!
+//! Any node accepts any command: [`Consensus::propose`] applies it through the local replica
+//! of the key's group when this node leads it, and otherwise forwards it over the peer
+//! channel to the leader. A proposal is retried only when it certainly was not appended (the
+//! answer "not leader"); after a timeout or a broken connection its outcome is unknown and
+//! the caller is told so (UNAVAILABLE), never silently retried: that could apply it twice.
+//!
+//! Linearizable reads use read-index: the leader confirms its leadership with a quorum and
+//! names the log index the read must observe; the reading node waits until its replica of
+//! the group has applied that index, then reads locally. Serializable reads skip all of
+//! that and read the local replica.
+
+use super::network::{GroupNetwork, Peers};
+use super::service::{GroupHandles, PeerService};
+use super::state_machine::{FactSource, GroupStateMachine, SharedLocal, lock_local};
+use super::types::WatchReceiver;
+use super::types::{BasicNode, Config, GroupId, NodeId, ReadPolicy, Request, Response};
+use super::wire::{
+    self, GroupMessage, ProposeReply, ReadIndexReply, raft_peer_server::RaftPeerServer,
+};
+use super::{ClientWriteError, GroupMap, Raft};
+use calm_kernel::command::Command;
+use openraft::SnapshotPolicy;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use thiserror::Error;
+
+/// Timing and sizing of every group on a node.
+#[derive(Clone, Debug)]
+pub struct ConsensusOptions {
+    pub data_groups: u64,
+    /// Leader heartbeat period. Idle cost is groups x peers / period RPCs per second.
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// A snapshot is taken after this many applied entries; the log is then purged.
+    pub snapshot_after_entries: u64,
+    /// How long a proposal or read waits for its group before answering UNAVAILABLE.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ConsensusOptions {
+    fn default() -> ConsensusOptions {
+        ConsensusOptions {
+            data_groups: 8,
+            // Two cores are shared by every node in tests: generous timeouts avoid spurious
+            // elections under load, and heartbeats stay a small fraction of idle CPU.
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            snapshot_after_entries: 10_000,
+            request_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl ConsensusOptions {
+    fn raft_config(&self) -> Result<Arc<Config>, ConsensusError> {
+        let config = Config {
+            cluster_name: "calm".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: 1_000,
+            install_snapshot_timeout: 10_000,
+            ..Config::default()
+        };
+        Ok(Arc::new(
+            config
+                .validate()
+                .map_err(|e| ConsensusError::Config(e.to_string()))?,
+        ))
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConsensusError {
+    #[error("invalid Raft settings: {0}")]
+    Config(String),
+    #[error("group {group} failed to start: {reason}")]
+    Start { group: GroupId, reason: String },
+    #[error("group {group} failed to initialize: {reason}")]
+    Initialize { group: GroupId, reason: String },
+}
+
+/// Why a proposal or a linearizable read got no answer. All map to UNAVAILABLE except
+/// `Fatal` (INTERNAL); `leader` is a hint for the client.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ProposeError {
+    #[error(
+        "group {group} has no leader (no quorum reachable from this node){}; retry later or at another node",
+        hint(leader, addr)
+    )]
+    NoLeader {
+        group: GroupId,
+        leader: Option<NodeId>,
+        addr: Option<String>,
+    },
+    #[error(
+        "group {group} did not answer within {timeout_ms} ms{}; the write may or may not have been applied",
+        hint(leader, addr)
+    )]
+    Timeout {
+        group: GroupId,
+        timeout_ms: u64,
+        leader: Option<NodeId>,
+        addr: Option<String>,
+    },
+    #[error(
+        "the leader of group {group} (node {leader}) is unreachable ({reason}); the write may or may not have been applied"
+    )]
+    LeaderUnreachable {
+        group: GroupId,
+        leader: NodeId,
+        reason: String,
+    },
+    #[error("group {group} stopped: {reason}; the node must be restarted")]
+    Fatal { group: GroupId, reason: String },
+}
+
+fn hint(leader: &Option<NodeId>, addr: &Option<String>) -> String {
+    match (leader, addr) {
+        (Some(l), Some(a)) => format!(" (last known leader: node {l} at {a})"),
+        (Some(l), None) => format!(" (last known leader: node {l})"),
+        _ => String::new(),
+    }
+}
+
+impl ProposeError {
+    /// The last known leader, for clients that want to retry there.
+    pub fn leader_hint(&self) -> Option<NodeId> {
+        match self {
+            ProposeError::NoLeader { leader, .. } | ProposeError::Timeout { leader, .. } => *leader,
+            ProposeError::LeaderUnreachable { leader, .. } => Some(*leader),
+            ProposeError::Fatal { .. } => None,
+        }
+    }
+}
+
+/// The node's groups.
+pub struct Consensus {
+    node: NodeId,
+    map: GroupMap,
+    handles: Arc<GroupHandles>,
+    peers: Arc<Peers>,
+    local: SharedLocal,
+    request_timeout: Duration,
+}
+
+impl Consensus {
+    /// The gRPC service peers call; serve it before `start` so peers can reach this node.
+    pub fn peer_service(handles: Arc<GroupHandles>) -> RaftPeerServer<PeerService> {
+        RaftPeerServer::new(PeerService { handles })
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// Start every group of this node from its recovered state.
+    pub async fn start(
+        node: NodeId,
+        local: SharedLocal,
+        facts: Arc<dyn FactSource>,
+        snapshot_dir: PathBuf,
+        options: &ConsensusOptions,
+        handles: Arc<GroupHandles>,
+    ) -> Result<Consensus, ConsensusError> {
+        let map = GroupMap::new(options.data_groups);
+        let config = options.raft_config()?;
+        let peers = Peers::new();
+        let logs = lock_local(&local).raft_logs().clone();
+        let mut rafts = Vec::new();
+        for group in map.all() {
+            let start = |reason: String| ConsensusError::Start { group, reason };
+            let sm = GroupStateMachine::open(
+                group,
+                map,
+                local.clone(),
+                facts.clone(),
+                snapshot_dir.clone(),
+            )
+            .map_err(|e| start(e.to_string()))?;
+            let network = GroupNetwork {
+                group,
+                peers: peers.clone(),
+            };
+            let raft = Raft::new(node, config.clone(), network, logs.store(group), sm)
+                .await
+                .map_err(|e| start(e.to_string()))?;
+            rafts.push(raft);
+        }
+        handles.set(rafts);
+        Ok(Consensus {
+            node,
+            map,
+            handles,
+            peers,
+            local,
+            request_timeout: Duration::from_millis(options.request_timeout_ms),
+        })
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn group_map(&self) -> GroupMap {
+        self.map
+    }
+
+    pub fn local(&self) -> &SharedLocal {
+        &self.local
+    }
+
+    pub fn raft(&self, group: GroupId) -> &Raft {
+        &self.handles.all()[group as usize]
+    }
+
+    /// Make `members` the voters of every group. Run once, on one node, for a new cluster;
+    /// groups already initialized are left alone, so running it again is harmless.
+    pub async fn initialize(
+        &self,
+        members: &BTreeMap<NodeId, BasicNode>,
+    ) -> Result<(), ConsensusError> {
+        for (group, raft) in self.handles.all().iter().enumerate() {
+            let group = group as GroupId;
+            match raft.initialize(members.clone()).await {
+                Ok(()) => {}
+                Err(openraft::errors::RaftError::APIError(
+                    openraft::errors::InitializeError::NotAllowed(_),
+                )) => {}
+                Err(e) => {
+                    return Err(ConsensusError::Initialize {
+                        group,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The leader of `group` as this node knows it, with its peer address.
+    pub fn leader_of(&self, group: GroupId) -> Option<(NodeId, String)> {
+        let metrics = self.raft(group).metrics();
+        let m = metrics.borrow_watched();
+        let leader = m.current_leader?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+            .unwrap_or_default();
+        Some((leader, addr))
+    }
+
+    fn no_leader(&self, group: GroupId) -> ProposeError {
+        let hint = self.leader_of(group);
+        ProposeError::NoLeader {
+            group,
+            leader: hint.as_ref().map(|h| h.0),
+            addr: hint.map(|h| h.1),
+        }
+    }
+
+    fn timeout(&self, group: GroupId) -> ProposeError {
+        let hint = self.leader_of(group);
+        ProposeError::Timeout {
+            group,
+            timeout_ms: self.request_timeout.as_millis() as u64,
+            leader: hint.as_ref().map(|h| h.0),
+            addr: hint.map(|h| h.1),
+        }
+    }
+
+    /// Wait (bounded) until `group` knows a leader.
+    async fn await_leader(
+        &self,
+        group: GroupId,
+        deadline: tokio::time::Instant,
+    ) -> Option<(NodeId, String)> {
+        loop {
+            if let Some(l) = self.leader_of(group) {
+                return Some(l);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Order `cmd` in its key's group and apply it; the answer is the state machine's.
+    pub async fn propose(&self, cmd: Command) -> Result<Response, ProposeError> {
+        let group = self.map.group_of(&cmd.key);
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        // Bounded: each retry follows a definite "not appended" answer.
+        for _ in 0..8 {
+            let Some((leader, addr)) = self.await_leader(group, deadline).await else {
+                return Err(self.no_leader(group));
+            };
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if leader == self.node {
+                let write = self.raft(group).client_write(Request::Command(cmd.clone()));
+                match tokio::time::timeout(remaining, write).await {
+                    Err(_) => return Err(self.timeout(group)),
+                    Ok(Ok(resp)) => return Ok(resp.data),
+                    Ok(Err(openraft::errors::RaftError::APIError(
+                        ClientWriteError::ForwardToLeader(_),
+                    ))) => {
+                        self.await_leader_change(group, leader, deadline).await;
+                        continue;
+                    }
+                    Ok(Err(e)) => {
+                        return Err(ProposeError::Fatal {
+                            group,
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+            let mut client =
+                self.peers
+                    .client(leader, &addr)
+                    .map_err(|s| ProposeError::LeaderUnreachable {
+                        group,
+                        leader,
+                        reason: s.message().to_string(),
+                    })?;
+            let mut request = tonic::Request::new(GroupMessage {
+                group,
+                payload: wire::encode(&cmd),
+            });
+            request.set_timeout(remaining);
+            match client.propose(request).await {
+                Ok(reply) => match wire::decode::<ProposeReply>(&reply.into_inner().payload) {
+                    Ok(ProposeReply::Applied(resp)) => return Ok(resp),
+                    Ok(ProposeReply::NotLeader { .. }) => {
+                        self.await_leader_change(group, leader, deadline).await;
+                        continue;
+                    }
+                    Err(reason) => {
+                        return Err(ProposeError::LeaderUnreachable {
+                            group,
+                            leader,
+                            reason,
+                        });
+                    }
+                },
+                Err(status) if status.code() == tonic::Code::DeadlineExceeded => {
+                    return Err(self.timeout(group));
+                }
+                Err(status) => {
+                    return Err(ProposeError::LeaderUnreachable {
+                        group,
+                        leader,
+                        reason: status.message().to_string(),
+                    });
+                }
+            }
+        }
+        Err(self.no_leader(group))
+    }
+
+    async fn await_leader_change(
+        &self,
+        group: GroupId,
+        old: NodeId,
+        deadline: tokio::time::Instant,
+    ) {
+        while tokio::time::Instant::now() < deadline {
+            match self.leader_of(group) {
+                Some((l, _)) if l != old => return,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Wait until a read of `group` on this node's replica is linearizable (read-index).
+    pub async fn read_barrier(&self, group: GroupId) -> Result<(), ProposeError> {
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        for _ in 0..8 {
+            let Some((leader, addr)) = self.await_leader(group, deadline).await else {
+                return Err(self.no_leader(group));
+            };
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let index = if leader == self.node {
+                match tokio::time::timeout(
+                    remaining,
+                    self.raft(group).get_read_linearizer(ReadPolicy::ReadIndex),
+                )
+                .await
+                {
+                    Err(_) => return Err(self.timeout(group)),
+                    Ok(Ok(lin)) => lin.read_log_id().index(),
+                    Ok(Err(e)) if e.forward_to_leader().is_some() => {
+                        self.await_leader_change(group, leader, deadline).await;
+                        continue;
+                    }
+                    Ok(Err(_)) => return Err(self.no_leader(group)),
+                }
+            } else {
+                let mut client = self.peers.client(leader, &addr).map_err(|s| {
+                    ProposeError::LeaderUnreachable {
+                        group,
+                        leader,
+                        reason: s.message().to_string(),
+                    }
+                })?;
+                let mut request = tonic::Request::new(GroupMessage {
+                    group,
+                    payload: Vec::new(),
+                });
+                request.set_timeout(remaining);
+                match client.read_index(request).await {
+                    Ok(reply) => {
+                        match wire::decode::<ReadIndexReply>(&reply.into_inner().payload) {
+                            Ok(ReadIndexReply::At { index }) => index,
+                            Ok(ReadIndexReply::NotLeader { .. }) => {
+                                self.await_leader_change(group, leader, deadline).await;
+                                continue;
+                            }
+                            Err(reason) => {
+                                return Err(ProposeError::LeaderUnreachable {
+                                    group,
+                                    leader,
+                                    reason,
+                                });
+                            }
+                        }
+                    }
+                    Err(status) => {
+                        return Err(ProposeError::LeaderUnreachable {
+                            group,
+                            leader,
+                            reason: status.message().to_string(),
+                        });
+                    }
+                }
+            };
+            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            return self
+                .raft(group)
+                .wait(Some(remaining))
+                .applied_index_at_least(Some(index), "linearizable read")
+                .await
+                .map(|_| ())
+                .map_err(|_| self.timeout(group));
+        }
+        Err(self.no_leader(group))
+    }
+
+    /// Ask `to` to take over leadership of `group` (this node must lead it).
+    pub async fn transfer_leader(&self, group: GroupId, to: NodeId) -> Result<(), ProposeError> {
+        self.raft(group)
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| ProposeError::Fatal {
+                group,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Spread leaders: the preferred leader of data group g is the (g mod n)-th voter, and
+    /// of group 0 the first. A node that leads a group it is not preferred for hands it over.
+    /// Returns how many transfers it asked for.
+    pub async fn balance_leaders(&self) -> usize {
+        let mut asked = 0;
+        for (group, raft) in self.handles.all().iter().enumerate() {
+            let preferred = {
+                let metrics = raft.metrics();
+                let m = metrics.borrow_watched();
+                if m.current_leader != Some(self.node) {
+                    continue;
+                }
+                let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+                if voters.is_empty() {
+                    continue;
+                }
+                voters[group % voters.len()]
+            };
+            if preferred != self.node && raft.trigger().transfer_leader(preferred).await.is_ok() {
+                asked += 1;
+            }
+        }
+        asked
+    }
+
+    /// Groups this node currently leads.
+    pub fn led_groups(&self) -> Vec<GroupId> {
+        self.handles
+            .all()
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.metrics().borrow_watched().current_leader == Some(self.node))
+            .map(|(g, _)| g as GroupId)
+            .collect()
+    }
+
+    /// Stop every group (their state stays on disk).
+    pub async fn shutdown(&self) {
+        for raft in self.handles.all() {
+            if let Err(e) = raft.shutdown().await {
+                tracing::warn!(error = %e, "a Raft group did not stop cleanly");
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The peer-facing gRPC service: routes each message to its group's Raft.
+//!
+//! The service exists before the groups do (a node must listen before it can be elected),
+//! so groups are registered into a [`GroupHandles`] once they started; until then peers get
+//! UNAVAILABLE and openraft retries.
+
+use super::snapshot;
+use super::types::{GroupId, ReadPolicy, Request, Snapshot, SnapshotMeta, Vote};
+use super::wire::{
+    self, GroupMessage, ProposeReply, ReadIndexReply, SnapshotChunk, raft_peer_server::RaftPeer,
+};
+use super::{ClientWriteError, Raft};
+use calm_kernel::command::Command;
+use std::sync::{Arc, OnceLock};
+use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
+
+/// The node's groups, set once when they have started.
+#[derive(Default)]
+pub struct GroupHandles {
+    rafts: OnceLock<Vec<Raft>>,
+}
+
+impl GroupHandles {
+    pub fn new() -> Arc<GroupHandles> {
+        Arc::new(GroupHandles::default())
+    }
+
+    pub fn set(&self, rafts: Vec<Raft>) {
+        assert!(self.rafts.set(rafts).is_ok(), "groups are registered once");
+    }
+
+    pub fn get(&self, group: GroupId) -> Result<&Raft, Status> {
+        let rafts = self.rafts.get().ok_or_else(|| {
+            Status::unavailable("this node's Raft groups are still starting; retry")
+        })?;
+        rafts.get(group as usize).ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "group {group} does not exist on this node ({} groups); the peers disagree on the group count",
+                rafts.len()
+            ))
+        })
+    }
+
+    pub fn all(&self) -> &[Raft] {
+        self.rafts.get().map_or(&[], Vec::as_slice)
+    }
+}
+
+pub struct PeerService {
+    pub handles: Arc<GroupHandles>,
+}
+
+fn bad(e: String) -> Status {
+    Status::invalid_argument(e)
+}
+
+fn raft_failed(e: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("the group cannot serve this now: {e}"))
+}
+
+fn reply<T: serde::Serialize>(
+    group: GroupId,
+    value: &T,
+) -> Result<GrpcResponse<GroupMessage>, Status> {
+    Ok(GrpcResponse::new(GroupMessage {
+        group,
+        payload: wire::encode(value),
+    }))
+}
+
+#[tonic::async_trait]
+impl RaftPeer for PeerService {
+    async fn append_entries(
+        &self,
+        req: GrpcRequest<GroupMessage>,
+    ) -> Result<GrpcResponse<GroupMessage>, Status> {
+        let msg = req.into_inner();
+        let raft = self.handles.get(msg.group)?;
+        let rpc = wire::decode(&msg.payload).map_err(bad)?;
+        let resp = raft.append_entries(rpc).await.map_err(raft_failed)?;
+        reply(msg.group, &resp)
+    }
+
+    async fn vote(
+        &self,
+        req: GrpcRequest<GroupMessage>,
+    ) -> Result<GrpcResponse<GroupMessage>, Status> {
+        let msg = req.into_inner();
+        let raft = self.handles.get(msg.group)?;
+        let rpc = wire::decode(&msg.payload).map_err(bad)?;
+        let resp = raft.vote(rpc).await.map_err(raft_failed)?;
+        reply(msg.group, &resp)
+    }
+
+    async fn pre_vote(
+        &self,
+        req: GrpcRequest<GroupMessage>,
+    ) -> Result<GrpcResponse<GroupMessage>, Status> {
+        let msg = req.into_inner();
+        let raft = self.handles.get(msg.group)?;
+        let rpc = wire::decode(&msg.payload).map_err(bad)?;
+        let resp = raft.pre_vote(rpc).await.map_err(raft_failed)?;
+        reply(msg.group, &resp)
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: GrpcRequest<GroupMessage>,
+    ) -> Result<GrpcResponse<GroupMessage>, Status> {
+        let msg = req.into_inner();
+        let raft = self.handles.get(msg.group)?;
+        let rpc = wire::decode(&msg.payload).map_err(bad)?;
+        let resp = raft
+            .handle_transfer_leader(rpc)
+            .await
+            .map_err(raft_failed)?;
+        reply(msg.group, &resp)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: GrpcRequest<Streaming<SnapshotChunk>>,
+    ) -> Result<GrpcResponse<GroupMessage>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| {
+            Status::invalid_argument("snapshot stream ended before its first chunk")
+        })?;
+        let group = first.group;
+        let (vote, meta): (Vote, SnapshotMeta) = wire::decode(&first.header).map_err(bad)?;
+        let mut data = first.data;
+        while let Some(chunk) = stream.message().await? {
+            if chunk.group != group {
+                return Err(Status::invalid_argument(
+                    "snapshot chunks name different groups",
+                ));
+            }
+            if (data.len() + chunk.data.len()) as u64 > snapshot::SNAPSHOT_BYTES_MAX {
+                return Err(Status::resource_exhausted(format!(
+                    "snapshot exceeds {} bytes; refusing it",
+                    snapshot::SNAPSHOT_BYTES_MAX
+                )));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        // Verify before openraft sees it: a corrupt transfer must not reach install.
+        let body = snapshot::decode(&data).map_err(|e| Status::data_loss(e.to_string()))?;
+        if body.group != group || body.meta != meta {
+            return Err(Status::invalid_argument(
+                "snapshot header and body disagree",
+            ));
+        }
+        let raft = self.handles.get(group)?;
+        let resp = raft
+            .install_full_snapshot(
+                vote,
+                Snapshot {
+                    meta,
+                    snapshot: data,
+                },
+            )
+            .await
+            .map_err(raft_failed)?;
+        reply(group, &resp)
+    }
+
+    async fn propose(
+        &self,
+        req: GrpcRequest<GroupMessage>,
+    ) -> Result<GrpcResponse<GroupMessage>, Status> {
+        let msg = req.into_inner();
+        let raft = self.handles.get(msg.group)?;
+        let cmd: Command = wire::decode(&msg.payload).map_err(bad)?;
+        let answer = match raft.client_write(Request::Command(cmd)).await {
+            Ok(resp) => ProposeReply::Applied(resp.data),
+            Err(openraft::errors::RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                ProposeReply::NotLeader {
+                    leader: f.leader_id,
+                }
+            }
+            Err(e) => return Err(raft_failed(e)),
+        };
+        reply(msg.group, &answer)
+    }
+
+    async fn read_index(
+        &self,
+        req: GrpcRequest<GroupMessage>,
+    ) -> Result<GrpcResponse<GroupMessage>, Status> {
+        let msg = req.into_inner();
+        let raft = self.handles.get(msg.group)?;
+        let answer = match raft.get_read_linearizer(ReadPolicy::ReadIndex).await {
+            Ok(linearizer) => ReadIndexReply::At {
+                index: linearizer.read_log_id().index(),
+            },
+            Err(e) => match e.forward_to_leader() {
+                Some(f) => ReadIndexReply::NotLeader {
+                    leader: f.leader_id,
+                },
+                None => return Err(raft_failed(e)),
+            },
+        };
+        reply(msg.group, &answer)
+    }
+}
