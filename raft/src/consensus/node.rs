@@ -38,6 +38,9 @@ pub struct ConsensusOptions {
     pub election_timeout_max_ms: u64,
     /// A snapshot is taken after this many applied entries; the log is then purged.
     pub snapshot_after_entries: u64,
+    /// Entries kept in the log below the latest snapshot, so that a briefly lagging follower
+    /// catches up from the log instead of a whole snapshot.
+    pub entries_kept_after_snapshot: u64,
     /// How long a proposal or read waits for its group before answering UNAVAILABLE.
     pub request_timeout_ms: u64,
 }
@@ -52,6 +55,7 @@ impl Default for ConsensusOptions {
             election_timeout_min_ms: 1000,
             election_timeout_max_ms: 2000,
             snapshot_after_entries: 10_000,
+            entries_kept_after_snapshot: 1_000,
             request_timeout_ms: 5_000,
         }
     }
@@ -65,7 +69,7 @@ impl ConsensusOptions {
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
-            max_in_snapshot_log_to_keep: 1_000,
+            max_in_snapshot_log_to_keep: self.entries_kept_after_snapshot,
             install_snapshot_timeout: 10_000,
             ..Config::default()
         };
@@ -139,6 +143,18 @@ impl ProposeError {
             ProposeError::Fatal { .. } => None,
         }
     }
+}
+
+/// Whether a failed call certainly never reached the peer's group, so that retrying a
+/// proposal elsewhere cannot apply it twice: the connection could not be made (tonic reports
+/// the connector's error as UNAVAILABLE "... connect error ..."), or the peer's groups had not
+/// started yet.
+fn never_reached_the_group(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        && (status.message().contains("connect error")
+            || status
+                .message()
+                .starts_with(super::service::GROUPS_STARTING))
 }
 
 /// The node's groups.
@@ -353,6 +369,18 @@ impl Consensus {
                 Err(status) if status.code() == tonic::Code::DeadlineExceeded => {
                     return Err(self.timeout(group));
                 }
+                Err(status) if never_reached_the_group(&status) => {
+                    // Certainly not appended: wait for another leader and try there.
+                    self.await_leader_change(group, leader, deadline).await;
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ProposeError::LeaderUnreachable {
+                            group,
+                            leader,
+                            reason: status.message().to_string(),
+                        });
+                    }
+                    continue;
+                }
                 Err(status) => {
                     return Err(ProposeError::LeaderUnreachable {
                         group,
@@ -432,12 +460,17 @@ impl Consensus {
                             }
                         }
                     }
+                    // A read changes nothing: any failure may be retried at the next leader.
                     Err(status) => {
-                        return Err(ProposeError::LeaderUnreachable {
-                            group,
-                            leader,
-                            reason: status.message().to_string(),
-                        });
+                        self.await_leader_change(group, leader, deadline).await;
+                        if tokio::time::Instant::now() >= deadline {
+                            return Err(ProposeError::LeaderUnreachable {
+                                group,
+                                leader,
+                                reason: status.message().to_string(),
+                            });
+                        }
+                        continue;
                     }
                 }
             };

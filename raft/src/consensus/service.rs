@@ -14,6 +14,9 @@ use calm_kernel::command::Command;
 use std::sync::{Arc, OnceLock};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
+/// How an UNAVAILABLE answer from a node whose groups are not running yet begins.
+pub const GROUPS_STARTING: &str = "this node's Raft groups are still starting";
+
 /// The node's groups, set once when they have started.
 #[derive(Default)]
 pub struct GroupHandles {

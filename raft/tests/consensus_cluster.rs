@@ -1,0 +1,246 @@
+//! Three nodes' groups in one process, talking over real gRPC on 127.0.0.1: election,
+//! proposals from any node (forwarded to the leader), read-index reads on followers, leaders
+//! spread over nodes, and a stopped node catching up from a snapshot after the leader purged
+//! its log. (The multi-process tests in tests/ do the same with real `calm` processes.)
+
+use calm_kernel::rules::RuleSet;
+use calm_kernel::{Command, CommandBody, HlcTimestamp, Mode, Value};
+use calm_raft::consensus::node::ConsensusOptions;
+use calm_raft::consensus::service::GroupHandles;
+use calm_raft::consensus::types::BasicNode;
+use calm_raft::consensus::{Consensus, GroupMap, Response, SharedLocal, WaitForFacts};
+use calm_raft::local::{LocalOptions, LocalState};
+use calm_raft::wal::WalOptions;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+const GROUPS: u64 = 4;
+
+fn options() -> ConsensusOptions {
+    ConsensusOptions {
+        data_groups: GROUPS,
+        heartbeat_ms: 50,
+        election_timeout_min_ms: 300,
+        election_timeout_max_ms: 600,
+        snapshot_after_entries: 20,
+        entries_kept_after_snapshot: 5,
+        request_timeout_ms: 5_000,
+    }
+}
+
+struct Node {
+    consensus: Consensus,
+    stop_server: oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+fn open_local(dir: &Path, id: u64) -> SharedLocal {
+    let rules = RuleSet::new(Mode::Hybrid).compile().unwrap();
+    let options = LocalOptions {
+        wal: WalOptions {
+            segment_bytes_max: 4 << 20,
+            batch_bytes_max: 1 << 20,
+            group_bytes_max: 1 << 20,
+            preallocate: false,
+            ..WalOptions::default()
+        },
+        ..LocalOptions::default()
+    };
+    let (local, _) = LocalState::open(dir, id, rules, options).unwrap();
+    Arc::new(Mutex::new(local))
+}
+
+async fn start(id: u64, dir: &Path, listener: TcpListener) -> Node {
+    let local = open_local(dir, id);
+    let handles = GroupHandles::new();
+    let service = Consensus::peer_service(handles.clone());
+    let (stop_server, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+            .unwrap();
+    });
+    let consensus = Consensus::start(
+        id,
+        local,
+        Arc::new(WaitForFacts),
+        dir.join("snapshots"),
+        &options(),
+        handles,
+    )
+    .await
+    .unwrap();
+    Node {
+        consensus,
+        stop_server,
+        server,
+    }
+}
+
+async fn stop(node: Node) {
+    node.consensus.shutdown().await;
+    let _ = node.stop_server.send(());
+    node.server.await.unwrap();
+}
+
+fn put(key: &str, value: &str, proposer: u64) -> Command {
+    Command {
+        key: key.as_bytes().to_vec(),
+        hlc: HlcTimestamp(1),
+        proposer,
+        body: CommandBody::RegisterPut {
+            value: value.as_bytes().to_vec(),
+        },
+        frontier: Default::default(),
+        absorb: None,
+    }
+}
+
+fn read(node: &Node, key: &str) -> Option<Vec<u8>> {
+    let local = node.consensus.local().lock().unwrap();
+    match local.replica().read(key.as_bytes()) {
+        Some(Value::Register { value, .. }) => value,
+        None => None,
+        other => panic!("{key} is not a register: {other:?}"),
+    }
+}
+
+fn metric<T>(
+    node: &Node,
+    group: u64,
+    f: impl FnOnce(&calm_raft::consensus::types::RaftMetrics<calm_raft::consensus::CalmRaft>) -> T,
+) -> T {
+    use calm_raft::consensus::types::WatchReceiver;
+    f(&node.consensus.raft(group).metrics().borrow_watched())
+}
+
+/// Wait (bounded) until every group of every node knows a leader.
+async fn await_leaders(nodes: &[&Node]) {
+    for _ in 0..200 {
+        if nodes.iter().all(|n| {
+            GroupMap::new(GROUPS)
+                .all()
+                .all(|g| n.consensus.leader_of(g).is_some())
+        }) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("groups did not elect leaders within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_forward_read_and_catch_up_from_a_snapshot() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let members: BTreeMap<u64, BasicNode> = (0..3)
+        .map(|i| (i as u64 + 1, BasicNode::new(addrs[i].to_string())))
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        nodes.push(start(i as u64 + 1, dirs[i].path(), listener).await);
+    }
+    // Every node initializes with the same members, as `calm serve` does.
+    for n in &nodes {
+        n.consensus.initialize(&members).await.unwrap();
+    }
+    await_leaders(&nodes.iter().collect::<Vec<_>>()).await;
+
+    // Leaders spread: after balancing, each node leads some group.
+    for _ in 0..50 {
+        for n in &nodes {
+            n.consensus.balance_leaders().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if nodes.iter().all(|n| !n.consensus.led_groups().is_empty()) {
+            break;
+        }
+    }
+    for n in &nodes {
+        assert!(
+            !n.consensus.led_groups().is_empty(),
+            "node {} leads no group after balancing",
+            n.consensus.node()
+        );
+    }
+
+    // Proposals from every node, on keys of every group: each is applied everywhere, and a
+    // read-index read on any node sees it.
+    for i in 0..30 {
+        let proposer = &nodes[i % 3];
+        let key = format!("k{i}");
+        let resp = proposer
+            .consensus
+            .propose(put(&key, &format!("v{i}"), proposer.consensus.node()))
+            .await
+            .unwrap();
+        assert_eq!(resp, Response::Done { version: 1 });
+        let reader = &nodes[(i + 1) % 3];
+        let group = reader.consensus.group_map().group_of(key.as_bytes());
+        reader.consensus.read_barrier(group).await.unwrap();
+        assert_eq!(read(reader, &key), Some(format!("v{i}").into_bytes()));
+    }
+
+    // Stop node 3; write until both others purged every data group's log past node 3's end.
+    let third = nodes.pop().unwrap();
+    let third_last: Vec<u64> = GroupMap::new(GROUPS)
+        .all()
+        .map(|g| metric(&third, g, |m| m.last_log_index.unwrap_or(0)))
+        .collect();
+    stop(third).await;
+    let purged_past_third = |n: &Node| {
+        GroupMap::new(GROUPS)
+            .all()
+            .skip(1)
+            .all(|g| metric(n, g, |m| m.purged.map_or(0, |p| p.index)) > third_last[g as usize])
+    };
+    let mut written = 0;
+    while !nodes.iter().all(purged_past_third) {
+        assert!(
+            written < 2_000,
+            "the running nodes did not purge their logs"
+        );
+        let key = format!("k{}", written % 40);
+        let n = &nodes[written % 2];
+        n.consensus
+            .propose(put(&key, &format!("late{written}"), n.consensus.node()))
+            .await
+            .unwrap();
+        written += 1;
+    }
+
+    // Node 3 restarts on the same address and data and must catch up: its log ends before
+    // the leaders' purge points, so only a snapshot install can bring it there.
+    let listener = TcpListener::bind(addrs[2]).await.unwrap();
+    let third = start(3, dirs[2].path(), listener).await;
+    nodes.push(third);
+    for i in written.saturating_sub(40)..written {
+        let key = format!("k{}", i % 40);
+        let group = nodes[2].consensus.group_map().group_of(key.as_bytes());
+        nodes[2].consensus.read_barrier(group).await.unwrap();
+        assert_eq!(
+            read(&nodes[2], &key),
+            Some(format!("late{i}").into_bytes()),
+            "node 3 after catching up"
+        );
+    }
+    for n in nodes {
+        stop(n).await;
+    }
+}
