@@ -14,6 +14,8 @@ pub enum StatusCode {
     InvalidArgument,
     FailedPrecondition,
     ResourceExhausted,
+    /// Transient: retrying shortly succeeds.
+    Unavailable,
 }
 
 /// Which escrow rights were short.
@@ -53,6 +55,10 @@ pub enum Refusal {
     BadAmount,
     /// Bounds whose span does not fit a signed 64-bit value (escrow counts rights in i64).
     BoundsTooWide { bounds: Bounds },
+    /// This node's own earlier facts are still waiting to be re-applied (after a restart,
+    /// escrow spends wait for the Raft grants that funded them). A new fact now would take a
+    /// sequence number one of them holds, so fast-path admission pauses until they apply.
+    OwnFactsPending { waiting: usize },
 }
 
 impl Refusal {
@@ -68,6 +74,7 @@ impl Refusal {
             | Refusal::Overflow { .. }
             | Refusal::BadAmount
             | Refusal::BoundsTooWide { .. } => StatusCode::InvalidArgument,
+            Refusal::OwnFactsPending { .. } => StatusCode::Unavailable,
         }
     }
 
@@ -150,6 +157,11 @@ impl fmt::Display for KeyRefusal<'_> {
                 f,
                 "key '{key}': bounds {bounds} span more than {}; choose narrower bounds",
                 i64::MAX
+            ),
+            Refusal::OwnFactsPending { waiting } => write!(
+                f,
+                "key '{key}': this node is still re-applying {waiting} of its own earlier writes after a restart \
+                 (they wait for escrow rights its Raft groups restore); retry in a moment or at another node"
             ),
         }
     }

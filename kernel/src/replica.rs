@@ -161,6 +161,11 @@ fn display_missing(missing: &[(NodeId, u64)]) -> String {
         .join(", ")
 }
 
+/// How many of `node`'s own facts wait in `pending`.
+fn own_pending(pending: &BTreeMap<(NodeId, u64), Fact>, node: NodeId) -> usize {
+    pending.range((node, 0)..=(node, u64::MAX)).count()
+}
+
 /// A refusal with its key, as an owned error.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("{message}")]
@@ -430,6 +435,20 @@ impl Replica {
         }
     }
 
+    /// Facts of this node still waiting here (only possible while recovery re-applies them).
+    pub fn own_pending_facts(&self) -> usize {
+        own_pending(&self.pending, self.node)
+    }
+
+    /// A new own fact takes sequence `vv[self] + 1`: with own facts waiting, that number is
+    /// taken, so admission must wait until they applied.
+    fn check_no_own_pending(&self, key: &[u8]) -> Result<(), RefusedOp> {
+        match self.own_pending_facts() {
+            0 => Ok(()),
+            waiting => Err(RefusedOp::new(key, Refusal::OwnFactsPending { waiting })),
+        }
+    }
+
     /// Admit a local op. On the fast path the fact is applied and its encoding appended to
     /// `out` (for the WAL and gossip); the caller acknowledges it once the WAL says durable.
     pub fn admit(
@@ -492,6 +511,9 @@ impl Replica {
         {
             return Err(RefusedOp::new(key, Refusal::Overflow { op: kind }));
         }
+        if let waiting @ 1.. = own_pending(&self.pending, self.node) {
+            return Err(RefusedOp::new(key, Refusal::OwnFactsPending { waiting }));
+        }
         let id = FactId {
             origin: self.node,
             seq: self.vv.get(self.node) + 1,
@@ -532,6 +554,7 @@ impl Replica {
         if amount == 0 || amount == i64::MIN || to == self.node || to == 0 {
             return Err(RefusedOp::new(key, Refusal::BadAmount));
         }
+        self.check_no_own_pending(key)?;
         let Some(KeyState::Bounded(b)) = self.keys.get(key).map(|e| &e.state) else {
             let refusal = match self.keys.get(key) {
                 Some(e) => Refusal::TypeMismatch {
