@@ -216,6 +216,29 @@ impl Checkpoints {
         sync_dir(&self.dir)
     }
 
+    /// Read checkpoint `id`'s manifest and check its root hash, without hashing the files
+    /// (cheap: for what a checkpoint claims to cover, not for restoring it).
+    pub fn read_manifest(&self, id: u64) -> Result<Manifest, CheckpointError> {
+        let path = self.path_of(id);
+        let corrupt = |reason: String| CheckpointError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let manifest_path = path.join(MANIFEST_FILE);
+        let text = fs::read(&manifest_path)
+            .map_err(|e| corrupt(format!("{MANIFEST_FILE} cannot be read: {e}")))?;
+        let manifest: Manifest = serde_json::from_slice(&text)
+            .map_err(|e| corrupt(format!("{MANIFEST_FILE} does not parse: {e}")))?;
+        let root = Manifest::compute_root(manifest.id, &manifest.applied, &manifest.files);
+        if manifest.id != id || root != manifest.root {
+            return Err(corrupt(format!(
+                "manifest names checkpoint {} with root hash {}, computed {root}",
+                manifest.id, manifest.root
+            )));
+        }
+        Ok(manifest)
+    }
+
     /// Recompute every hash of checkpoint `id`.
     pub fn verify(&self, id: u64) -> Result<Verified, CheckpointError> {
         let path = self.path_of(id);

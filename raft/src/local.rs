@@ -18,16 +18,33 @@
 //! the version vector). Raft records are replayed from the oldest retained segment into the
 //! groups' log index ([`RaftLogs`]); openraft then re-applies each group's entries after the
 //! applied id the store holds.
+//!
+//! # The fact archive
+//!
+//! Gossip must be able to send any fact to a peer that lacks it, long after the WAL segment
+//! holding it is deleted. So every fact this node accepts — admitted here, delivered by a
+//! peer, or re-applied by replay — is kept in memory until the next `persist`, which writes
+//! it to the store's `facts` family in the same batch as the key states and version vector
+//! that include it: after a crash the archive and the version vector agree.
+//! [`LocalState::prune_archive`] deletes facts every node keeps through any recovery (gossip
+//! computes that floor from the [`LocalState::checkpointed_vv`] of every node).
+//!
+//! Facts delivered by peers are appended to the WAL too, in the order they were applied, so
+//! replay re-applies every durable fact in its original order. Without that, a crash would
+//! forget delivered facts newer than the store's last flush while keeping this node's own
+//! later facts, and an own escrow spend funded by a peer's transfer would replay unfunded,
+//! leaving this node's own sequence stuck behind it.
 
 use crate::checkpoint::{CHECKPOINTS_KEPT_DEFAULT, CheckpointError, Checkpoints};
 use crate::consensus::RaftLogs;
 use crate::consensus::state_machine::decode_applied;
 use crate::store::{AppliedMeta, StateStore, StoreError};
 use crate::wal::{AppendTicket, Wal, WalError, WalOptions, WalRecord, WalRecordKind};
-use calm_kernel::fact::decode_facts;
+use calm_kernel::fact::{FactRef, decode_fact};
 use calm_kernel::rules::CompiledRules;
 use calm_kernel::{
-    Admitted, FactError, HlcTimestamp, NodeId, Op, RefusedOp, Replica, ReplicaError,
+    Admitted, Delivered, FactError, FactId, HlcTimestamp, NodeId, Op, RefusedOp, Replica,
+    ReplicaError, VersionVector,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -64,6 +81,17 @@ pub enum LocalError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "a peer sent facts that do not decode ({source}); nothing of the batch was applied. The peer runs another calm version or the message was damaged: run one calm version across the cluster"
+    )]
+    BadDeliveredFact {
+        #[source]
+        source: FactError,
+    },
+    #[error(
+        "a peer sent a fact of {bytes} bytes, but this node's WAL records hold at most {record_max} bytes; nothing of the batch was applied. Give every node the same WAL batch_bytes_max"
+    )]
+    FactTooLarge { bytes: usize, record_max: usize },
 }
 
 /// What recovery did, for the log and for tests.
@@ -80,6 +108,31 @@ pub struct RecoveryReport {
     pub replayed_facts: u64,
     /// Raft records fed to the groups' log index.
     pub replayed_raft_records: u64,
+}
+
+/// What [`LocalState::admit`] did with an op.
+pub struct LocalAdmit {
+    pub admitted: Admitted,
+    /// Set when a fact was appended (fast path): resolves once it is durable.
+    pub durable: Option<AppendTicket>,
+    /// The fact's encoding (empty when the op needs consensus), for gossip.
+    pub fact: Vec<u8>,
+}
+
+/// What [`LocalState::deliver`] did with a batch of facts from a peer.
+#[derive(Debug, Default)]
+pub struct DeliverReport {
+    /// Facts applied, including waiting facts they released.
+    pub applied: u64,
+    /// Facts already applied or already waiting here.
+    pub duplicates: u64,
+    /// Facts waiting for earlier facts of their origin, their key's creation or escrow rights.
+    pub buffered: u64,
+    /// Facts the full wait buffer refused; anti-entropy brings them again.
+    pub dropped: u64,
+    /// Resolves once every accepted fact of the batch is durable in the WAL (`None`: none
+    /// was accepted). Nothing needs to wait for it: see [`LocalState::deliver`].
+    pub durable: Option<AppendTicket>,
 }
 
 pub struct LocalOptions {
@@ -104,6 +157,10 @@ pub struct LocalState {
     /// Each group's applied position, opaque here (kept so the store's meta stays whole).
     groups: BTreeMap<u64, Vec<u8>>,
     raft_logs: Arc<RaftLogs>,
+    /// Facts accepted since the last `persist`, by id: the archive's part not yet in the store.
+    unarchived: BTreeMap<(NodeId, u64), Vec<u8>>,
+    /// What the oldest kept checkpoint covers (see `checkpointed_vv`).
+    checkpointed_vv: VersionVector,
 }
 
 impl LocalState {
@@ -147,6 +204,7 @@ impl LocalState {
         let wal = Arc::new(Wal::open(dir.join("wal"), options.wal)?);
         let raft_logs = Arc::new(RaftLogs::new(wal.clone()));
         let mut replica = Replica::restore(node, rules, meta.vv.clone(), keys);
+        let mut unarchived = BTreeMap::new();
         report.replay_from_lsn = meta.wal_lsn;
         // Raft records are needed from the oldest segment; facts only from the store's LSN.
         // If segments the store still needs were deleted, reading fails (LsnRemoved) rather
@@ -167,13 +225,19 @@ impl LocalState {
                 if lsn < meta.wal_lsn {
                     continue;
                 }
-                for fact in decode_facts(&record.payload) {
-                    let fact = fact.map_err(|source| LocalError::BadFact {
+                for fact in encoded_facts(&record.payload) {
+                    let (fact, encoded) = fact.map_err(|source| LocalError::BadFact {
                         lsn: batch.position.lsn,
                         source,
                     })?;
-                    if let calm_kernel::Delivered::Applied { unblocked } = replica.deliver(&fact)? {
+                    let delivered = replica.deliver(&fact)?;
+                    if let Delivered::Applied { unblocked } = delivered {
                         report.replayed_facts += 1 + unblocked as u64;
+                    }
+                    // The store's archive lacks every fact after its LSN: keep what replay
+                    // accepted for the next persist.
+                    if matches!(delivered, Delivered::Applied { .. } | Delivered::Buffered) {
+                        unarchived.insert((fact.id.origin, fact.id.seq), encoded.to_vec());
                     }
                 }
             }
@@ -186,6 +250,7 @@ impl LocalState {
         raft_logs
             .finish_recovery(&applied)
             .map_err(LocalError::RaftLog)?;
+        let checkpointed_vv = oldest_checkpoint_vv(&checkpoints);
         let state = LocalState {
             replica,
             wal,
@@ -193,6 +258,8 @@ impl LocalState {
             checkpoints,
             groups: meta.groups,
             raft_logs,
+            unarchived,
+            checkpointed_vv,
         };
         Ok((state, report))
     }
@@ -228,8 +295,8 @@ impl LocalState {
         &self.store
     }
 
-    /// Admit `op`. A fast-path fact is applied and appended; the returned ticket resolves
-    /// when it is durable, and only then may the client be told (and peers sent the fact).
+    /// Admit `op`. A fast-path fact is applied and appended; `durable` resolves when it is
+    /// durable, and only then may the client be told and peers sent `fact`.
     ///
     /// An `Err` (or a ticket that fails) is fatal: the fact is applied in memory but will
     /// never be durable, so the node must stop and recover from disk, as with any fsync error.
@@ -238,17 +305,170 @@ impl LocalState {
         key: &[u8],
         op: &Op,
         hlc: HlcTimestamp,
-    ) -> Result<Result<(Admitted, Option<AppendTicket>), RefusedOp>, LocalError> {
+    ) -> Result<Result<LocalAdmit, RefusedOp>, LocalError> {
         let mut encoded = Vec::new();
         let admitted = match self.replica.admit(key, op, hlc, &mut encoded) {
             Ok(a) => a,
             Err(refused) => return Ok(Err(refused)),
         };
         if encoded.is_empty() {
-            return Ok(Ok((admitted, None)));
+            return Ok(Ok(LocalAdmit {
+                admitted,
+                durable: None,
+                fact: encoded,
+            }));
         }
-        let ticket = self.wal.append(&[WalRecord::facts(encoded)])?;
-        Ok(Ok((admitted, Some(ticket))))
+        let ticket = self.wal.append(&[WalRecord::facts(encoded.clone())])?;
+        if let Admitted::Local { id, .. } = admitted {
+            self.unarchived.insert((id.origin, id.seq), encoded.clone());
+        }
+        Ok(Ok(LocalAdmit {
+            admitted,
+            durable: Some(ticket),
+            fact: encoded,
+        }))
+    }
+
+    /// Deliver `facts` (encoded back to back, as a peer sent them) to the replica, append
+    /// the ones it accepted (applied or waiting) to the WAL and keep them for the archive.
+    /// The whole batch is checked before anything is applied, so a malformed batch changes
+    /// nothing.
+    ///
+    /// Nobody needs to wait for `durable`: a fact's origin holds it durably already, and a
+    /// crash before the append is durable only means pulling it again. The WAL keeps the
+    /// order (an own fact admitted after a delivered one is durable only if that one is).
+    ///
+    /// An `Err(Replica)` (a fact contradicting its key's type) stops at that fact; the ones
+    /// before it stay applied and are appended. An `Err(Wal)` is fatal, as for `admit`.
+    pub fn deliver(&mut self, facts: &[u8]) -> Result<DeliverReport, LocalError> {
+        let record_max = self.wal.record_payload_bytes_max();
+        for fact in encoded_facts(facts) {
+            let (_, encoded) = fact.map_err(|source| LocalError::BadDeliveredFact { source })?;
+            if encoded.len() > record_max {
+                return Err(LocalError::FactTooLarge {
+                    bytes: encoded.len(),
+                    record_max,
+                });
+            }
+        }
+        let mut report = DeliverReport::default();
+        let mut payload = Vec::new();
+        let mut outcome = Ok(());
+        for fact in encoded_facts(facts) {
+            let (fact, encoded) = fact.expect("checked above");
+            match self.replica.deliver(&fact) {
+                Ok(Delivered::Applied { unblocked }) => report.applied += 1 + unblocked as u64,
+                Ok(Delivered::Duplicate) => {
+                    report.duplicates += 1;
+                    continue;
+                }
+                Ok(Delivered::Buffered) => report.buffered += 1,
+                Ok(Delivered::Dropped) => {
+                    report.dropped += 1;
+                    continue;
+                }
+                Err(e) => {
+                    outcome = Err(e.into());
+                    break;
+                }
+            }
+            if payload.len() + encoded.len() > record_max {
+                report.durable = Some(self.wal.append(&[WalRecord::facts(payload)])?);
+                payload = Vec::new();
+            }
+            payload.extend_from_slice(encoded);
+            self.unarchived
+                .insert((fact.id.origin, fact.id.seq), encoded.to_vec());
+        }
+        if !payload.is_empty() {
+            report.durable = Some(self.wal.append(&[WalRecord::facts(payload)])?);
+        }
+        outcome.map(|()| report)
+    }
+
+    /// Archived facts of `origin` with `from_seq <= seq <= to_seq`, in sequence order,
+    /// encoded back to back: at most `bytes_max` bytes, or the first fact alone if it is
+    /// larger (so a pull always progresses). Facts this node never had or already pruned
+    /// are absent: the result may have gaps and may end before `to_seq`.
+    pub fn archived_facts(
+        &self,
+        origin: NodeId,
+        from_seq: u64,
+        to_seq: u64,
+        bytes_max: usize,
+    ) -> Result<Vec<u8>, LocalError> {
+        let mut out = Vec::new();
+        if from_seq > to_seq {
+            return Ok(out);
+        }
+        let mut memory = self
+            .unarchived
+            .range((origin, from_seq)..=(origin, to_seq))
+            .map(|(&(_, seq), fact)| (seq, fact.as_slice()))
+            .peekable();
+        // Room for `fact`? Then take it; `false` once the budget is spent.
+        let take = |out: &mut Vec<u8>, fact: &[u8]| {
+            if !out.is_empty() && out.len() + fact.len() > bytes_max {
+                return false;
+            }
+            out.extend_from_slice(fact);
+            true
+        };
+        let mut full = false;
+        self.store
+            .archived_facts(origin, from_seq, to_seq, |seq, fact| {
+                // Merge by sequence: facts accepted since the last persist come first where older.
+                while let Some(&(mem_seq, mem_fact)) = memory.peek() {
+                    if mem_seq > seq {
+                        break;
+                    }
+                    memory.next();
+                    if mem_seq == seq {
+                        continue; // the stored copy is the same fact
+                    }
+                    if !take(&mut out, mem_fact) {
+                        full = true;
+                        return false;
+                    }
+                }
+                if !take(&mut out, fact) {
+                    full = true;
+                    return false;
+                }
+                true
+            })?;
+        if !full {
+            for (_, fact) in memory {
+                if !take(&mut out, fact) {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Delete archived facts at or below `floor` (per origin), in memory and in the store.
+    /// Pass only a floor every node keeps through any recovery (gossip computes it).
+    pub fn prune_archive(&mut self, floor: &VersionVector) -> Result<(), LocalError> {
+        if floor.is_empty() {
+            return Ok(());
+        }
+        self.unarchived
+            .retain(|&(origin, seq), _| seq > floor.get(origin));
+        self.store.prune_facts(floor)?;
+        Ok(())
+    }
+
+    /// Facts accepted since the last `persist` (archived in memory only).
+    pub fn unarchived_facts(&self) -> usize {
+        self.unarchived.len()
+    }
+
+    /// The version vector the oldest kept checkpoint covers: the facts this node holds
+    /// through any recovery, even falling back to that checkpoint. Empty before the first
+    /// checkpoint (or if its manifest is unreadable), which keeps peers from pruning.
+    pub fn checkpointed_vv(&self) -> &VersionVector {
+        &self.checkpointed_vv
     }
 
     /// Write every changed key to the store with the position it now covers. Waits for the
@@ -267,8 +487,16 @@ impl LocalState {
         let mut changed = Vec::new();
         self.replica
             .take_dirty(|key, state| changed.push((key.to_vec(), state.clone())));
-        self.store
-            .write(changed.iter().map(|(k, s)| (k.as_slice(), s)), &meta)?;
+        let facts = self
+            .unarchived
+            .iter()
+            .map(|(&(origin, seq), fact)| (FactId { origin, seq }, fact.as_slice()));
+        self.store.write_with_facts(
+            changed.iter().map(|(k, s)| (k.as_slice(), s)),
+            facts,
+            &meta,
+        )?;
+        self.unarchived.clear();
         Ok(meta)
     }
 
@@ -286,6 +514,7 @@ impl LocalState {
         let meta = self.persist()?;
         let manifest = self.checkpoints.create(&self.store, &meta)?;
         if let Some(oldest) = self.checkpoints.oldest_kept_applied()? {
+            self.checkpointed_vv = oldest.vv.clone();
             let mut oldest_applied = BTreeMap::new();
             for (group, bytes) in &oldest.groups {
                 let (log_id, _) = decode_applied(bytes).map_err(LocalError::RaftLog)?;
@@ -303,6 +532,48 @@ impl LocalState {
             self.raft_logs.forget_below(self.wal.oldest_lsn());
         }
         Ok(manifest.id)
+    }
+}
+
+/// Each fact of a buffer of facts back to back, with its encoding.
+fn encoded_facts(mut buf: &[u8]) -> impl Iterator<Item = Result<(FactRef<'_>, &[u8]), FactError>> {
+    std::iter::from_fn(move || {
+        if buf.is_empty() {
+            return None;
+        }
+        match decode_fact(buf) {
+            Ok((fact, used)) => {
+                let encoded = &buf[..used];
+                buf = &buf[used..];
+                Some(Ok((fact, encoded)))
+            }
+            Err(e) => {
+                buf = &[];
+                Some(Err(e))
+            }
+        }
+    })
+}
+
+/// What the oldest kept checkpoint covers, from its manifest; empty when unknown (that only
+/// delays pruning).
+fn oldest_checkpoint_vv(checkpoints: &Checkpoints) -> VersionVector {
+    let oldest = match checkpoints.ids() {
+        Ok(ids) => ids.last().copied(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list checkpoints; the fact archive is not pruned until the next checkpoint");
+            None
+        }
+    };
+    let Some(id) = oldest else {
+        return VersionVector::new();
+    };
+    match checkpoints.read_manifest(id) {
+        Ok(manifest) => manifest.applied.vv,
+        Err(e) => {
+            tracing::warn!(error = %e, "the oldest checkpoint's manifest is unreadable; the fact archive is not pruned until the next checkpoint");
+            VersionVector::new()
+        }
     }
 }
 

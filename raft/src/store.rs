@@ -1,22 +1,27 @@
 //! The state store: applied key states in RocksDB.
 //!
 //! The WAL is the source of truth; RocksDB holds what has been *applied*, so that a restart
-//! replays only the WAL after the store's position instead of the whole history. Two column
+//! replays only the WAL after the store's position instead of the whole history. Three column
 //! families:
 //!
 //! - `keys`: key bytes -> `KeyState::encode()` (format byte + deterministic postcard);
 //! - `meta`: the [`AppliedMeta`] — the version vector of facts included, each Raft group's
-//!   applied index, and the WAL LSN below which every record is reflected.
+//!   applied index, and the WAL LSN below which every record is reflected;
+//! - `facts`: the fact archive, origin (u64 BE) ++ seq (u64 BE) -> the encoded fact. Gossip
+//!   serves anti-entropy pulls from it after the WAL segments holding the facts are gone (and
+//!   facts from peers never were in this node's WAL). Big-endian keys sort by (origin, seq),
+//!   so a pull is one range scan and pruning one range delete per origin.
 //!
-//! Data and meta are written in one `WriteBatch`, so whatever RocksDB has after a crash is a
-//! state together with the exact position it corresponds to. RocksDB's own WAL is off (our
-//! WAL replays anything lost from memtables); `atomic_flush` keeps the column families
-//! consistent with each other when they reach disk.
+//! Data, archived facts and meta are written in one `WriteBatch`, so whatever RocksDB has
+//! after a crash is a state together with the exact position it corresponds to and the facts
+//! it includes. RocksDB's own WAL is off (our WAL replays anything lost from memtables);
+//! `atomic_flush` keeps the column families consistent with each other when they reach disk.
 
-use calm_kernel::VersionVector;
 use calm_kernel::state::{KeyState, StateCodecError};
+use calm_kernel::{FactId, NodeId, VersionVector};
 use rocksdb::{
-    ColumnFamilyDescriptor, DB, FlushOptions, IteratorMode, Options, WriteBatch, WriteOptions,
+    ColumnFamilyDescriptor, DB, FlushOptions, IteratorMode, Options, ReadOptions, WriteBatch,
+    WriteOptions,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -25,6 +30,7 @@ use thiserror::Error;
 
 const CF_KEYS: &str = "keys";
 const CF_META: &str = "meta";
+const CF_FACTS: &str = "facts";
 const META_APPLIED: &[u8] = b"applied";
 
 /// Where the state in the store stands. Written with every batch of key states.
@@ -66,6 +72,10 @@ pub enum StoreError {
         "the applied positions in the state store at {path} do not decode ({reason}); the store is corrupt, move it aside and restart to rebuild it"
     )]
     Meta { path: PathBuf, reason: String },
+    #[error(
+        "the fact archive in the state store at {path} is corrupt ({reason}); move the store aside and restart to rebuild it from the newest checkpoint"
+    )]
+    Archive { path: PathBuf, reason: String },
 }
 
 pub struct StateStore {
@@ -83,8 +93,9 @@ impl StateStore {
         options.set_atomic_flush(true);
         // Checksums on every block read: a flipped bit is an error, never a wrong value.
         options.set_paranoid_checks(true);
-        let cfs =
-            [CF_KEYS, CF_META].map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        // A store written before the archive existed opens too: the family is created empty.
+        let cfs = [CF_KEYS, CF_META, CF_FACTS]
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db =
             DB::open_cf_descriptors(&options, &path, cfs).map_err(|source| StoreError::Open {
                 path: path.clone(),
@@ -110,11 +121,28 @@ impl StateStore {
         keys: impl IntoIterator<Item = (&'a [u8], &'a KeyState)>,
         meta: &AppliedMeta,
     ) -> Result<(), StoreError> {
+        self.write_with_facts(keys, std::iter::empty(), meta)
+    }
+
+    /// `write`, also archiving `facts` (each one encoded fact) in the same batch.
+    pub fn write_with_facts<'a>(
+        &self,
+        keys: impl IntoIterator<Item = (&'a [u8], &'a KeyState)>,
+        facts: impl IntoIterator<Item = (FactId, &'a [u8])>,
+        meta: &AppliedMeta,
+    ) -> Result<(), StoreError> {
         let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");
         let meta_cf = self.db.cf_handle(CF_META).expect("opened with this family");
+        let facts_cf = self
+            .db
+            .cf_handle(CF_FACTS)
+            .expect("opened with this family");
         let mut batch = WriteBatch::default();
         for (key, state) in keys {
             batch.put_cf(&keys_cf, key, state.encode());
+        }
+        for (id, fact) in facts {
+            batch.put_cf(&facts_cf, fact_key(id.origin, id.seq), fact);
         }
         let encoded = postcard::to_stdvec(meta).expect("encoding into a Vec cannot fail");
         batch.put_cf(&meta_cf, META_APPLIED, encoded);
@@ -181,18 +209,106 @@ impl StateStore {
         Ok(hasher.finalize())
     }
 
-    /// Persist memtables (both families together) to SST files.
+    /// Archived facts of `origin` with `from_seq <= seq <= to_seq`, in sequence order, each
+    /// handed to `sink` as `(seq, encoded fact)`; stops early when `sink` returns `false`.
+    pub fn archived_facts(
+        &self,
+        origin: NodeId,
+        from_seq: u64,
+        to_seq: u64,
+        mut sink: impl FnMut(u64, &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        if from_seq > to_seq {
+            return Ok(());
+        }
+        let facts_cf = self
+            .db
+            .cf_handle(CF_FACTS)
+            .expect("opened with this family");
+        let mut options = ReadOptions::default();
+        if let Some(end) = to_seq.checked_add(1) {
+            options.set_iterate_upper_bound(fact_key(origin, end));
+        } else if let Some(next) = origin.checked_add(1) {
+            options.set_iterate_upper_bound(fact_key(next, 0));
+        }
+        let mut it = self.db.raw_iterator_cf_opt(&facts_cf, options);
+        it.seek(fact_key(origin, from_seq));
+        while it.valid() {
+            let (Some(key), Some(value)) = (it.key(), it.value()) else {
+                break;
+            };
+            let Some((o, seq)) = parse_fact_key(key) else {
+                return Err(StoreError::Archive {
+                    path: self.path.clone(),
+                    reason: format!("key {key:02x?} is not 16 bytes"),
+                });
+            };
+            if o != origin || seq > to_seq || !sink(seq, value) {
+                break;
+            }
+            it.next();
+        }
+        it.status().map_err(self.io())
+    }
+
+    /// Delete every archived fact at or below `floor` (per origin). Not synced: a crash may
+    /// bring some back, and the next prune removes them again.
+    pub fn prune_facts(&self, floor: &VersionVector) -> Result<(), StoreError> {
+        let facts_cf = self
+            .db
+            .cf_handle(CF_FACTS)
+            .expect("opened with this family");
+        let mut batch = WriteBatch::default();
+        for (origin, seq) in floor.iter() {
+            // Sequences start at 1; `seq + 1` cannot overflow for any real sequence, and
+            // u64::MAX would mean "everything of this origin".
+            let end = match seq.checked_add(1) {
+                Some(end) => fact_key(origin, end),
+                None => match origin.checked_add(1) {
+                    Some(next) => fact_key(next, 0),
+                    None => continue,
+                },
+            };
+            batch.delete_range_cf(&facts_cf, fact_key(origin, 0), end);
+        }
+        let mut options = WriteOptions::default();
+        options.disable_wal(true);
+        self.db.write_opt(batch, &options).map_err(self.io())
+    }
+
+    /// Persist memtables (every family together) to SST files.
     pub fn flush(&self) -> Result<(), StoreError> {
         let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");
         let meta_cf = self.db.cf_handle(CF_META).expect("opened with this family");
+        let facts_cf = self
+            .db
+            .cf_handle(CF_FACTS)
+            .expect("opened with this family");
         let mut options = FlushOptions::default();
         options.set_wait(true);
         self.db
-            .flush_cfs_opt(&[&keys_cf, &meta_cf], &options)
+            .flush_cfs_opt(&[&keys_cf, &meta_cf, &facts_cf], &options)
             .map_err(self.io())
     }
 
     pub(crate) fn db(&self) -> &DB {
         &self.db
     }
+}
+
+/// Archive key of a fact: origin then sequence, big-endian, so keys sort by (origin, seq).
+fn fact_key(origin: NodeId, seq: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&origin.to_be_bytes());
+    key[8..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn parse_fact_key(key: &[u8]) -> Option<(NodeId, u64)> {
+    let key: &[u8; 16] = key.try_into().ok()?;
+    let (origin, seq) = key.split_at(8);
+    Some((
+        u64::from_be_bytes(origin.try_into().ok()?),
+        u64::from_be_bytes(seq.try_into().ok()?),
+    ))
 }

@@ -86,14 +86,14 @@ fn local_crash_child() {
             break;
         }
         let k = (i % KEYS.len() as u64) as usize;
-        let (admitted, ticket) = state
+        let admit = state
             .admit(KEYS[k], &Op::CounterAdd { delta: 1 }, HlcTimestamp(2 + i))
             .unwrap()
             .expect("a hybrid counter add is admitted");
-        let Admitted::Local { id, .. } = admitted else {
-            panic!("fast path expected, got {admitted:?}");
+        let Admitted::Local { id, .. } = admit.admitted else {
+            panic!("fast path expected, got {:?}", admit.admitted);
         };
-        ticket.expect("a fact was appended").wait().unwrap();
+        admit.durable.expect("a fact was appended").wait().unwrap();
         writeln!(out, "calm-ack {k} {}", id.seq).unwrap();
         out.flush().unwrap();
         if i % 64 == 63 {

@@ -432,6 +432,12 @@ impl Wal {
         Ok(WalReader::new(from_lsn, index.segments[start..].to_vec()))
     }
 
+    /// Largest payload of a record appended alone (one record, one batch): callers that
+    /// split a large payload over several appends cut it at this size.
+    pub fn record_payload_bytes_max(&self) -> usize {
+        self.options.batch_bytes_max as usize - BATCH_HEADER_BYTES - RECORD_HEADER_BYTES
+    }
+
     /// LSN of the oldest batch still kept (or that the next batch will get, if none is).
     pub fn oldest_lsn(&self) -> u64 {
         self.shared.lock_index().segments[0].first_lsn
