@@ -31,3 +31,11 @@ ensure_toolchain() {
         apt_install libclang-dev clang
     fi
 }
+
+# Multi-process tests cut the network between nodes with iptables; they need root and skip
+# (saying why) without it. As root, install iptables when it is missing.
+ensure_test_tools() {
+    if [ "$(id -u)" -eq 0 ] && ! need_cmd iptables; then
+        apt_install iptables
+    fi
+}

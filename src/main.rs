@@ -1,18 +1,21 @@
 //! `calm`: the node binary and its command-line interface.
 //!
-//! Today it carries the operator commands that need no running cluster: checking a rules file
-//! before it is deployed and explaining which rule, mode and type a key gets. The node
-//! (`calm serve`, `calm dev`) and the client commands arrive with the gRPC API (issue 5) and
-//! will live beside these as further subcommands.
+//! - `calm serve`: run one node (TOML config < `CALM_*` environment < flags);
+//! - `calm dev`: a local cluster of `serve` processes with the embedded default rules;
+//! - client commands (`put`, `get`, `del`, `cas`, `add`, `set`, `max`, `sadd`, `srem`,
+//!   `smembers`, `status`, `explain`, `rules get`, `checkpoint`) against any node;
+//! - offline rules tools (`rules check`, `rules explain --rules FILE`, `rules example`).
 
 use anyhow::{Context, Result, bail};
+use calm::api::pb;
+use calm::client::{self, Output};
+use calm::config::{Member, NodeConfig, Overrides};
+use calm::node::DEFAULT_RULES;
 use calm_kernel::rules::{CompiledRules, RuleSet, Severity};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use std::path::{Path, PathBuf};
-
-/// The rules `calm` uses when none are given: also the starting rules of `calm dev`.
-const DEFAULT_RULES: &str = include_str!("default-rules.toml");
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -25,13 +28,196 @@ struct Cli {
     command: Command,
 }
 
+/// Where client commands connect, and how they print.
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// Nodes to try, in order (host:port of their client API).
+    #[arg(long, env = "CALM_ENDPOINTS", value_delimiter = ',', default_value = client::DEFAULT_ENDPOINT, global = true)]
+    endpoints: Vec<String>,
+    #[arg(short = 'w', long = "write-out", value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run one node.
+    Serve(ServeArgs),
+    /// Run a local cluster (default 3 nodes on 127.0.0.1, data under ./calm-data).
+    Dev {
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        #[arg(long, default_value = "calm-data")]
+        data_dir: PathBuf,
+        /// Node i serves clients on base+i, peers on base+100+i, HTTP on base+200+i.
+        #[arg(long, default_value_t = 7000)]
+        base_port: u16,
+        /// Rules the cluster starts with; the embedded example rules otherwise.
+        #[arg(long)]
+        rules: Option<PathBuf>,
+    },
+    /// Write a register.
+    Put {
+        key: String,
+        value: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Read a key.
+    Get {
+        key: String,
+        #[arg(long, value_enum, default_value_t = ConsistencyArg::Linearizable)]
+        consistency: ConsistencyArg,
+        /// Session token (hex, from `-w json` output) for --consistency causal.
+        #[arg(long)]
+        token: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a register.
+    Del {
+        key: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Compare-and-set a register: write VALUE (or delete) only if it matches the expectation.
+    Cas {
+        key: String,
+        /// The new value (omit with --delete).
+        value: Option<String>,
+        /// Expect this version (0: the key does not exist).
+        #[arg(long, conflicts_with_all = ["expect_value", "expect_absent"])]
+        expect_version: Option<u64>,
+        /// Expect this current value.
+        #[arg(long, conflicts_with = "expect_absent")]
+        expect_value: Option<String>,
+        /// Expect the key not to exist.
+        #[arg(long)]
+        expect_absent: bool,
+        #[arg(long)]
+        delete: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Add to a counter or bounded counter (negative to subtract).
+    Add {
+        key: String,
+        #[arg(allow_hyphen_values = true)]
+        delta: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Set a counter or bounded counter (through Raft).
+    Set {
+        key: String,
+        #[arg(allow_hyphen_values = true)]
+        value: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Raise a max register.
+    Max {
+        key: String,
+        #[arg(allow_hyphen_values = true)]
+        value: i64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Add elements to a set.
+    Sadd {
+        key: String,
+        #[arg(required = true)]
+        elements: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove elements from a set (through Raft).
+    Srem {
+        key: String,
+        #[arg(required = true)]
+        elements: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List a set's elements.
+    Smembers {
+        key: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Members, groups, leaders and lag as a node sees them.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// How the cluster classifies keys: rule, mode, type, group and leader.
+    Explain {
+        #[arg(required = true)]
+        keys: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Take a checkpoint on a node now.
+    Checkpoint {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Load a running cluster and report throughput and latency percentiles.
+    Bench {
+        #[arg(value_enum)]
+        workload: calm::bench::Workload,
+        /// Calls in all (each a batch for `batch`).
+        #[arg(long, default_value_t = 10_000)]
+        ops: u64,
+        /// Clients in flight, spread over the endpoints.
+        #[arg(long, default_value_t = 1)]
+        concurrency: u64,
+        /// Stop after this many seconds even if ops remain.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Distinct keys.
+        #[arg(long, default_value_t = 1000)]
+        keys: u64,
+        /// Ops per call for `batch`.
+        #[arg(long, default_value_t = 100)]
+        batch: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Safety rules: which keys are strict, hybrid or available, and their types.
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
     },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file (flags and CALM_* variables override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    id: Option<u64>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    client_addr: Option<std::net::SocketAddr>,
+    #[arg(long)]
+    peer_addr: Option<std::net::SocketAddr>,
+    #[arg(long)]
+    http_addr: Option<std::net::SocketAddr>,
+    /// A member as ID=PEER_ADDR,CLIENT_ADDR; repeat for each (this node included).
+    #[arg(long = "member", value_parser = Member::parse)]
+    members: Vec<Member>,
+    /// Rules file the cluster starts with; the embedded example rules otherwise.
+    #[arg(long)]
+    rules: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ConsistencyArg {
+    Linearizable,
+    Serializable,
+    Causal,
 }
 
 #[derive(Subcommand)]
@@ -44,7 +230,8 @@ enum RulesCommand {
         #[arg(short = 'w', long = "write-out", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
-    /// Explain which rule each key matches, with its mode, type and bounds.
+    /// Explain which rule each key matches, with its mode, type and bounds (offline; use
+    /// `calm explain` to ask the cluster).
     Explain {
         #[arg(required = true)]
         keys: Vec<String>,
@@ -56,16 +243,266 @@ enum RulesCommand {
     },
     /// Print the embedded example rules (a starting point for your own file).
     Example,
+    /// The rules in force on the cluster, with their version.
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Output {
-    Table,
-    Json,
+/// Cancelled on Ctrl-C or SIGTERM.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        t.cancel();
+    });
+    token
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CALM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    init_tracing();
+    let overrides = Overrides {
+        id: args.id,
+        data_dir: args.data_dir,
+        client_addr: args.client_addr,
+        peer_addr: args.peer_addr,
+        http_addr: args.http_addr,
+        members: (!args.members.is_empty()).then_some(args.members),
+        rules_file: args.rules,
+    };
+    let config = NodeConfig::load(args.config.as_deref(), overrides)?;
+    let shutdown = shutdown_on_signals();
+    let running = calm::node::Node::start(config, shutdown).await?;
+    tracing::info!(
+        node = running.node.id(),
+        client = %running.node.config.client_addr,
+        peer = %running.node.config.peer_addr,
+        http = %running.node.config.http_addr,
+        "serving"
+    );
+    running.wait().await;
+    Ok(())
+}
+
+fn bytes(s: String) -> Vec<u8> {
+    s.into_bytes()
+}
+
+fn main() -> std::process::ExitCode {
+    let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
+    match runtime.block_on(run(Cli::parse())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The whole chain, without a backtrace: users need the reason, not our stack.
+            eprintln!("calm: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    use pb::op::Kind;
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Dev {
+            nodes,
+            data_dir,
+            base_port,
+            rules,
+        } => {
+            calm::dev::run(
+                calm::dev::DevOptions {
+                    nodes,
+                    data_dir,
+                    base_port,
+                    rules,
+                },
+                shutdown_on_signals(),
+            )
+            .await
+        }
+        Command::Put { key, value, client } => {
+            client::write(
+                &client.endpoints,
+                &key,
+                Kind::Put(pb::Put {
+                    value: bytes(value),
+                }),
+                client.output,
+            )
+            .await
+        }
+        Command::Get {
+            key,
+            consistency,
+            token,
+            client,
+        } => {
+            let consistency = match consistency {
+                ConsistencyArg::Linearizable => pb::Consistency::Linearizable,
+                ConsistencyArg::Serializable => pb::Consistency::Serializable,
+                ConsistencyArg::Causal => pb::Consistency::Causal,
+            };
+            let token = token
+                .as_deref()
+                .map(client::parse_hex)
+                .transpose()?
+                .unwrap_or_default();
+            client::get(&client.endpoints, &key, consistency, token, client.output).await
+        }
+        Command::Del { key, client } => {
+            client::write(
+                &client.endpoints,
+                &key,
+                Kind::Delete(pb::Delete {}),
+                client.output,
+            )
+            .await
+        }
+        Command::Cas {
+            key,
+            value,
+            expect_version,
+            expect_value,
+            expect_absent,
+            delete,
+            client,
+        } => {
+            use pb::cas::Expect;
+            let expect = match (expect_version, expect_value, expect_absent) {
+                (Some(v), None, false) => Expect::Version(v),
+                (None, Some(v), false) => Expect::Value(bytes(v)),
+                (None, None, true) => Expect::Absent(true),
+                _ => bail!(
+                    "say what to expect: --expect-version N, --expect-value V or --expect-absent"
+                ),
+            };
+            if delete == value.is_some() {
+                bail!("give either a new VALUE or --delete");
+            }
+            let op = pb::Cas {
+                expect: Some(expect),
+                new_value: value.map(bytes).unwrap_or_default(),
+                delete,
+            };
+            client::write(&client.endpoints, &key, Kind::Cas(op), client.output).await
+        }
+        Command::Add { key, delta, client } => {
+            client::write(
+                &client.endpoints,
+                &key,
+                Kind::Add(pb::Add { delta }),
+                client.output,
+            )
+            .await
+        }
+        Command::Set { key, value, client } => {
+            client::write(
+                &client.endpoints,
+                &key,
+                Kind::SetValue(pb::SetValue { value }),
+                client.output,
+            )
+            .await
+        }
+        Command::Max { key, value, client } => {
+            client::write(
+                &client.endpoints,
+                &key,
+                Kind::Raise(pb::Raise { value }),
+                client.output,
+            )
+            .await
+        }
+        Command::Sadd {
+            key,
+            elements,
+            client,
+        } => {
+            for e in elements {
+                client::write(
+                    &client.endpoints,
+                    &key,
+                    Kind::SetAdd(pb::SetAdd { element: bytes(e) }),
+                    client.output,
+                )
+                .await?;
+            }
+            Ok(())
+        }
+        Command::Srem {
+            key,
+            elements,
+            client,
+        } => {
+            for e in elements {
+                client::write(
+                    &client.endpoints,
+                    &key,
+                    Kind::SetRemove(pb::SetRemove { element: bytes(e) }),
+                    client.output,
+                )
+                .await?;
+            }
+            Ok(())
+        }
+        Command::Smembers { key, client } => {
+            client::get(
+                &client.endpoints,
+                &key,
+                pb::Consistency::Linearizable,
+                Vec::new(),
+                client.output,
+            )
+            .await
+        }
+        Command::Status { client } => client::status(&client.endpoints, client.output).await,
+        Command::Explain { keys, client } => {
+            client::explain(&client.endpoints, &keys, client.output).await
+        }
+        Command::Checkpoint { client } => client::checkpoint(&client.endpoints).await,
+        Command::Bench {
+            workload,
+            ops,
+            concurrency,
+            seconds,
+            keys,
+            batch,
+            client,
+        } => {
+            let report = calm::bench::run(
+                &client.endpoints,
+                calm::bench::BenchOptions {
+                    workload,
+                    ops,
+                    concurrency,
+                    duration: std::time::Duration::from_secs(seconds),
+                    keys,
+                    batch,
+                },
+            )
+            .await?;
+            calm::bench::print(
+                workload,
+                concurrency,
+                &report,
+                client.output == Output::Json,
+            );
+            Ok(())
+        }
         Command::Rules { command } => match command {
             RulesCommand::Check { file, output } => rules_check(file.as_deref(), output),
             RulesCommand::Explain {
@@ -76,6 +513,9 @@ fn main() -> Result<()> {
             RulesCommand::Example => {
                 print!("{DEFAULT_RULES}");
                 Ok(())
+            }
+            RulesCommand::Get { client } => {
+                client::rules_get(&client.endpoints, client.output).await
             }
         },
     }

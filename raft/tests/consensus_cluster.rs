@@ -5,6 +5,7 @@
 
 use calm_kernel::rules::RuleSet;
 use calm_kernel::{Command, CommandBody, HlcTimestamp, Mode, Value};
+use calm_raft::consensus::network::Peers;
 use calm_raft::consensus::node::ConsensusOptions;
 use calm_raft::consensus::service::GroupHandles;
 use calm_raft::consensus::types::BasicNode;
@@ -79,6 +80,7 @@ async fn start(id: u64, dir: &Path, listener: TcpListener) -> Node {
         dir.join("snapshots"),
         &options(),
         handles,
+        Peers::new(),
     )
     .await
     .unwrap();
@@ -190,7 +192,7 @@ async fn three_nodes_elect_forward_read_and_catch_up_from_a_snapshot() {
             .propose(put(&key, &format!("v{i}"), proposer.consensus.node()))
             .await
             .unwrap();
-        assert_eq!(resp, Response::Done { version: 1 });
+        assert_eq!(resp.response, Response::Done { version: 1 });
         let reader = &nodes[(i + 1) % 3];
         let group = reader.consensus.group_map().group_of(key.as_bytes());
         reader.consensus.read_barrier(group).await.unwrap();

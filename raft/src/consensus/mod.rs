@@ -24,7 +24,7 @@ pub mod types;
 pub mod wire;
 
 pub use log_store::{GroupLogStore, RaftLogs};
-pub use node::{Consensus, ConsensusOptions, ProposeError};
+pub use node::{Consensus, ConsensusOptions, ProposeError, Proposed};
 pub use state_machine::{FactSource, GroupStateMachine, SharedLocal, WaitForFacts};
 pub use types::{CalmRaft, ClientWriteError, GroupId, Request, Response};
 

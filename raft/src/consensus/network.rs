@@ -18,6 +18,7 @@ use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::TransferLeaderResponse;
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
@@ -31,11 +32,21 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 #[derive(Default)]
 pub struct Peers {
     channels: Mutex<HashMap<NodeId, (String, Channel)>>,
+    local_ip: Option<IpAddr>,
 }
 
 impl Peers {
     pub fn new() -> Arc<Peers> {
         Arc::new(Peers::default())
+    }
+
+    /// Connections to peers are made from `ip`, the address this node's peer service listens
+    /// on, so that peers (and firewall rules) see one address per node.
+    pub fn bound_to(ip: IpAddr) -> Arc<Peers> {
+        Arc::new(Peers {
+            channels: Mutex::default(),
+            local_ip: (!ip.is_unspecified()).then_some(ip),
+        })
     }
 
     /// The client for `node` at `addr` (`host:port`). A changed address replaces the channel.
@@ -44,17 +55,23 @@ impl Peers {
         node: NodeId,
         addr: &str,
     ) -> Result<RaftPeerClient<Channel>, tonic::Status> {
+        self.channel(node, addr).map(RaftPeerClient::new)
+    }
+
+    /// The one channel to `node` at `addr`, for any peer service (Raft, gossip).
+    pub fn channel(&self, node: NodeId, addr: &str) -> Result<Channel, tonic::Status> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((known, channel)) = channels.get(&node)
             && known == addr
         {
-            return Ok(RaftPeerClient::new(channel.clone()));
+            return Ok(channel.clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| {
                 tonic::Status::invalid_argument(format!("peer {node} address {addr:?}: {e}"))
             })?
             .connect_timeout(CONNECT_TIMEOUT)
+            .local_address(self.local_ip)
             .tcp_nodelay(true)
             // A stopped (SIGSTOP) peer keeps its TCP connection open: keepalive notices.
             .http2_keep_alive_interval(Duration::from_secs(1))
@@ -62,7 +79,7 @@ impl Peers {
             .keep_alive_while_idle(true);
         let channel = endpoint.connect_lazy();
         channels.insert(node, (addr.to_string(), channel.clone()));
-        Ok(RaftPeerClient::new(channel))
+        Ok(channel)
     }
 }
 

@@ -71,6 +71,12 @@ impl ConsensusOptions {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),
             max_in_snapshot_log_to_keep: self.entries_kept_after_snapshot,
             install_snapshot_timeout: 10_000,
+            // A partitioned or restarted node that cannot win must not bump terms and depose
+            // a healthy leader when it returns.
+            enable_pre_vote: Some(true),
+            // Replicate entries as soon as they are queued for the local WAL, so the leader's
+            // fdatasync and the followers' overlap instead of adding up.
+            broadcast_submitted_on_append: Some(true),
             ..Config::default()
         };
         Ok(Arc::new(
@@ -122,15 +128,25 @@ pub enum ProposeError {
         leader: NodeId,
         reason: String,
     },
+    /// Like `LeaderUnreachable`, but the proposal certainly never reached a leader.
+    #[error(
+        "the leader of group {group} (node {leader}) cannot be reached ({reason}) and no other leader took over in time; nothing was applied: retry later or at another node"
+    )]
+    NotReached {
+        group: GroupId,
+        leader: NodeId,
+        reason: String,
+    },
     #[error("group {group} stopped: {reason}; the node must be restarted")]
     Fatal { group: GroupId, reason: String },
 }
 
-fn hint(leader: &Option<NodeId>, addr: &Option<String>) -> String {
-    match (leader, addr) {
-        (Some(l), Some(a)) => format!(" (last known leader: node {l} at {a})"),
-        (Some(l), None) => format!(" (last known leader: node {l})"),
-        _ => String::new(),
+/// The peer address is kept for callers; messages name the node only (clients need its
+/// client address, which the node layer adds).
+fn hint(leader: &Option<NodeId>, _peer_addr: &Option<String>) -> String {
+    match leader {
+        Some(l) => format!(" (last known leader: node {l})"),
+        None => String::new(),
     }
 }
 
@@ -139,7 +155,8 @@ impl ProposeError {
     pub fn leader_hint(&self) -> Option<NodeId> {
         match self {
             ProposeError::NoLeader { leader, .. } | ProposeError::Timeout { leader, .. } => *leader,
-            ProposeError::LeaderUnreachable { leader, .. } => Some(*leader),
+            ProposeError::LeaderUnreachable { leader, .. }
+            | ProposeError::NotReached { leader, .. } => Some(*leader),
             ProposeError::Fatal { .. } => None,
         }
     }
@@ -155,6 +172,16 @@ fn never_reached_the_group(status: &tonic::Status) -> bool {
             || status
                 .message()
                 .starts_with(super::service::GROUPS_STARTING))
+}
+
+/// A committed and applied proposal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proposed {
+    /// The state machine's answer (identical on every replica).
+    pub response: Response,
+    pub group: GroupId,
+    /// The log index it was applied at: a read that waits for it observes the write.
+    pub index: u64,
 }
 
 /// The node's groups.
@@ -175,7 +202,8 @@ impl Consensus {
             .max_encoding_message_size(64 << 20)
     }
 
-    /// Start every group of this node from its recovered state.
+    /// Start every group of this node from its recovered state. `peers` holds the node's one
+    /// channel per peer (gossip shares it).
     pub async fn start(
         node: NodeId,
         local: SharedLocal,
@@ -183,10 +211,10 @@ impl Consensus {
         snapshot_dir: PathBuf,
         options: &ConsensusOptions,
         handles: Arc<GroupHandles>,
+        peers: Arc<Peers>,
     ) -> Result<Consensus, ConsensusError> {
         let map = GroupMap::new(options.data_groups);
         let config = options.raft_config()?;
-        let peers = Peers::new();
         let logs = lock_local(&local).raft_logs().clone();
         let mut rafts = Vec::new();
         for group in map.all() {
@@ -310,7 +338,7 @@ impl Consensus {
     }
 
     /// Order `cmd` in its key's group and apply it; the answer is the state machine's.
-    pub async fn propose(&self, cmd: Command) -> Result<Response, ProposeError> {
+    pub async fn propose(&self, cmd: Command) -> Result<Proposed, ProposeError> {
         let group = self.map.group_of(&cmd.key);
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         // Bounded: each retry follows a definite "not appended" answer.
@@ -323,7 +351,13 @@ impl Consensus {
                 let write = self.raft(group).client_write(Request::Command(cmd.clone()));
                 match tokio::time::timeout(remaining, write).await {
                     Err(_) => return Err(self.timeout(group)),
-                    Ok(Ok(resp)) => return Ok(resp.data),
+                    Ok(Ok(resp)) => {
+                        return Ok(Proposed {
+                            group,
+                            index: resp.log_id.index(),
+                            response: resp.data,
+                        });
+                    }
                     Ok(Err(openraft::errors::RaftError::APIError(
                         ClientWriteError::ForwardToLeader(_),
                     ))) => {
@@ -353,7 +387,13 @@ impl Consensus {
             request.set_timeout(remaining);
             match client.propose(request).await {
                 Ok(reply) => match wire::decode::<ProposeReply>(&reply.into_inner().payload) {
-                    Ok(ProposeReply::Applied(resp)) => return Ok(resp),
+                    Ok(ProposeReply::Applied { response, index }) => {
+                        return Ok(Proposed {
+                            response,
+                            group,
+                            index,
+                        });
+                    }
                     Ok(ProposeReply::NotLeader { .. }) => {
                         self.await_leader_change(group, leader, deadline).await;
                         continue;
@@ -373,7 +413,7 @@ impl Consensus {
                     // Certainly not appended: wait for another leader and try there.
                     self.await_leader_change(group, leader, deadline).await;
                     if tokio::time::Instant::now() >= deadline {
-                        return Err(ProposeError::LeaderUnreachable {
+                        return Err(ProposeError::NotReached {
                             group,
                             leader,
                             reason: status.message().to_string(),

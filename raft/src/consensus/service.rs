@@ -174,7 +174,10 @@ impl RaftPeer for PeerService {
         let raft = self.handles.get(msg.group)?;
         let cmd: Command = wire::decode(&msg.payload).map_err(bad)?;
         let answer = match raft.client_write(Request::Command(cmd)).await {
-            Ok(resp) => ProposeReply::Applied(resp.data),
+            Ok(resp) => ProposeReply::Applied {
+                index: resp.log_id.index(),
+                response: resp.data,
+            },
             Err(openraft::errors::RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 ProposeReply::NotLeader {
                     leader: f.leader_id,

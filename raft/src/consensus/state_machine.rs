@@ -86,6 +86,7 @@ fn response(outcome: Outcome, version: u64) -> Response {
                 StatusCode::InvalidArgument => 3,
                 StatusCode::ResourceExhausted => 8,
                 StatusCode::FailedPrecondition => 9,
+                StatusCode::Unavailable => 14,
             },
             message: String::new(),
         },

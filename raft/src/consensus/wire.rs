@@ -33,8 +33,8 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String>
 /// The leader's answer to a forwarded proposal.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ProposeReply {
-    /// Committed and applied; the state machine's answer.
-    Applied(Response),
+    /// Committed and applied at log `index`; the state machine's answer.
+    Applied { response: Response, index: u64 },
     /// Not appended: this node is not the leader; retry at `leader` if known.
     NotLeader { leader: Option<NodeId> },
 }

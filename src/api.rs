@@ -1,0 +1,733 @@
+//! The public gRPC API (`calm.v1`): typed writes, batches, reads, and administration.
+//!
+//! A write meets the kernel's classifier under the node's state lock
+//! (`LocalState::admit`): commutative ops become facts, are acknowledged once the WAL says
+//! durable and are then handed to gossip; everything else becomes a Raft command stamped
+//! with what this node observed on the key and is proposed to the key's group (forwarded to
+//! its leader when this node does not lead it). The lock is never held across an `.await`.
+//!
+//! Reads: `LINEARIZABLE` (the default) waits for a read index of the key's group, then reads
+//! this node's replica; `SERIALIZABLE` reads it as it is; `CAUSAL` waits (bounded) until this
+//! node has applied everything the client's session token names.
+//!
+//! Every refusal carries the gRPC code of DESIGN.md section 10 and a message saying what to
+//! do; UNAVAILABLE answers name the last known leader in the message and in the
+//! `calm-leader` (client address) and `calm-leader-id` response metadata.
+
+use crate::node::{Node, fatal, lock};
+use crate::token::SessionToken;
+use calm_kernel::fact::{KEY_BYTES_MAX, PAYLOAD_BYTES_MAX};
+use calm_kernel::refusal::Refusal;
+use calm_kernel::{
+    Admitted, Bounds, CasExpect, Command, FactId, KeyState, Op, RefusedOp, StatusCode, Value,
+    ValueType,
+};
+use calm_raft::consensus::{ProposeError, Response};
+use calm_raft::local::LocalAdmit;
+use calm_raft::wal::AppendTicket;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, Request, Status};
+
+pub mod pb {
+    tonic::include_proto!("calm.v1");
+    /// For server reflection (grpcurl).
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("calm_descriptor");
+}
+
+use pb::admin_server::{Admin, AdminServer};
+use pb::kv_server::{Kv, KvServer};
+
+/// Most ops in one Batch call.
+pub const BATCH_OPS_MAX: usize = 10_000;
+/// Largest request or response message on the client API.
+pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
+
+/// Metadata key naming the last known leader's client address on UNAVAILABLE.
+pub const LEADER_METADATA: &str = "calm-leader";
+pub const LEADER_ID_METADATA: &str = "calm-leader-id";
+
+fn invalid(message: impl Into<String>) -> Status {
+    Status::invalid_argument(message)
+}
+
+fn check_key(key: &[u8]) -> Result<(), Status> {
+    if key.is_empty() {
+        return Err(invalid(format!(
+            "the key is empty; keys are 1 to {KEY_BYTES_MAX} bytes"
+        )));
+    }
+    if key.len() > KEY_BYTES_MAX {
+        return Err(invalid(format!(
+            "the key is {} bytes; keys are at most {KEY_BYTES_MAX} bytes",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_payload(what: &str, bytes: &[u8]) -> Result<(), Status> {
+    if bytes.len() > PAYLOAD_BYTES_MAX {
+        return Err(invalid(format!(
+            "the {what} is {} bytes; at most {PAYLOAD_BYTES_MAX} bytes are accepted",
+            bytes.len()
+        )));
+    }
+    Ok(())
+}
+
+fn status_code(code: StatusCode) -> Code {
+    match code {
+        StatusCode::InvalidArgument => Code::InvalidArgument,
+        StatusCode::FailedPrecondition => Code::FailedPrecondition,
+        StatusCode::ResourceExhausted => Code::ResourceExhausted,
+        StatusCode::Unavailable => Code::Unavailable,
+    }
+}
+
+fn refused(r: RefusedOp) -> Status {
+    Status::new(status_code(r.refusal.status()), r.message)
+}
+
+/// A write admitted and waiting for its durability or its Raft round.
+enum Pending {
+    Fast {
+        durable: AppendTicket,
+        fact: Vec<u8>,
+        id: FactId,
+        escrow: bool,
+    },
+    Consensus(Command),
+}
+
+/// The kernel op for a client op on `key`: counter ops apply to bounded counters too (the
+/// key's type, or else its rule's type, decides), and a rule's type is enforced on creation.
+fn kernel_op(node: &Node, key: &[u8], op: Option<pb::op::Kind>) -> Result<Op, Status> {
+    use pb::op::Kind;
+    let op = op.ok_or_else(|| {
+        invalid("the request has no op; set exactly one of put, delete, cas, add, set_value, set_bounds, raise, set_max, set_add, set_remove")
+    })?;
+    let (existing, rule_type) = {
+        let local = lock(&node.local);
+        let replica = local.replica();
+        (
+            replica.key_state(key).map(KeyState::value_type),
+            replica.rules().resolve(key).value_type,
+        )
+    };
+    let bounded = existing.or(rule_type) == Some(ValueType::BoundedCounter);
+    let op = match op {
+        Kind::Put(p) => {
+            check_payload("value", &p.value)?;
+            Op::RegisterPut { value: p.value }
+        }
+        Kind::Delete(_) => Op::RegisterDelete,
+        Kind::Cas(c) => {
+            use pb::cas::Expect;
+            let expect = match c.expect {
+                None | Some(Expect::Absent(true)) => CasExpect::Version(0),
+                Some(Expect::Absent(false)) => {
+                    return Err(invalid(
+                        "cas: absent = false says nothing; expect a version or a value instead",
+                    ));
+                }
+                Some(Expect::Version(v)) => CasExpect::Version(v),
+                Some(Expect::Value(v)) => {
+                    check_payload("expected value", &v)?;
+                    CasExpect::Value(Some(v))
+                }
+            };
+            check_payload("value", &c.new_value)?;
+            if c.delete && !c.new_value.is_empty() {
+                return Err(invalid(
+                    "cas: delete = true with a new_value; set one of them",
+                ));
+            }
+            Op::RegisterCas {
+                expect,
+                value: (!c.delete).then_some(c.new_value),
+            }
+        }
+        Kind::Add(a) if bounded => Op::BoundedAdd { delta: a.delta },
+        Kind::Add(a) => Op::CounterAdd { delta: a.delta },
+        Kind::SetValue(s) if bounded => Op::BoundedSet { value: s.value },
+        Kind::SetValue(s) => Op::CounterSet { value: s.value },
+        Kind::SetBounds(b) => Op::BoundedSetBounds {
+            bounds: Bounds::new(b.min, b.max).ok_or_else(|| {
+                invalid(format!("set_bounds: min {} is above max {}", b.min, b.max))
+            })?,
+        },
+        Kind::Raise(r) => Op::MaxRaise { value: r.value },
+        Kind::SetMax(s) => Op::MaxSet { value: s.value },
+        Kind::SetAdd(s) => {
+            check_payload("element", &s.element)?;
+            Op::SetAdd { element: s.element }
+        }
+        Kind::SetRemove(s) => {
+            check_payload("element", &s.element)?;
+            Op::SetRemove { element: s.element }
+        }
+    };
+    if existing.is_none()
+        && let Some(t) = rule_type
+        && op_type(&op) != t
+    {
+        let refusal = Refusal::TypeMismatch {
+            key_type: t,
+            op: op.kind(),
+        };
+        return Err(Status::failed_precondition(format!(
+            "{} (the key's rule fixes its type)",
+            refusal.on_key(key)
+        )));
+    }
+    Ok(op)
+}
+
+fn op_type(op: &Op) -> ValueType {
+    match op {
+        Op::RegisterPut { .. } | Op::RegisterDelete | Op::RegisterCas { .. } => ValueType::Register,
+        Op::CounterAdd { .. } | Op::CounterSet { .. } => ValueType::Counter,
+        Op::BoundedAdd { .. } | Op::BoundedSet { .. } | Op::BoundedSetBounds { .. } => {
+            ValueType::BoundedCounter
+        }
+        Op::MaxRaise { .. } | Op::MaxSet { .. } => ValueType::Max,
+        Op::SetAdd { .. } | Op::SetRemove { .. } => ValueType::Set,
+    }
+}
+
+impl Node {
+    /// Classify and admit (fast path) or prepare (consensus) one op. Synchronous: ops of one
+    /// caller are admitted in call order.
+    fn admit(&self, key: &[u8], op: &Op) -> Result<Pending, Status> {
+        let hlc = self.hlc.now();
+        let mut local = lock(&self.local);
+        match local.admit(key, op, hlc) {
+            Err(e) => fatal("appending a fact to the WAL", &e),
+            Ok(Err(r)) => Err(refused(r)),
+            Ok(Ok(LocalAdmit {
+                admitted: Admitted::Local { id, escrow },
+                durable,
+                fact,
+            })) => Ok(Pending::Fast {
+                durable: durable.expect("a local fact is appended to the WAL"),
+                fact,
+                id,
+                escrow,
+            }),
+            Ok(Ok(LocalAdmit {
+                admitted: Admitted::Consensus(_),
+                ..
+            })) => local
+                .replica()
+                .prepare_command(key, op, hlc)
+                .map(Pending::Consensus)
+                .map_err(refused),
+        }
+    }
+
+    async fn finish(&self, pending: Pending) -> Result<pb::WriteResponse, Status> {
+        match pending {
+            Pending::Fast {
+                durable,
+                fact,
+                id,
+                escrow,
+            } => {
+                if let Err(e) = durable.await {
+                    fatal("making a fact durable", &e);
+                }
+                self.gossip.publish(fact);
+                metrics::counter!("calm_writes_total", "path" => if escrow { "escrow" } else { "fast" })
+                    .increment(1);
+                Ok(pb::WriteResponse {
+                    path: if escrow {
+                        pb::Path::Escrow
+                    } else {
+                        pb::Path::Fast
+                    } as i32,
+                    succeeded: true,
+                    version: 0,
+                    token: SessionToken::of_fact(id).encode(),
+                })
+            }
+            Pending::Consensus(cmd) => {
+                let proposed = self
+                    .consensus
+                    .propose(cmd)
+                    .await
+                    .map_err(|e| self.unavailable(e))?;
+                metrics::counter!("calm_writes_total", "path" => "consensus").increment(1);
+                let token = SessionToken::of_entry(proposed.group, proposed.index).encode();
+                let (succeeded, version) = match proposed.response {
+                    Response::Done { version } => (true, version),
+                    Response::CasFailed { version } => (false, version),
+                    Response::Refused { code, message } => {
+                        return Err(Status::new(Code::from_i32(code), message));
+                    }
+                    Response::None => (true, 0),
+                };
+                Ok(pb::WriteResponse {
+                    path: pb::Path::Consensus as i32,
+                    succeeded,
+                    version,
+                    token,
+                })
+            }
+        }
+    }
+
+    /// One op end to end.
+    pub async fn write(
+        &self,
+        key: &[u8],
+        op: Option<pb::op::Kind>,
+    ) -> Result<pb::WriteResponse, Status> {
+        check_key(key)?;
+        let op = kernel_op(self, key, op)?;
+        let pending = self.admit(key, &op)?;
+        self.finish(pending).await
+    }
+
+    /// UNAVAILABLE (INTERNAL for a stopped group) with the leader hint.
+    fn unavailable(&self, e: ProposeError) -> Status {
+        let code = match e {
+            ProposeError::Fatal { .. } => Code::Internal,
+            _ => Code::Unavailable,
+        };
+        // This node naming itself helps nobody: it just said it cannot serve.
+        let leader = e.leader_hint().filter(|&l| l != self.id());
+        let addr = leader.and_then(|l| self.client_addr_of(l));
+        let message = match (leader, addr) {
+            (Some(l), Some(a)) => format!("{e}; node {l} serves clients at {a}"),
+            // No leader to name: say where else to try.
+            _ => {
+                let others: Vec<String> = self
+                    .config
+                    .members
+                    .iter()
+                    .filter(|m| m.id != self.id())
+                    .map(|m| format!("node {} at {}", m.id, m.client))
+                    .collect();
+                if others.is_empty() {
+                    e.to_string()
+                } else {
+                    format!("{e}; other members: {}", others.join(", "))
+                }
+            }
+        };
+        let mut status = Status::new(code, message);
+        if let (Some(l), Some(a)) = (leader, addr) {
+            let md = status.metadata_mut();
+            if let Ok(v) = a.parse() {
+                md.insert(LEADER_METADATA, v);
+            }
+            if let Ok(v) = l.to_string().parse() {
+                md.insert(LEADER_ID_METADATA, v);
+            }
+        }
+        status
+    }
+
+    /// Wait (bounded) until this node applied what `token` names for `group`.
+    async fn await_token(&self, token: &SessionToken, group: u64) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(self.config.raft.request_timeout_ms);
+        let index = token.groups.get(&group).copied().unwrap_or(0);
+        loop {
+            let caught_up = lock(&self.local)
+                .replica()
+                .version_vector()
+                .dominates(&token.vv)
+                && self.applied_index(group) >= index;
+            if caught_up {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::unavailable(format!(
+                    "node {} has not caught up with the session token within {} ms (it may be partitioned from the writer); retry, or read at the node that wrote",
+                    self.id(),
+                    self.config.raft.request_timeout_ms
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    pub async fn get(
+        &self,
+        key: &[u8],
+        consistency: pb::Consistency,
+        token: &[u8],
+    ) -> Result<pb::GetResponse, Status> {
+        check_key(key)?;
+        let group = self.consensus.group_map().group_of(key);
+        match consistency {
+            pb::Consistency::Unspecified | pb::Consistency::Linearizable => self
+                .consensus
+                .read_barrier(group)
+                .await
+                .map_err(|e| self.unavailable(e))?,
+            pb::Consistency::Serializable => {}
+            pb::Consistency::Causal => {
+                let token = SessionToken::decode(token).map_err(invalid)?;
+                self.await_token(&token, group).await?;
+            }
+        }
+        let (value, vv) = {
+            let local = lock(&self.local);
+            (
+                local.replica().read(key),
+                local.replica().version_vector().clone(),
+            )
+        };
+        let token = SessionToken {
+            vv,
+            groups: BTreeMap::from([(group, self.applied_index(group))]),
+        }
+        .encode();
+        let value = value.and_then(value_to_pb);
+        Ok(pb::GetResponse {
+            found: value.is_some(),
+            value,
+            token,
+        })
+    }
+}
+
+/// The client-visible value; `None` for a deleted (or never written) register.
+fn value_to_pb(value: Value) -> Option<pb::Value> {
+    use pb::value::Kind;
+    let kind = match value {
+        Value::Register { value: None, .. } => return None,
+        Value::Register {
+            value: Some(value),
+            version,
+            hlc,
+        } => Kind::Register(pb::value::Register {
+            value,
+            version,
+            hlc: hlc.as_u64(),
+        }),
+        Value::Counter(v) => Kind::Counter(v),
+        Value::Bounded { value, bounds } => Kind::Bounded(pb::value::Bounded {
+            value,
+            min: bounds.min,
+            max: bounds.max,
+        }),
+        Value::Max(value) => Kind::Max(pb::value::MaxValue { value }),
+        Value::Set(elements) => Kind::Set(pb::value::SetValue { elements }),
+    };
+    Some(pb::Value { kind: Some(kind) })
+}
+
+pub struct KvService {
+    node: Arc<Node>,
+}
+
+fn error_of(status: &Status) -> pb::Error {
+    pb::Error {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn write(
+        &self,
+        request: Request<pb::WriteRequest>,
+    ) -> Result<tonic::Response<pb::WriteResponse>, Status> {
+        let req = request.into_inner();
+        let op = req.op.and_then(|o| o.kind);
+        self.node
+            .write(&req.key, op)
+            .await
+            .map(tonic::Response::new)
+    }
+
+    /// Ops of one key are admitted and proposed in request order; different keys proceed
+    /// concurrently, and fast-path ops share group commits.
+    async fn batch(
+        &self,
+        request: Request<pb::BatchRequest>,
+    ) -> Result<tonic::Response<pb::BatchResponse>, Status> {
+        let ops = request.into_inner().ops;
+        if ops.len() > BATCH_OPS_MAX {
+            return Err(invalid(format!(
+                "the batch has {} ops; send at most {BATCH_OPS_MAX} per call",
+                ops.len()
+            )));
+        }
+        let mut by_key: BTreeMap<Vec<u8>, Vec<(usize, Option<pb::op::Kind>)>> = BTreeMap::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            by_key
+                .entry(op.key)
+                .or_default()
+                .push((i, op.op.and_then(|o| o.kind)));
+        }
+        let node = &self.node;
+        let per_key = by_key.into_iter().map(|(key, ops)| async move {
+            let mut done = Vec::with_capacity(ops.len());
+            let mut fast = Vec::new();
+            for (i, op) in ops {
+                let admitted = check_key(&key)
+                    .and_then(|()| kernel_op(node, &key, op))
+                    .and_then(|op| node.admit(&key, &op));
+                match admitted {
+                    Err(e) => done.push((i, Err(e))),
+                    // Durability is awaited below, together: later ops need not wait for it.
+                    Ok(p @ Pending::Fast { .. }) => fast.push((i, p)),
+                    Ok(p @ Pending::Consensus(_)) => done.push((i, node.finish(p).await)),
+                }
+            }
+            for (i, p) in fast {
+                done.push((i, node.finish(p).await));
+            }
+            done
+        });
+        let mut results: Vec<(usize, Result<pb::WriteResponse, Status>)> =
+            futures::future::join_all(per_key)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+        results.sort_unstable_by_key(|(i, _)| *i);
+        let results = results
+            .into_iter()
+            .map(|(_, r)| pb::BatchResult {
+                result: Some(match r {
+                    Ok(ok) => pb::batch_result::Result::Ok(ok),
+                    Err(e) => pb::batch_result::Result::Error(error_of(&e)),
+                }),
+            })
+            .collect();
+        Ok(tonic::Response::new(pb::BatchResponse { results }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<tonic::Response<pb::GetResponse>, Status> {
+        let req = request.into_inner();
+        let consistency = pb::Consistency::try_from(req.consistency).map_err(|_| {
+            invalid(format!(
+                "consistency {} is not one of LINEARIZABLE (1), SERIALIZABLE (2), CAUSAL (3)",
+                req.consistency
+            ))
+        })?;
+        self.node
+            .get(&req.key, consistency, &req.token)
+            .await
+            .map(tonic::Response::new)
+    }
+}
+
+pub struct AdminService {
+    node: Arc<Node>,
+}
+
+fn role_name(state: calm_raft::consensus::types::ServerState) -> &'static str {
+    use calm_raft::consensus::types::ServerState;
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+impl Node {
+    /// The status this node reports (also the HTTP status page's data).
+    pub fn status(&self) -> pb::StatusResponse {
+        let groups = self
+            .consensus
+            .group_map()
+            .all()
+            .map(|g| {
+                let m = self.metrics(g);
+                let last = m.last_log_index.unwrap_or(0);
+                let max_follower_lag = m
+                    .replication
+                    .as_ref()
+                    .map(|r| {
+                        r.values()
+                            .map(|matched| last.saturating_sub(matched.map_or(0, |l| l.index)))
+                            .max()
+                            .unwrap_or(0)
+                    })
+                    .unwrap_or(0);
+                pb::Group {
+                    id: g,
+                    leader: m.current_leader.unwrap_or(0),
+                    role: role_name(m.state).into(),
+                    term: m.current_term,
+                    last_log_index: last,
+                    applied_index: m.last_applied.map_or(0, |l| l.index),
+                    snapshot_index: m.snapshot.map_or(0, |l| l.index),
+                    purged_index: m.purged.map_or(0, |l| l.index),
+                    max_follower_lag,
+                }
+            })
+            .collect();
+        let local = lock(&self.local);
+        let replica = local.replica();
+        pb::StatusResponse {
+            node_id: self.id(),
+            members: self
+                .config
+                .members
+                .iter()
+                .map(|m| pb::Member {
+                    id: m.id,
+                    client_addr: m.client.clone(),
+                    peer_addr: m.peer.clone(),
+                })
+                .collect(),
+            groups,
+            wal: Some(pb::Wal {
+                backend: local.wal().backend_name().into(),
+                next_lsn: local.wal().durable_next_lsn(),
+                oldest_lsn: local.wal().oldest_lsn(),
+            }),
+            checkpoint: self
+                .last_checkpoint
+                .load(std::sync::atomic::Ordering::Relaxed),
+            version_vector: replica.version_vector().iter().collect(),
+            keys: replica.key_count() as u64,
+            rules_version: replica.rules_version(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<tonic::Response<pb::StatusResponse>, Status> {
+        Ok(tonic::Response::new(self.node.status()))
+    }
+
+    async fn explain(
+        &self,
+        request: Request<pb::ExplainRequest>,
+    ) -> Result<tonic::Response<pb::ExplainResponse>, Status> {
+        let key = request.into_inner().key;
+        check_key(&key)?;
+        let group = self.node.consensus.group_map().group_of(&key);
+        let (explanation, existing) = {
+            let local = lock(&self.node.local);
+            let replica = local.replica();
+            (
+                replica.rules().explain(&key),
+                replica.key_state(&key).map(KeyState::value_type),
+            )
+        };
+        let leader = self.node.consensus.leader_of(group);
+        let leader_id = leader.as_ref().map_or(0, |l| l.0);
+        Ok(tonic::Response::new(pb::ExplainResponse {
+            rule_index: explanation.rule_index.map_or(-1, |i| i as i32),
+            pattern: explanation.pattern,
+            mode: explanation.mode.to_string(),
+            r#type: existing
+                .or(explanation.value_type)
+                .map_or(String::new(), |t| t.name().to_string()),
+            min: explanation.bounds.map(|b| b.min),
+            max: explanation.bounds.map(|b| b.max),
+            group,
+            leader: leader_id,
+            leader_addr: self
+                .node
+                .client_addr_of(leader_id)
+                .unwrap_or_default()
+                .to_string(),
+            exists: existing.is_some(),
+        }))
+    }
+
+    async fn get_rules(
+        &self,
+        _: Request<pb::GetRulesRequest>,
+    ) -> Result<tonic::Response<pb::Rules>, Status> {
+        let rules = lock(&self.node.local).replica().rules().rule_set().clone();
+        let toml = toml::to_string(&rules)
+            .map_err(|e| Status::internal(format!("the rules do not render as TOML: {e}")))?;
+        Ok(tonic::Response::new(pb::Rules {
+            version: rules.version,
+            toml,
+        }))
+    }
+
+    async fn set_rules(
+        &self,
+        _: Request<pb::SetRulesRequest>,
+    ) -> Result<tonic::Response<pb::Rules>, Status> {
+        Err(Status::unimplemented(
+            "changing rules on a running cluster is not built yet (issue 5); rules come from the rules file when the cluster is created",
+        ))
+    }
+
+    async fn checkpoint(
+        &self,
+        _: Request<pb::CheckpointRequest>,
+    ) -> Result<tonic::Response<pb::CheckpointResponse>, Status> {
+        let node = self.node.clone();
+        let id = tokio::task::spawn_blocking(move || node.checkpoint_blocking())
+            .await
+            .map_err(|e| Status::internal(format!("the checkpoint task failed: {e}")))?;
+        Ok(tonic::Response::new(pb::CheckpointResponse { id }))
+    }
+}
+
+/// Serve the client API on `listener` until `shutdown`.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    // Health follows readiness: SERVING once every group has a leader this node knows.
+    let health_node = node.clone();
+    let health_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let mut serving = None;
+        loop {
+            let ready = health_node.groups_without_leader().is_empty();
+            if serving != Some(ready) {
+                if ready {
+                    health.set_serving::<KvServer<KvService>>().await;
+                } else {
+                    health.set_not_serving::<KvServer<KvService>>().await;
+                }
+                serving = Some(ready);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = health_shutdown.cancelled() => return,
+            }
+        }
+    });
+    let kv = KvServer::new(KvService { node: node.clone() })
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX);
+    let admin = AdminServer::new(AdminService { node });
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(kv)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "client API server stopped");
+    }
+}

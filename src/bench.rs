@@ -1,0 +1,266 @@
+//! `calm bench`: load against a running cluster over the public API, with latency
+//! percentiles and throughput. Keys are 16 bytes, values 64 bytes (as in etcd's benchmarks).
+//!
+//! Every run is bounded by an op count and a duration, whichever comes first.
+
+use crate::api::pb;
+use crate::api::pb::kv_client::KvClient;
+use crate::client::connect;
+use anyhow::{Result, bail};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Register put (Raft).
+    Put,
+    /// Linearizable get of keys written first.
+    Get,
+    /// Compare-and-set on a register, expecting its current version (Raft).
+    Cas,
+    /// Counter add (fast path).
+    Add,
+    /// Batch calls of `--batch` counter adds.
+    Batch,
+}
+
+pub struct BenchOptions {
+    pub workload: Workload,
+    pub ops: u64,
+    pub concurrency: u64,
+    pub duration: Duration,
+    pub keys: u64,
+    pub batch: u64,
+}
+
+/// Most concurrent clients; each holds a connection.
+pub const CONCURRENCY_MAX: u64 = 1024;
+
+pub struct Report {
+    pub ops: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    /// Per call, in microseconds, sorted.
+    pub latencies_us: Vec<u64>,
+    /// Ops per call (1, or the batch size).
+    pub ops_per_call: u64,
+}
+
+impl Report {
+    pub fn percentile_us(&self, p: f64) -> u64 {
+        if self.latencies_us.is_empty() {
+            return 0;
+        }
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies_us[i]
+    }
+
+    pub fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// A 16-byte key, with the workload's letter first (workloads need keys of their own type).
+fn key(w: Workload, i: u64) -> Vec<u8> {
+    let letter = match w {
+        Workload::Put | Workload::Get => 'r',
+        Workload::Cas => 'c',
+        Workload::Add | Workload::Batch => 'n',
+    };
+    format!("{letter}-bench-{i:08}").into_bytes()
+}
+
+fn value(i: u64) -> Vec<u8> {
+    let mut v = format!("{i:064}").into_bytes();
+    v.truncate(64);
+    v
+}
+
+fn write(key: Vec<u8>, kind: pb::op::Kind) -> pb::WriteRequest {
+    pb::WriteRequest {
+        key,
+        op: Some(pb::Op { kind: Some(kind) }),
+    }
+}
+
+/// Versions of the CAS keys as each client last saw them (one key per client, so CAS
+/// contention measures the path, not conflicts).
+async fn one_call(
+    kv: &mut KvClient<tonic::transport::Channel>,
+    o: &BenchOptions,
+    client: u64,
+    n: u64,
+    cas_version: &mut u64,
+) -> Result<(), tonic::Status> {
+    let k = (client * 7919 + n) % o.keys;
+    match o.workload {
+        Workload::Put => {
+            kv.write(write(
+                key(o.workload, k),
+                pb::op::Kind::Put(pb::Put { value: value(n) }),
+            ))
+            .await?;
+        }
+        Workload::Get => {
+            kv.get(pb::GetRequest {
+                key: key(o.workload, k),
+                consistency: pb::Consistency::Linearizable as i32,
+                token: Vec::new(),
+            })
+            .await?;
+        }
+        Workload::Cas => {
+            let r = kv
+                .write(write(
+                    key(o.workload, o.keys + client),
+                    pb::op::Kind::Cas(pb::Cas {
+                        expect: Some(pb::cas::Expect::Version(*cas_version)),
+                        new_value: value(n),
+                        delete: false,
+                    }),
+                ))
+                .await?
+                .into_inner();
+            *cas_version = r.version;
+        }
+        Workload::Add => {
+            kv.write(write(
+                key(o.workload, k),
+                pb::op::Kind::Add(pb::Add { delta: 1 }),
+            ))
+            .await?;
+        }
+        Workload::Batch => {
+            let ops = (0..o.batch)
+                .map(|j| {
+                    write(
+                        key(o.workload, (k + j) % o.keys),
+                        pb::op::Kind::Add(pb::Add { delta: 1 }),
+                    )
+                })
+                .collect();
+            let r = kv.batch(pb::BatchRequest { ops }).await?.into_inner();
+            if let Some(pb::batch_result::Result::Error(e)) = r.results.iter().find_map(|r| {
+                r.result
+                    .clone()
+                    .filter(|r| matches!(r, pb::batch_result::Result::Error(_)))
+            }) {
+                return Err(tonic::Status::new(tonic::Code::from_i32(e.code), e.message));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Create the keys the workload needs (so the measured ops are not key creations).
+async fn prepare(endpoints: &[String], o: &BenchOptions) -> Result<()> {
+    let mut kv = KvClient::new(connect(endpoints).await?);
+    let chunk = 500;
+    let mut i = 0;
+    let total = match o.workload {
+        Workload::Cas => o.keys + o.concurrency,
+        _ => o.keys,
+    };
+    while i < total {
+        let ops = (i..(i + chunk).min(total))
+            .map(|k| {
+                let kind = match o.workload {
+                    Workload::Add | Workload::Batch => pb::op::Kind::Add(pb::Add { delta: 0 }),
+                    _ => pb::op::Kind::Put(pb::Put { value: value(k) }),
+                };
+                write(key(o.workload, k), kind)
+            })
+            .collect();
+        let r = kv.batch(pb::BatchRequest { ops }).await?.into_inner();
+        for r in r.results {
+            if let Some(pb::batch_result::Result::Error(e)) = r.result {
+                bail!("preparing the keys failed: {}", e.message);
+            }
+        }
+        i += chunk;
+    }
+    Ok(())
+}
+
+pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
+    if o.concurrency == 0 || o.concurrency > CONCURRENCY_MAX {
+        bail!("--concurrency must be within 1..={CONCURRENCY_MAX}");
+    }
+    if o.keys == 0 {
+        bail!("--keys must be at least 1");
+    }
+    prepare(endpoints, &o).await?;
+    // CAS keys were just written once: version 1.
+    let o = std::sync::Arc::new(o);
+    let started = Instant::now();
+    let per_client = o.ops.div_ceil(o.concurrency);
+    let mut tasks = Vec::new();
+    for client in 0..o.concurrency {
+        // Spread clients over the endpoints, each on its own connection.
+        let ep = vec![endpoints[client as usize % endpoints.len()].clone()];
+        let o = o.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut kv = KvClient::new(connect(&ep).await?);
+            let mut latencies = Vec::with_capacity(per_client as usize);
+            let mut errors = 0u64;
+            let mut cas_version = 1;
+            for n in 0..per_client {
+                if started.elapsed() > o.duration {
+                    break;
+                }
+                let t = Instant::now();
+                match one_call(&mut kv, &o, client, n, &mut cas_version).await {
+                    Ok(()) => latencies.push(t.elapsed().as_micros() as u64),
+                    Err(_) => errors += 1,
+                }
+            }
+            anyhow::Ok((latencies, errors))
+        }));
+    }
+    let mut latencies_us = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await??;
+        latencies_us.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed();
+    latencies_us.sort_unstable();
+    let ops_per_call = if o.workload == Workload::Batch {
+        o.batch
+    } else {
+        1
+    };
+    Ok(Report {
+        ops: latencies_us.len() as u64 * ops_per_call,
+        errors,
+        elapsed,
+        latencies_us,
+        ops_per_call,
+    })
+}
+
+pub fn print(workload: Workload, o_concurrency: u64, r: &Report, json_out: bool) {
+    let name = format!("{workload:?}").to_lowercase();
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "workload": name, "concurrency": o_concurrency, "ops": r.ops, "errors": r.errors,
+                "seconds": r.elapsed.as_secs_f64(), "ops_per_sec": r.ops_per_sec(),
+                "p50_us": r.percentile_us(0.5), "p99_us": r.percentile_us(0.99),
+                "ops_per_call": r.ops_per_call,
+            })
+        );
+    } else {
+        println!(
+            "{name:>6} x{o_concurrency:<4} {:>9.0} ops/s  p50 {:>6} µs  p99 {:>6} µs  ({} ops, {} errors, {:.1} s)",
+            r.ops_per_sec(),
+            r.percentile_us(0.5),
+            r.percentile_us(0.99),
+            r.ops,
+            r.errors,
+            r.elapsed.as_secs_f64()
+        );
+    }
+}

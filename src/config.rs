@@ -1,0 +1,347 @@
+//! A node's configuration: TOML file < environment (`CALM_*`) < command-line flags.
+//!
+//! Every node of a cluster is given the same member list (like etcd's `initial-cluster`):
+//! each member's id, peer address (Raft and gossip) and client address (the public API).
+//! Every node initializes the groups with that list when its data directory is new, which
+//! openraft allows for identical lists; the client addresses let any node tell a client where
+//! the leader it should retry at listens.
+//!
+//! Environment variables nest with `__`: `CALM_RAFT__HEARTBEAT_MS=50`.
+
+use calm_kernel::NodeId;
+use calm_raft::consensus::{ConsensusOptions, DATA_GROUPS_MAX};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+fn invalid(message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(message.into())
+}
+
+/// One member of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: NodeId,
+    /// Raft and gossip traffic (`host:port`).
+    pub peer: String,
+    /// The public gRPC API (`host:port`).
+    pub client: String,
+}
+
+impl Member {
+    /// Parse `ID=PEER,CLIENT`, e.g. `1=127.0.0.1:7101,127.0.0.1:7001`.
+    pub fn parse(text: &str) -> Result<Member, String> {
+        let (id, addrs) = text
+            .split_once('=')
+            .ok_or_else(|| format!("member '{text}' is not ID=PEER_ADDR,CLIENT_ADDR"))?;
+        let id: NodeId = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("member '{text}': '{id}' is not a node id (a number >= 1)"))?;
+        let (peer, client) = addrs
+            .split_once(',')
+            .ok_or_else(|| format!("member '{text}' is not ID=PEER_ADDR,CLIENT_ADDR"))?;
+        Ok(Member {
+            id,
+            peer: peer.trim().to_string(),
+            client: client.trim().to_string(),
+        })
+    }
+}
+
+/// Raft timing and sizing (the same on every node).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RaftConfig {
+    /// Data groups keys hash onto; fixed when the cluster is created.
+    pub data_groups: u64,
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    pub snapshot_after_entries: u64,
+    pub entries_kept_after_snapshot: u64,
+    /// How long a proposal or linearizable read may wait for its group.
+    pub request_timeout_ms: u64,
+    /// How often a node hands groups it is not the preferred leader of to their preferred
+    /// leader (leaders spread over nodes); 0 disables it.
+    pub balance_leaders_interval_ms: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> RaftConfig {
+        let c = ConsensusOptions::default();
+        RaftConfig {
+            data_groups: c.data_groups,
+            heartbeat_ms: c.heartbeat_ms,
+            election_timeout_min_ms: c.election_timeout_min_ms,
+            election_timeout_max_ms: c.election_timeout_max_ms,
+            snapshot_after_entries: c.snapshot_after_entries,
+            entries_kept_after_snapshot: c.entries_kept_after_snapshot,
+            request_timeout_ms: c.request_timeout_ms,
+            balance_leaders_interval_ms: 3_000,
+        }
+    }
+}
+
+impl RaftConfig {
+    pub fn consensus_options(&self) -> ConsensusOptions {
+        ConsensusOptions {
+            data_groups: self.data_groups,
+            heartbeat_ms: self.heartbeat_ms,
+            election_timeout_min_ms: self.election_timeout_min_ms,
+            election_timeout_max_ms: self.election_timeout_max_ms,
+            snapshot_after_entries: self.snapshot_after_entries,
+            entries_kept_after_snapshot: self.entries_kept_after_snapshot,
+            request_timeout_ms: self.request_timeout_ms,
+        }
+    }
+}
+
+/// Local durability and housekeeping.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StorageConfig {
+    /// How often applied state is written to RocksDB (the WAL makes it durable before that;
+    /// this bounds replay after a crash).
+    pub persist_interval_ms: u64,
+    /// How often a BLAKE3-verified checkpoint is taken (and old WAL segments dropped).
+    pub checkpoint_interval_s: u64,
+    pub wal_segment_bytes_max: u64,
+    /// `auto` (io_uring, else pwrite), `io_uring` or `pwrite`.
+    pub wal_backend: String,
+}
+
+impl Default for StorageConfig {
+    fn default() -> StorageConfig {
+        StorageConfig {
+            persist_interval_ms: 200,
+            checkpoint_interval_s: 300,
+            wal_segment_bytes_max: 64 << 20,
+            wal_backend: "auto".into(),
+        }
+    }
+}
+
+/// A node's whole configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub data_dir: PathBuf,
+    /// Listen address of the public gRPC API.
+    pub client_addr: SocketAddr,
+    /// Listen address of peer traffic (Raft, gossip). Outgoing peer connections are made from
+    /// this address's IP too, so peers see this node under one address.
+    pub peer_addr: SocketAddr,
+    /// Listen address of /metrics, /healthz, /readyz and the status page.
+    pub http_addr: SocketAddr,
+    /// Every member, this node included.
+    pub members: Vec<Member>,
+    /// Rules file used when the cluster is created; the embedded default rules otherwise.
+    #[serde(default)]
+    pub rules_file: Option<PathBuf>,
+    #[serde(default)]
+    pub raft: RaftConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+}
+
+/// What flags may override (all optional).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<NodeId>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_addr: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_addr: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub members: Option<Vec<Member>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules_file: Option<PathBuf>,
+}
+
+impl NodeConfig {
+    /// Layer the file (if any), `CALM_*` variables and flags, then validate.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<NodeConfig, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(invalid(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: NodeConfig = figment
+            .merge(Env::prefixed("CALM_").split("__"))
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.id == 0 {
+            return Err(invalid("id must be >= 1 (0 is reserved)"));
+        }
+        let mut ids = BTreeSet::new();
+        for m in &self.members {
+            if m.id == 0 {
+                return Err(invalid(format!("member {m:?}: ids start at 1")));
+            }
+            if !ids.insert(m.id) {
+                return Err(invalid(format!(
+                    "member id {} is listed twice; every member needs its own id",
+                    m.id
+                )));
+            }
+            for addr in [&m.peer, &m.client] {
+                let port = addr.rsplit_once(':').and_then(|(host, port)| {
+                    (!host.is_empty())
+                        .then(|| port.parse::<u16>().ok())
+                        .flatten()
+                });
+                if port.is_none() {
+                    return Err(invalid(format!(
+                        "member {}: '{addr}' is not host:port",
+                        m.id
+                    )));
+                }
+            }
+        }
+        let Some(me) = self.members.iter().find(|m| m.id == self.id) else {
+            return Err(invalid(format!(
+                "node {} is not in the member list; list every member, this node included",
+                self.id
+            )));
+        };
+        // A member's peer address may be a host name (docker compose); when it is an IP
+        // address and this node listens on a specific one, they must agree.
+        if let Ok(listed) = me.peer.parse::<SocketAddr>()
+            && !self.peer_addr.ip().is_unspecified()
+            && listed != self.peer_addr
+        {
+            return Err(invalid(format!(
+                "node {}: peer_addr {} differs from its member entry's peer address {}",
+                self.id, self.peer_addr, me.peer
+            )));
+        }
+        if !(1..=DATA_GROUPS_MAX).contains(&self.raft.data_groups) {
+            return Err(invalid(format!(
+                "raft.data_groups = {} must be within 1..={DATA_GROUPS_MAX}",
+                self.raft.data_groups
+            )));
+        }
+        if self.raft.heartbeat_ms == 0
+            || self.raft.election_timeout_min_ms <= self.raft.heartbeat_ms
+            || self.raft.election_timeout_max_ms <= self.raft.election_timeout_min_ms
+        {
+            return Err(invalid(format!(
+                "raft timing: need 0 < heartbeat_ms ({}) < election_timeout_min_ms ({}) < election_timeout_max_ms ({})",
+                self.raft.heartbeat_ms,
+                self.raft.election_timeout_min_ms,
+                self.raft.election_timeout_max_ms
+            )));
+        }
+        if self.storage.persist_interval_ms == 0 || self.storage.checkpoint_interval_s == 0 {
+            return Err(invalid(
+                "storage.persist_interval_ms and storage.checkpoint_interval_s must be > 0",
+            ));
+        }
+        if !["auto", "io_uring", "pwrite"].contains(&self.storage.wal_backend.as_str()) {
+            return Err(invalid(format!(
+                "storage.wal_backend = '{}': use auto, io_uring or pwrite",
+                self.storage.wal_backend
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn member(&self, id: NodeId) -> Option<&Member> {
+        self.members.iter().find(|m| m.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn overrides() -> Overrides {
+        Overrides {
+            id: Some(1),
+            data_dir: Some("d".into()),
+            client_addr: Some("127.0.0.1:7001".parse().unwrap()),
+            peer_addr: Some("127.0.0.1:7101".parse().unwrap()),
+            http_addr: Some("127.0.0.1:7201".parse().unwrap()),
+            members: Some(vec![
+                Member::parse("1=127.0.0.1:7101,127.0.0.1:7001").unwrap(),
+                Member::parse("2=127.0.0.1:7102,127.0.0.1:7002").unwrap(),
+            ]),
+            rules_file: None,
+        }
+    }
+
+    #[test]
+    fn flags_make_a_whole_config_with_defaults() {
+        let c = NodeConfig::load(None, overrides()).unwrap();
+        assert_eq!(c.raft, RaftConfig::default());
+        assert_eq!(c.member(2).unwrap().client, "127.0.0.1:7002");
+    }
+
+    #[test]
+    fn file_values_are_overridden_by_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calm.toml");
+        std::fs::write(
+            &path,
+            "id = 2\ndata_dir = \"x\"\n[raft]\nheartbeat_ms = 40\nelection_timeout_min_ms = 400\nelection_timeout_max_ms = 800\n",
+        )
+        .unwrap();
+        let c = NodeConfig::load(Some(&path), overrides()).unwrap();
+        assert_eq!(c.id, 1, "the flag wins over the file");
+        assert_eq!(c.raft.heartbeat_ms, 40, "the file wins over defaults");
+    }
+
+    #[test]
+    fn bad_configs_say_what_is_wrong() {
+        let mut o = overrides();
+        o.id = Some(3);
+        let e = NodeConfig::load(None, o).unwrap_err().to_string();
+        assert!(e.contains("not in the member list"), "{e}");
+        assert!(
+            Member::parse("x=1,2")
+                .unwrap_err()
+                .contains("not a node id")
+        );
+        assert!(
+            Member::parse("1=127.0.0.1:1")
+                .unwrap_err()
+                .contains("ID=PEER_ADDR")
+        );
+        let mut o = overrides();
+        o.members = Some(vec![
+            Member::parse("1=127.0.0.1:7101,127.0.0.1:7001").unwrap(),
+            Member::parse("1=127.0.0.1:7102,127.0.0.1:7002").unwrap(),
+        ]);
+        let e = NodeConfig::load(None, o).unwrap_err().to_string();
+        assert!(e.contains("listed twice"), "{e}");
+    }
+}

@@ -1,0 +1,153 @@
+//! HTTP for operators: `/metrics` (Prometheus), `/healthz` (the process runs), `/readyz`
+//! (every group has a leader this node knows, so every key can be served), and `/` (a small
+//! status page: members, groups, leaders, lag).
+
+use crate::node::Node;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::fmt::Write;
+use std::sync::{Arc, OnceLock};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The process-wide Prometheus recorder (installed once, shared by every node a process runs).
+fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Fails only if another recorder was installed first (e.g. by a test harness); the
+        // handle then renders nothing, which is visible on /metrics.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+#[derive(Clone)]
+struct AppState {
+    node: Arc<Node>,
+}
+
+pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) {
+    let handle = prometheus();
+    let app = Router::new()
+        .route("/", get(status_page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(move |State(state): State<AppState>| async move {
+                record_raft_gauges(&state.node);
+                handle.render()
+            }),
+        )
+        .with_state(AppState { node });
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "HTTP server stopped");
+    }
+}
+
+/// Per-group gauges, sampled when scraped.
+fn record_raft_gauges(node: &Node) {
+    for g in node.consensus.group_map().all() {
+        let m = node.metrics(g);
+        let group = g.to_string();
+        let leader = m.current_leader == Some(node.id());
+        metrics::gauge!("calm_raft_is_leader", "group" => group.clone()).set(if leader {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!("calm_raft_term", "group" => group.clone()).set(m.current_term as f64);
+        metrics::gauge!("calm_raft_applied_index", "group" => group)
+            .set(m.last_applied.map_or(0, |l| l.index) as f64);
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let missing = state.node.groups_without_leader();
+    if missing.is_empty() {
+        (StatusCode::OK, "ready\n".to_string())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: no known leader for groups {missing:?} (no quorum reachable from this node yet)\n"
+            ),
+        )
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+async fn status_page(State(state): State<AppState>) -> Html<String> {
+    let s = state.node.status();
+    let mut page = String::new();
+    let _ = write!(
+        page,
+        "<!doctype html><html><head><meta charset=utf-8><title>calm node {id}</title>\
+         <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
+         td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:right}}</style></head><body>\
+         <h1>calm node {id}</h1><p>version {version}, up {up} s, {keys} keys, rules version {rules}, \
+         WAL {backend} (next LSN {lsn}), last checkpoint {cp}</p><h2>Members</h2><table>\
+         <tr><th>id</th><th>client</th><th>peer</th></tr>",
+        id = s.node_id,
+        version = escape(&s.version),
+        up = state.node.started.elapsed().as_secs(),
+        keys = s.keys,
+        rules = s.rules_version,
+        backend = s.wal.as_ref().map_or(String::new(), |w| escape(&w.backend)),
+        lsn = s.wal.as_ref().map_or(0, |w| w.next_lsn),
+        cp = s.checkpoint,
+    );
+    for m in &s.members {
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            m.id,
+            escape(&m.client_addr),
+            escape(&m.peer_addr)
+        );
+    }
+    page.push_str(
+        "</table><h2>Groups</h2><table><tr><th>group</th><th>role</th><th>leader</th>\
+         <th>term</th><th>last log</th><th>applied</th><th>snapshot</th><th>max follower lag</th></tr>",
+    );
+    for g in &s.groups {
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            g.id,
+            g.role,
+            g.leader,
+            g.term,
+            g.last_log_index,
+            g.applied_index,
+            g.snapshot_index,
+            g.max_follower_lag
+        );
+    }
+    page.push_str(
+        "</table><h2>Facts applied per origin</h2><table><tr><th>origin</th><th>seq</th></tr>",
+    );
+    let mut vv: Vec<_> = s.version_vector.iter().collect();
+    vv.sort();
+    for (origin, seq) in vv {
+        let _ = write!(page, "<tr><td>{origin}</td><td>{seq}</td></tr>");
+    }
+    page.push_str(
+        "</table><p><a href=/metrics>metrics</a> · <a href=/readyz>readiness</a></p></body></html>",
+    );
+    Html(page)
+}

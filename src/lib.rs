@@ -1,0 +1,13 @@
+//! The calm node: gRPC services, gossip, routing, configuration and the CLI's client side.
+//! The binary (`main.rs`) is a thin shell over this library, so tests and benches can start
+//! nodes in-process too.
+
+pub mod api;
+pub mod bench;
+pub mod client;
+pub mod config;
+pub mod dev;
+pub mod gossip;
+pub mod http;
+pub mod node;
+pub mod token;

@@ -1,0 +1,387 @@
+//! One running calm node: recovery, the peer and client servers, and housekeeping.
+//!
+//! [`Node::start`] recovers the node's state from its data directory (WAL replay into the
+//! replica and every Raft group's log), starts every group, serves peers (Raft and gossip on
+//! one port), initializes the groups with the configured members when the data directory is
+//! new, then serves clients (the public gRPC API, health, reflection) and HTTP (metrics,
+//! health, status). Background tasks persist applied state to RocksDB, take checkpoints and
+//! spread group leaders over the nodes. Everything stops when the shutdown token is
+//! cancelled, passed in by the caller (mini-redis style), and [`Running::wait`] returns once
+//! state is persisted.
+//!
+//! Fatal errors: a WAL write or fsync that fails, or a state store that cannot be written,
+//! leaves memory ahead of disk. The node then logs the error and exits (code 70) so that
+//! recovery rebuilds from what is durable; it never keeps acknowledging.
+
+use crate::config::NodeConfig;
+use crate::gossip::{Gossip, GossipOptions};
+use calm_kernel::clock::Hlc;
+use calm_kernel::rules::{CompiledRules, RuleSet};
+use calm_kernel::{NodeId, VersionVector};
+use calm_raft::consensus::network::Peers;
+use calm_raft::consensus::service::GroupHandles;
+use calm_raft::consensus::types::{BasicNode, RaftMetrics, WatchReceiver};
+use calm_raft::consensus::{CalmRaft, Consensus, FactSource, GroupId, SharedLocal};
+use calm_raft::local::{LocalOptions, LocalState};
+use calm_raft::wal::{WalBackend, WalOptions};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The rules `calm` uses when none are given: also the starting rules of `calm dev`.
+pub const DEFAULT_RULES: &str = include_str!("default-rules.toml");
+
+/// Exit code of a node that stopped on a fatal storage error.
+pub const EXIT_FATAL: i32 = 70;
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rules: {0}")]
+    Rules(String),
+    #[error("recovering the node's state: {0}")]
+    Recover(#[from] calm_raft::local::LocalError),
+    #[error("starting the Raft groups: {0}")]
+    Consensus(#[from] calm_raft::consensus::node::ConsensusError),
+    #[error("cannot listen on {addr} ({what}): {source}; is another calm (or anything) using it?")]
+    Listen {
+        addr: std::net::SocketAddr,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Log a fatal storage error and stop the process (see the module docs).
+pub fn fatal(what: &str, error: &dyn std::fmt::Display) -> ! {
+    tracing::error!(
+        "fatal: {what}: {error}; stopping so that recovery starts from what is durable"
+    );
+    eprintln!(
+        "calm: fatal: {what}: {error}; stopping so that recovery starts from what is durable"
+    );
+    std::process::exit(EXIT_FATAL)
+}
+
+pub fn lock(local: &SharedLocal) -> MutexGuard<'_, LocalState> {
+    // Kernel updates are per key and complete; a panic elsewhere leaves nothing half done.
+    local.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Load and compile the rules a new cluster starts with.
+pub fn load_rules(file: Option<&Path>) -> Result<RuleSet, String> {
+    let (text, origin) = match file {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read rules file {}: {e}", path.display()))?,
+            path.display().to_string(),
+        ),
+        None => (
+            DEFAULT_RULES.to_string(),
+            "the embedded example rules".to_string(),
+        ),
+    };
+    toml::from_str(&text).map_err(|e| {
+        format!("{origin} is not a valid rules file ({e}); see `calm rules example` for the format")
+    })
+}
+
+fn compile_rules(rules: &RuleSet) -> Result<CompiledRules, StartError> {
+    rules.compile().map_err(|e| {
+        StartError::Rules(format!(
+            "{e}; run `calm rules check` on the file to see every problem"
+        ))
+    })
+}
+
+/// What the services share.
+pub struct Node {
+    pub config: NodeConfig,
+    pub local: SharedLocal,
+    pub consensus: Consensus,
+    pub gossip: Arc<Gossip>,
+    pub hlc: Arc<Hlc>,
+    pub started: Instant,
+    /// Newest checkpoint this process took (0: none yet).
+    pub last_checkpoint: AtomicU64,
+}
+
+impl Node {
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    /// The client address of `node`, from the member list.
+    pub fn client_addr_of(&self, node: NodeId) -> Option<&str> {
+        self.config.member(node).map(|m| m.client.as_str())
+    }
+
+    /// A copy of `group`'s Raft metrics.
+    pub fn metrics(&self, group: GroupId) -> RaftMetrics<CalmRaft> {
+        self.consensus
+            .raft(group)
+            .metrics()
+            .borrow_watched()
+            .clone()
+    }
+
+    /// Last applied log index of `group` on this node.
+    pub fn applied_index(&self, group: GroupId) -> u64 {
+        self.consensus
+            .raft(group)
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .map_or(0, |l| l.index)
+    }
+
+    pub fn version_vector(&self) -> VersionVector {
+        lock(&self.local).replica().version_vector().clone()
+    }
+
+    /// Groups without a known leader (empty: the node can serve every key).
+    pub fn groups_without_leader(&self) -> Vec<GroupId> {
+        self.consensus
+            .group_map()
+            .all()
+            .filter(|&g| self.consensus.leader_of(g).is_none())
+            .collect()
+    }
+
+    /// Persist applied state now (blocking: call from a blocking thread).
+    fn persist_blocking(local: &SharedLocal) {
+        let mut local = lock(local);
+        if let Err(e) = local.persist() {
+            fatal("persisting applied state", &e);
+        }
+    }
+
+    /// Take a checkpoint now (blocking: call from a blocking thread).
+    pub fn checkpoint_blocking(&self) -> u64 {
+        let id = match lock(&self.local).checkpoint() {
+            Ok(id) => id,
+            Err(e) => fatal("taking a checkpoint", &e),
+        };
+        self.last_checkpoint.store(id, Ordering::Relaxed);
+        id
+    }
+}
+
+/// A started node and its tasks.
+pub struct Running {
+    pub node: Arc<Node>,
+    tasks: Vec<JoinHandle<()>>,
+    shutdown: CancellationToken,
+}
+
+fn wal_backend(name: &str) -> WalBackend {
+    match name {
+        "io_uring" => WalBackend::IoUring,
+        "pwrite" => WalBackend::Pwrite,
+        _ => WalBackend::Auto,
+    }
+}
+
+async fn listen(addr: std::net::SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Listen { addr, what, source })
+}
+
+impl Node {
+    /// Recover, start every group and serve; see the module docs.
+    pub async fn start(
+        config: NodeConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Running, StartError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.display().to_string(),
+            source,
+        })?;
+        let rules =
+            compile_rules(&load_rules(config.rules_file.as_deref()).map_err(StartError::Rules)?)?;
+        // Listen first: a port in use is the most common start failure, and peers can reach
+        // this node as soon as its groups exist.
+        let peer_listener = listen(config.peer_addr, "peer traffic").await?;
+        let client_listener = listen(config.client_addr, "client API").await?;
+        let http_listener = listen(config.http_addr, "HTTP").await?;
+
+        let options = LocalOptions {
+            wal: WalOptions {
+                segment_bytes_max: config.storage.wal_segment_bytes_max,
+                backend: wal_backend(&config.storage.wal_backend),
+                ..WalOptions::default()
+            },
+            ..LocalOptions::default()
+        };
+        let (dir, id) = (config.data_dir.clone(), config.id);
+        let (local, report) =
+            tokio::task::spawn_blocking(move || LocalState::open(dir, id, rules, options))
+                .await
+                .expect("recovery does not panic")?;
+        tracing::info!(
+            node = id,
+            replayed_batches = report.replayed_batches,
+            replayed_facts = report.replayed_facts,
+            replayed_raft_records = report.replayed_raft_records,
+            wal = local.wal().backend_name(),
+            "recovered"
+        );
+        let local: SharedLocal = Arc::new(Mutex::new(local));
+        let hlc = Arc::new(Hlc::new(id));
+        let peers = Peers::bound_to(config.peer_addr.ip());
+        let gossip = Gossip::new(
+            id,
+            local.clone(),
+            hlc.clone(),
+            peers.clone(),
+            config
+                .members
+                .iter()
+                .map(|m| (m.id, m.peer.clone()))
+                .collect(),
+            GossipOptions::default(),
+        );
+
+        let handles = GroupHandles::new();
+        let mut tasks = Vec::new();
+        let peer_server = tonic::transport::Server::builder()
+            .add_service(Consensus::peer_service(handles.clone()))
+            .add_service(gossip.service())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(peer_listener),
+                shutdown.clone().cancelled_owned(),
+            );
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = peer_server.await {
+                tracing::error!(error = %e, "peer server stopped");
+            }
+        }));
+
+        let consensus = Consensus::start(
+            id,
+            local.clone(),
+            gossip.clone() as Arc<dyn FactSource>,
+            config.data_dir.join("snapshots"),
+            &config.raft.consensus_options(),
+            handles,
+            peers,
+        )
+        .await?;
+        let members: BTreeMap<NodeId, BasicNode> = config
+            .members
+            .iter()
+            .map(|m| (m.id, BasicNode::new(m.peer.clone())))
+            .collect();
+        // Every node initializes with the same members; groups that already have a log
+        // (restart, or a peer's leader reached us first) are left alone.
+        consensus.initialize(&members).await?;
+
+        let node = Arc::new(Node {
+            config,
+            local,
+            consensus,
+            gossip: gossip.clone(),
+            hlc,
+            started: Instant::now(),
+            last_checkpoint: AtomicU64::new(0),
+        });
+
+        tasks.push(tokio::spawn(gossip.run(shutdown.clone())));
+        tasks.push(tokio::spawn(persist_loop(node.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(checkpoint_loop(
+            node.clone(),
+            shutdown.clone(),
+        )));
+        if node.config.raft.balance_leaders_interval_ms > 0 {
+            tasks.push(tokio::spawn(balance_loop(node.clone(), shutdown.clone())));
+        }
+        tasks.push(tokio::spawn(crate::api::serve(
+            node.clone(),
+            client_listener,
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::http::serve(
+            node.clone(),
+            http_listener,
+            shutdown.clone(),
+        )));
+        Ok(Running {
+            node,
+            tasks,
+            shutdown,
+        })
+    }
+}
+
+impl Running {
+    /// Wait for shutdown, stop every task and group, and persist what was applied.
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.node.consensus.shutdown().await;
+        let local = self.node.local.clone();
+        let _ = tokio::task::spawn_blocking(move || Node::persist_blocking(&local)).await;
+        tracing::info!(node = self.node.id(), "stopped");
+    }
+}
+
+/// Write applied state to RocksDB every `persist_interval_ms` when something changed.
+async fn persist_loop(node: Arc<Node>, shutdown: CancellationToken) {
+    let period = Duration::from_millis(node.config.storage.persist_interval_ms);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let local = node.local.clone();
+        // Facts waiting for an earlier fact or their key dirty no key, but still belong in
+        // the store's archive.
+        let dirty = {
+            let l = lock(&local);
+            l.replica().dirty_keys() > 0 || l.unarchived_facts() > 0
+        };
+        if dirty {
+            let _ = tokio::task::spawn_blocking(move || Node::persist_blocking(&local)).await;
+        }
+    }
+}
+
+async fn checkpoint_loop(node: Arc<Node>, shutdown: CancellationToken) {
+    let period = Duration::from_secs(node.config.storage.checkpoint_interval_s);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let n = node.clone();
+        let _ = tokio::task::spawn_blocking(move || n.checkpoint_blocking()).await;
+    }
+}
+
+async fn balance_loop(node: Arc<Node>, shutdown: CancellationToken) {
+    let period = Duration::from_millis(node.config.raft.balance_leaders_interval_ms);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let asked = node.consensus.balance_leaders().await;
+        if asked > 0 {
+            tracing::debug!(asked, "handed groups to their preferred leaders");
+        }
+    }
+}

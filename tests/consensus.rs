@@ -1,0 +1,317 @@
+//! The consensus path with real `calm serve` processes on loopback, driven through gRPC:
+//! a leader killed with `kill -9` is replaced and no acknowledged write is lost; a restarted
+//! node catches up from the log and, once the leaders purged past it, from a snapshot; a node
+//! cut off by iptables refuses writes with UNAVAILABLE and a leader hint, and what it refused
+//! never appears.
+
+mod support;
+
+use calm::api::pb::Consistency;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use support::{Cluster, Partition, can_connect, get, put, register, write};
+use tonic::Code;
+
+/// Write `key = value` through node `via`, retrying (bounded) while the cluster answers
+/// UNAVAILABLE (a leader change in progress). A retried put of the same value is harmless
+/// for what these tests check. Returns whether it was acknowledged.
+async fn put_retrying(c: &Cluster, via: usize, key: &str, value: &str) -> bool {
+    let mut kv = c.kv(via).await;
+    for _ in 0..40 {
+        match write(&mut kv, key, put(value)).await {
+            Ok(r) => {
+                assert!(r.succeeded);
+                return true;
+            }
+            Err(s) if s.code() == Code::Unavailable || s.code() == Code::DeadlineExceeded => {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(s) => panic!("put {key} via node {via}: {s:?}"),
+        }
+    }
+    false
+}
+
+/// Every key of `expected` reads its value at node `at`, linearizably (bounded retries while
+/// the node's groups settle).
+async fn assert_reads(c: &Cluster, at: usize, expected: &BTreeMap<String, String>) {
+    let mut kv = c.kv(at).await;
+    for (key, value) in expected {
+        let mut last = None;
+        for _ in 0..40 {
+            match get(&mut kv, key, Consistency::Linearizable).await {
+                Ok(v) => {
+                    last = Some(register(&v));
+                    break;
+                }
+                Err(s) if s.code() == Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(250)).await
+                }
+                Err(s) => panic!("get {key} at node {at}: {s:?}"),
+            }
+        }
+        assert_eq!(
+            last,
+            Some(Some(value.clone())),
+            "node {at} lost or changed acknowledged key {key}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_is_replaced_and_no_acknowledged_write_is_lost() {
+    let mut c = Cluster::start(3, &[]).await;
+    let probe = "lead-probe";
+    let (group, leader) = c.leader_of(1, probe).await;
+    assert_ne!(leader, 0);
+    let leader = leader as usize;
+    let via = if leader == 1 { 2 } else { 1 };
+    let mut acked = BTreeMap::new();
+    for i in 0..40 {
+        let (key, value) = (format!("k{i}"), format!("before-{i}"));
+        assert!(put_retrying(&c, via, &key, &value).await);
+        acked.insert(key, value);
+    }
+    c.kill(leader);
+    // Writes go on through a survivor: some wait out the election, none may be lost.
+    for i in 40..80 {
+        let (key, value) = (format!("k{i}"), format!("after-{i}"));
+        if put_retrying(&c, via, &key, &value).await {
+            acked.insert(key, value);
+        }
+    }
+    assert!(
+        acked.len() > 60,
+        "the survivors acknowledged only {} of 80 writes",
+        acked.len()
+    );
+    let (g, new_leader) = c.leader_of(via, probe).await;
+    assert_eq!(g, group);
+    assert!(
+        new_leader != 0 && new_leader as usize != leader,
+        "group {group} has no new leader after node {leader} was killed (sees {new_leader})"
+    );
+    let other = (1..=3).find(|&n| n != leader && n != via).unwrap();
+    assert_reads(&c, via, &acked).await;
+    assert_reads(&c, other, &acked).await;
+
+    // The killed node comes back from its WAL and catches up on what it missed.
+    c.spawn(leader);
+    c.await_ready().await;
+    assert_reads(&c, leader, &acked).await;
+}
+
+/// Per data group, the last log index node `i` reports.
+async fn last_log_indexes(c: &Cluster, i: usize) -> BTreeMap<u64, u64> {
+    c.status(i)
+        .await
+        .unwrap()
+        .groups
+        .iter()
+        .filter(|g| g.id != 0)
+        .map(|g| (g.id, g.last_log_index))
+        .collect()
+}
+
+/// Per group, the purge point of its leader as node `asking` finds it.
+async fn leader_purge_points(c: &Cluster, running: &[usize]) -> BTreeMap<u64, u64> {
+    let mut out = BTreeMap::new();
+    for &i in running {
+        for g in c.status(i).await.unwrap().groups {
+            if g.role == "leader" && g.id != 0 {
+                out.insert(g.id, g.purged_index);
+            }
+        }
+    }
+    out
+}
+
+/// Wait (bounded) until node `at` serializably reads every expected value.
+async fn await_caught_up(c: &Cluster, at: usize, expected: &BTreeMap<String, String>) {
+    let mut kv = c.kv(at).await;
+    let started = Instant::now();
+    for (key, value) in expected {
+        loop {
+            let v = get(&mut kv, key, Consistency::Serializable).await;
+            if matches!(&v, Ok(v) if register(v).as_deref() == Some(value.as_str())) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "node {at} did not catch up on {key} = {value} (reads {v:?}); its log:\n{}",
+                c.log(at)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_catches_up_from_the_log_and_from_a_snapshot() {
+    let mut c = Cluster::start(
+        3,
+        &[
+            ("CALM_RAFT__SNAPSHOT_AFTER_ENTRIES", "60"),
+            ("CALM_RAFT__ENTRIES_KEPT_AFTER_SNAPSHOT", "10"),
+            // Node 3 must not lead when it is stopped.
+            ("CALM_RAFT__BALANCE_LEADERS_INTERVAL_MS", "0"),
+        ],
+    )
+    .await;
+    let mut expected = BTreeMap::new();
+    for i in 0..20 {
+        let (key, value) = (format!("k{i}"), format!("v{i}-0"));
+        assert!(put_retrying(&c, 1, &key, &value).await);
+        expected.insert(key, value);
+    }
+
+    // Round 1: a short absence; the leaders still have every entry it missed.
+    c.kill(3);
+    c.await_ready().await;
+    for i in 0..20 {
+        let (key, value) = (format!("k{i}"), format!("v{i}-1"));
+        assert!(put_retrying(&c, 1, &key, &value).await);
+        expected.insert(key, value);
+    }
+    let purged = leader_purge_points(&c, &[1, 2]).await;
+    let before = {
+        c.spawn(3);
+        c.await_ready().await;
+        await_caught_up(&c, 3, &expected).await;
+        last_log_indexes(&c, 3).await
+    };
+    let s3 = c.status(3).await.unwrap();
+    assert!(
+        s3.groups.iter().all(|g| g.snapshot_index == 0),
+        "round 1 needs no snapshot (leaders purged {purged:?}), yet node 3 has one: {:?}",
+        s3.groups
+    );
+
+    // Round 2: absent while the leaders snapshot and purge past its log end, so only a
+    // snapshot install can bring it back.
+    c.kill(3);
+    c.await_ready().await;
+    let mut round = 2;
+    loop {
+        let purged = leader_purge_points(&c, &[1, 2]).await;
+        if purged.len() == before.len() && purged.iter().all(|(g, &p)| p > before[g]) {
+            break;
+        }
+        assert!(
+            round < 40,
+            "the leaders did not purge past node 3: {purged:?} vs {before:?}"
+        );
+        // Concurrent writes, so that each round is quick.
+        let writes = (0..20).map(|i| {
+            let (key, value) = (format!("k{i}"), format!("v{i}-{round}"));
+            let c = &c;
+            async move { (put_retrying(c, 1 + i % 2, &key, &value).await, key, value) }
+        });
+        for (ok, key, value) in futures::future::join_all(writes).await {
+            assert!(ok, "write {key} was not acknowledged");
+            expected.insert(key, value);
+        }
+        round += 1;
+    }
+    c.spawn(3);
+    c.await_ready().await;
+    await_caught_up(&c, 3, &expected).await;
+    let s3 = c.status(3).await.unwrap();
+    for g in s3.groups.iter().filter(|g| g.id != 0) {
+        assert!(
+            g.snapshot_index > before[&g.id],
+            "group {} on node 3 caught up without a snapshot past its old log end {} ({g:?})",
+            g.id,
+            before[&g.id]
+        );
+    }
+    // And it stays caught up through a restart of its own (the installed state is durable).
+    c.kill(3);
+    c.spawn(3);
+    c.await_ready().await;
+    await_caught_up(&c, 3, &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minority_refuses_writes_with_unavailable_and_a_leader_hint() {
+    if let Some(why) = support::partition_unsupported() {
+        eprintln!("skipping a_minority_refuses_writes_with_unavailable_and_a_leader_hint: {why}");
+        return;
+    }
+    let mut c = Cluster::start(3, &[]).await;
+    // Leaders spread first (node 3 may have won every first election), so that node 3 also
+    // knows leaders on the other side when it is cut off.
+    c.await_leaders_spread().await;
+    // One key per group, so every group is tried from the minority side.
+    let mut keys: BTreeMap<u64, String> = BTreeMap::new();
+    for i in 0..200 {
+        let key = format!("p{i}");
+        let (g, _) = c.leader_of(1, &key).await;
+        keys.entry(g).or_insert(key);
+        if keys.len() == 4 {
+            break;
+        }
+    }
+    assert_eq!(keys.len(), 4, "found a key for every data group");
+    for key in keys.values() {
+        assert!(put_retrying(&c, 1, key, "before").await);
+    }
+
+    for (a, b) in [(1, 2), (1, 3), (2, 3)] {
+        assert!(can_connect(&c, a, b).await && can_connect(&c, b, a).await);
+    }
+    let partition = Partition::isolate(&c, &[3]);
+    assert!(!can_connect(&c, 3, 1).await && !can_connect(&c, 1, 3).await);
+    assert!(!can_connect(&c, 3, 2).await && !can_connect(&c, 2, 3).await);
+    assert!(can_connect(&c, 1, 2).await && can_connect(&c, 2, 1).await);
+
+    // The majority carries on (electing new leaders where node 3 led).
+    for key in keys.values() {
+        assert!(
+            put_retrying(&c, 1, key, "majority").await,
+            "majority write {key}"
+        );
+    }
+    // The minority refuses every write, naming a leader where it knows one.
+    let attempts = keys.values().map(|key| {
+        let c = &c;
+        async move {
+            let mut kv = c.kv(3).await;
+            (key, write(&mut kv, key, put("minority")).await)
+        }
+    });
+    let mut hints = 0;
+    let majority_clients = [c.nodes[0].client.to_string(), c.nodes[1].client.to_string()];
+    for (key, result) in futures::future::join_all(attempts).await {
+        let status = result.expect_err("a write on the minority side must fail");
+        assert_eq!(status.code(), Code::Unavailable, "{key}: {status:?}");
+        if let Some(hint) = status.metadata().get("calm-leader") {
+            let hint = hint.to_str().unwrap().to_string();
+            assert!(
+                majority_clients.contains(&hint),
+                "{key}: the hint {hint} is not a majority node"
+            );
+            assert!(status.message().contains(&hint), "{}", status.message());
+            hints += 1;
+        }
+    }
+    assert!(hints > 0, "no refusal named a leader");
+    // Linearizable reads on the minority side fail too; serializable ones answer locally.
+    let mut kv3 = c.kv(3).await;
+    let key = keys.values().next().unwrap();
+    let read = get(&mut kv3, key, Consistency::Linearizable).await;
+    assert_eq!(read.unwrap_err().code(), Code::Unavailable);
+    assert!(get(&mut kv3, key, Consistency::Serializable).await.is_ok());
+
+    drop(partition);
+    c.await_ready().await;
+    // Node 3 converges on the majority's writes; what it refused never appears.
+    let expected: BTreeMap<String, String> = keys
+        .values()
+        .map(|k| (k.clone(), "majority".to_string()))
+        .collect();
+    assert_reads(&c, 3, &expected).await;
+    await_caught_up(&c, 3, &expected).await;
+    let s = c.status(3).await.unwrap();
+    assert!(s.groups.iter().all(|g| g.leader != 0), "{:?}", s.groups);
+}
