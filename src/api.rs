@@ -722,10 +722,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: Cancellatio
         .add_service(reflection)
         .add_service(kv)
         .add_service(admin)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown.cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(crate::node::incoming(listener), shutdown.cancelled_owned())
         .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "client API server stopped");

@@ -151,6 +151,10 @@ pub struct NodeConfig {
     /// Rules file used when the cluster is created; the embedded default rules otherwise.
     #[serde(default)]
     pub rules_file: Option<PathBuf>,
+    /// Async worker threads (0: one per core). `calm dev` runs its nodes with 1: three
+    /// nodes sharing a few cores wake each other faster with fewer threads.
+    #[serde(default)]
+    pub threads: usize,
     #[serde(default)]
     pub raft: RaftConfig,
     #[serde(default)]
@@ -174,6 +178,8 @@ pub struct Overrides {
     pub members: Option<Vec<Member>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rules_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
 }
 
 impl NodeConfig {
@@ -296,6 +302,7 @@ mod tests {
                 Member::parse("2=127.0.0.1:7102,127.0.0.1:7002").unwrap(),
             ]),
             rules_file: None,
+            threads: None,
         }
     }
 

@@ -47,7 +47,10 @@ fn spawn_node(exe: &Path, options: &DevOptions, id: u64, log_dir: &Path) -> Resu
         .arg(options.data_dir.join(format!("node-{id}")))
         .args(["--client-addr", &me.client])
         .args(["--peer-addr", &me.peer])
-        .args(["--http-addr", &me.http]);
+        .args(["--http-addr", &me.http])
+        // Several nodes share this machine's cores: one worker each wakes faster (measured
+        // in docs/benchmarks.md).
+        .args(["--threads", "1"]);
     for m in 1..=options.nodes {
         let a = addrs(options.base_port, m);
         cmd.args(["--member", &format!("{m}={},{}", a.peer, a.client)]);

@@ -211,6 +211,9 @@ struct ServeArgs {
     /// Rules file the cluster starts with; the embedded example rules otherwise.
     #[arg(long)]
     rules: Option<PathBuf>,
+    /// Async worker threads (0: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -272,7 +275,8 @@ fn init_tracing() {
     tracing_subscriber::fmt().with_env_filter(filter).init();
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+/// `calm serve` builds its runtime from the configuration (the thread count is a setting).
+fn serve(args: ServeArgs) -> Result<()> {
     init_tracing();
     let overrides = Overrides {
         id: args.id,
@@ -282,19 +286,30 @@ async fn serve(args: ServeArgs) -> Result<()> {
         http_addr: args.http_addr,
         members: (!args.members.is_empty()).then_some(args.members),
         rules_file: args.rules,
+        threads: args.threads,
     };
     let config = NodeConfig::load(args.config.as_deref(), overrides)?;
-    let shutdown = shutdown_on_signals();
-    let running = calm::node::Node::start(config, shutdown).await?;
-    tracing::info!(
-        node = running.node.id(),
-        client = %running.node.config.client_addr,
-        peer = %running.node.config.peer_addr,
-        http = %running.node.config.http_addr,
-        "serving"
-    );
-    running.wait().await;
-    Ok(())
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.threads > 0 {
+        runtime.worker_threads(config.threads);
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let shutdown = shutdown_on_signals();
+        let running = calm::node::Node::start(config, shutdown).await?;
+        tracing::info!(
+            node = running.node.id(),
+            client = %running.node.config.client_addr,
+            peer = %running.node.config.peer_addr,
+            http = %running.node.config.http_addr,
+            "serving"
+        );
+        running.wait().await;
+        Ok(())
+    })
 }
 
 fn bytes(s: String) -> Vec<u8> {
@@ -302,8 +317,14 @@ fn bytes(s: String) -> Vec<u8> {
 }
 
 fn main() -> std::process::ExitCode {
-    let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
-    match runtime.block_on(run(Cli::parse())) {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        command => tokio::runtime::Runtime::new()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(run(command))),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The whole chain, without a backtrace: users need the reason, not our stack.
@@ -313,10 +334,10 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(command: Command) -> Result<()> {
     use pb::op::Kind;
-    match cli.command {
-        Command::Serve(args) => serve(args).await,
+    match command {
+        Command::Serve(_) => unreachable!("serve builds its own runtime"),
         Command::Dev {
             nodes,
             data_dir,

@@ -193,6 +193,20 @@ fn wal_backend(name: &str) -> WalBackend {
     }
 }
 
+/// Accepted connections of `listener` with Nagle's algorithm off. tonic sets TCP_NODELAY
+/// only on listeners it binds itself; without it, small gRPC replies wait for delayed ACKs
+/// (tens of milliseconds).
+pub fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
+}
+
 async fn listen(addr: std::net::SocketAddr, what: &'static str) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
@@ -260,7 +274,7 @@ impl Node {
             .add_service(Consensus::peer_service(handles.clone()))
             .add_service(gossip.service())
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(peer_listener),
+                incoming(peer_listener),
                 shutdown.clone().cancelled_owned(),
             );
         tasks.push(tokio::spawn(async move {

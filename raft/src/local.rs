@@ -476,8 +476,11 @@ impl LocalState {
     pub fn persist(&mut self) -> Result<AppliedMeta, LocalError> {
         // Everything the replica reflects was appended before this barrier (batches become
         // durable in order), so once it is durable all of it is, and the store may cover it.
-        // The barrier is an empty facts record: replay reads it as no facts.
-        let barrier = self.wal.append(&[WalRecord::facts(Vec::new())])?.wait()?;
+        // The barrier is an empty facts record (replay reads it as no facts), together with
+        // the groups' committed ids, which openraft leaves to us to save (see `log_store.rs`).
+        let mut records = self.raft_logs.committed_records();
+        records.push(WalRecord::facts(Vec::new()));
+        let barrier = self.wal.append(&records)?.wait()?;
         let wal_lsn = barrier.lsn + 1;
         let meta = AppliedMeta {
             vv: self.replica.version_vector().clone(),

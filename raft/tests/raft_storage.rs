@@ -118,8 +118,10 @@ async fn group_logs_recover_from_the_shared_wal() {
         let mut g3 = logs.store(3);
         g3.purge(log_id(1, 1, 4)).await.unwrap();
         g3.save_committed(Some(log_id(1, 1, 9))).await.unwrap();
-        // Make the unwaited records durable too, as any later batch would.
+        // Make the unwaited purge record durable too, as any later batch would.
         g3.save_vote(&Vote::new(3, 1)).await.unwrap();
+        // Committed ids reach the WAL with the node's persist barrier.
+        local.lock().unwrap().persist().unwrap();
     }
     let local = open(dir.path(), 1);
     let logs = local.lock().unwrap().raft_logs().clone();

@@ -57,6 +57,7 @@ pub fn test_env() -> Vec<(String, String)> {
         ("CALM_RAFT__BALANCE_LEADERS_INTERVAL_MS", "1000"),
         ("CALM_STORAGE__WAL_SEGMENT_BYTES_MAX", "8388608"),
         ("CALM_LOG", "info,openraft=warn"),
+        ("CALM_THREADS", "1"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))

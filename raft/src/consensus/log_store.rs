@@ -15,8 +15,8 @@
 //!
 //! Durability contract with openraft: `append` returns once the entries are readable and calls
 //! the flush callback when their WAL batch is durable; `save_vote` and `truncate_after` return
-//! only once durable; purge and committed records ride along with later batches (losing
-//! one in a crash only makes replay keep more).
+//! only once durable; purge records ride along with later batches and committed ids with the
+//! node's periodic persist (losing one in a crash only makes replay keep or wait for more).
 
 use super::types::{CalmRaft, Entry, GroupId, IoFlushed, LogId, Vote};
 use crate::wal::{Wal, WalRecord, WalRecordKind};
@@ -37,6 +37,8 @@ pub const GROUP_LOG_ENTRIES_MAX: usize = 1 << 20;
 pub struct GroupLog {
     vote: Option<Vote>,
     committed: Option<LogId>,
+    /// The committed id last handed out by `committed_records`.
+    committed_written: Option<LogId>,
     last_purged: Option<LogId>,
     entries: BTreeMap<u64, Entry>,
     /// Index -> a lower bound of the LSN of the WAL batch holding that entry. Kept past purge,
@@ -252,6 +254,20 @@ impl RaftLogs {
         Ok(())
     }
 
+    /// A committed-id record per group whose committed id is newer than the last one
+    /// returned here, for the node's persist barrier (see `save_committed`).
+    pub fn committed_records(&self) -> Vec<WalRecord> {
+        let mut records = Vec::new();
+        for (group, log) in lock(&self.groups).iter() {
+            let mut log = lock(log);
+            if log.committed.is_some() && log.committed != log.committed_written {
+                records.push(WalRecord::raft_committed(*group, encode(&log.committed)));
+                log.committed_written = log.committed;
+            }
+        }
+        records
+    }
+
     /// Forget LSNs below `lsn` after the segments holding them were deleted.
     pub fn forget_below(&self, lsn: u64) {
         for log in lock(&self.groups).values() {
@@ -331,13 +347,10 @@ impl RaftLogStorage<CalmRaft> for GroupLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        // Not waited for (dropping the ticket does not cancel the write): a lost committed
-        // record only makes a restart re-apply less eagerly.
-        drop(
-            self.wal
-                .append(&[WalRecord::raft_committed(self.group, encode(&committed))])
-                .map_err(wal_io)?,
-        );
+        // Memory only: the node's periodic persist writes every group's committed id with
+        // its WAL barrier ([`RaftLogs::committed_records`]). An older committed id after a
+        // crash only makes the restart apply less before the leader says more; writing one
+        // record per commit would cost a WAL batch per proposal on every replica.
         lock(&self.log).committed = committed;
         Ok(())
     }
@@ -377,11 +390,8 @@ impl RaftLogStorage<CalmRaft> for GroupLogStore {
             log.insert(entry, lsn_floor);
         }
         drop(log);
-        // WAL batches become durable in LSN order, so completing callbacks out of order
-        // never reports more than is durable.
-        tokio::spawn(async move {
-            callback.io_completed(ticket.await.map(|_| ()).map_err(wal_io));
-        });
+        // Called on the WAL's acker thread, which resolves batches in LSN order.
+        ticket.on_durable(move |result| callback.io_completed(result.map(|_| ()).map_err(wal_io)));
         Ok(())
     }
 

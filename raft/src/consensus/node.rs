@@ -66,6 +66,9 @@ impl ConsensusOptions {
         let config = Config {
             cluster_name: "calm".into(),
             heartbeat_interval: self.heartbeat_ms,
+            // Replication traffic proves liveness too: under load, skip the heartbeats it
+            // makes redundant (idle groups still get one per period).
+            heartbeat_min_interval: Some(self.heartbeat_ms),
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after_entries),

@@ -22,7 +22,11 @@ struct SlotState {
     waiting: bool,
     result: Option<AppendResult>,
     waker: Option<Waker>,
+    /// Set by `on_durable`: run with the result instead of storing it.
+    callback: Option<Callback>,
 }
+
+type Callback = Box<dyn FnOnce(AppendResult) + Send>;
 
 /// The shared cell between one appender and the writer thread.
 #[derive(Default)]
@@ -47,6 +51,11 @@ impl TicketSlot {
                 return false;
             }
             state.resolved = true;
+            if let Some(callback) = state.callback.take() {
+                drop(state);
+                callback(result);
+                return true;
+            }
             state.result = Some(result);
             (state.waker.take(), state.waiting)
         };
@@ -101,6 +110,24 @@ pub struct AppendTicket {
 }
 
 impl AppendTicket {
+    /// Run `f` with the outcome once the batch is durable or failed: on the WAL's acker
+    /// thread, or right here if that already happened. It saves an async task's wake-up
+    /// per append (openraft's flush callbacks need no task). `f` must be quick and must not
+    /// block: it delays the acknowledgements after it.
+    pub fn on_durable(self, f: impl FnOnce(Result<WalPosition, WalError>) + Send + 'static) {
+        let mut state = self.slot.state.lock().expect("ticket lock poisoned");
+        if let Some(result) = state.result.take() {
+            drop(state);
+            f(result);
+            return;
+        }
+        debug_assert!(
+            !state.resolved,
+            "a resolved ticket holds its result until taken"
+        );
+        state.callback = Some(Box::new(f));
+    }
+
     /// Blocks the calling thread until the batch is durable or failed.
     pub fn wait(self) -> Result<WalPosition, WalError> {
         let mut state = self.slot.state.lock().expect("ticket lock poisoned");
