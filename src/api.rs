@@ -293,7 +293,7 @@ impl Node {
     }
 
     /// UNAVAILABLE (INTERNAL for a stopped group) with the leader hint.
-    fn unavailable(&self, e: ProposeError) -> Status {
+    pub(crate) fn unavailable(&self, e: ProposeError) -> Status {
         let code = match e {
             ProposeError::Fatal { .. } => Code::Internal,
             _ => Code::Unavailable,
@@ -666,11 +666,43 @@ impl Admin for AdminService {
 
     async fn set_rules(
         &self,
-        _: Request<pb::SetRulesRequest>,
+        request: Request<pb::SetRulesRequest>,
     ) -> Result<tonic::Response<pb::Rules>, Status> {
-        Err(Status::unimplemented(
-            "changing rules on a running cluster is not built yet (issue 5); rules come from the rules file when the cluster is created",
-        ))
+        use calm_raft::consensus::{GroupMap, Request as RaftRequest};
+        let req = request.into_inner();
+        let set = calm_raft::consensus::state_machine::parse_rules(&req.toml).map_err(invalid)?;
+        if let Err(e) = set.compile() {
+            return Err(invalid(format!(
+                "{e}; run `calm rules check` on the file to see every problem"
+            )));
+        }
+        let proposed = self
+            .node
+            .consensus
+            .propose_to(
+                GroupMap::METADATA,
+                RaftRequest::SetRules {
+                    expected_version: req.expected_version,
+                    toml: req.toml,
+                },
+            )
+            .await
+            .map_err(|e| self.node.unavailable(e))?;
+        match proposed.response {
+            Response::Done { version } => {
+                let rules = calm_kernel::rules::RuleSet { version, ..set };
+                Ok(tonic::Response::new(pb::Rules {
+                    version,
+                    toml: toml::to_string(&rules).map_err(|e| {
+                        Status::internal(format!("the rules do not render as TOML: {e}"))
+                    })?,
+                }))
+            }
+            Response::Refused { code, message } => Err(Status::new(Code::from_i32(code), message)),
+            other => Err(Status::internal(format!(
+                "the metadata group answered {other:?} to a rules change"
+            ))),
+        }
     }
 
     async fn checkpoint(

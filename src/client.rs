@@ -372,3 +372,30 @@ pub async fn checkpoint(endpoints: &[String]) -> Result<()> {
     println!("checkpoint {id} taken");
     Ok(())
 }
+
+pub async fn rules_set(
+    endpoints: &[String],
+    file: &std::path::Path,
+    expected_version: u64,
+    output: Output,
+) -> Result<()> {
+    let toml = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read rules file {}", file.display()))?;
+    let mut admin = AdminClient::new(connect(endpoints).await?);
+    let rules = admin
+        .set_rules(pb::SetRulesRequest {
+            expected_version,
+            toml,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    match output {
+        Output::Json => println!("{}", json!({"version": rules.version})),
+        Output::Table => println!(
+            "rules version {} accepted; every node switches at the same position of the metadata group's log",
+            rules.version
+        ),
+    }
+    Ok(())
+}

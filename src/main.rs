@@ -251,6 +251,15 @@ enum RulesCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Replace the cluster's rules with a file; refused unless the rules in force are still
+    /// at --expected-version (see `calm rules get`), so no one else's change is undone.
+    Set {
+        file: PathBuf,
+        #[arg(long)]
+        expected_version: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// Cancelled on Ctrl-C or SIGTERM.
@@ -316,7 +325,23 @@ fn bytes(s: String) -> Vec<u8> {
     s.into_bytes()
 }
 
+/// An error and its causes on one line, skipping a cause its wrapper already quotes.
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 fn main() -> std::process::ExitCode {
+    // `calm status | head` must end quietly when the pipe closes, like other CLI tools.
+    // SAFETY: setting a signal disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
@@ -328,7 +353,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The whole chain, without a backtrace: users need the reason, not our stack.
-            eprintln!("calm: error: {e:#}");
+            eprintln!("calm: error: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }
@@ -538,6 +563,11 @@ async fn run(command: Command) -> Result<()> {
             RulesCommand::Get { client } => {
                 client::rules_get(&client.endpoints, client.output).await
             }
+            RulesCommand::Set {
+                file,
+                expected_version,
+                client,
+            } => client::rules_set(&client.endpoints, &file, expected_version, client.output).await,
         },
     }
 }

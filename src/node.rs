@@ -223,8 +223,8 @@ impl Node {
             path: config.data_dir.display().to_string(),
             source,
         })?;
-        let rules =
-            compile_rules(&load_rules(config.rules_file.as_deref()).map_err(StartError::Rules)?)?;
+        let initial_rules = load_rules(config.rules_file.as_deref()).map_err(StartError::Rules)?;
+        let rules = compile_rules(&initial_rules)?;
         // Listen first: a port in use is the most common start failure, and peers can reach
         // this node as soon as its groups exist.
         let peer_listener = listen(config.peer_addr, "peer traffic").await?;
@@ -312,6 +312,11 @@ impl Node {
             last_checkpoint: AtomicU64::new(0),
         });
 
+        tasks.push(tokio::spawn(init_rules_loop(
+            node.clone(),
+            initial_rules,
+            shutdown.clone(),
+        )));
         tasks.push(tokio::spawn(gossip.run(shutdown.clone())));
         tasks.push(tokio::spawn(persist_loop(node.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(checkpoint_loop(
@@ -350,6 +355,36 @@ impl Running {
         let local = self.node.local.clone();
         let _ = tokio::task::spawn_blocking(move || Node::persist_blocking(&local)).await;
         tracing::info!(node = self.node.id(), "stopped");
+    }
+}
+
+/// A new cluster's rules live in the metadata group from its first moments: every node
+/// proposes its configured rules until some node's are in force (the first ordered wins;
+/// the others apply as no-ops). Until then nodes use their configured rules.
+async fn init_rules_loop(node: Arc<Node>, rules: RuleSet, shutdown: CancellationToken) {
+    use calm_raft::consensus::{GroupMap, Request};
+    while lock(&node.local).replica().rules_version() == 0 {
+        let proposal = node.consensus.propose_to(
+            GroupMap::METADATA,
+            Request::InitRules {
+                toml: calm_raft::consensus::state_machine::rules_text(&rules),
+            },
+        );
+        tokio::select! {
+            result = proposal => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "initial rules not proposed yet; retrying");
+                }
+            }
+            _ = shutdown.cancelled() => return,
+        }
+        if lock(&node.local).replica().rules_version() > 0 {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = shutdown.cancelled() => return,
+        }
     }
 }
 

@@ -244,7 +244,7 @@ impl LocalState {
         }
         let mut applied = BTreeMap::new();
         for (group, bytes) in &meta.groups {
-            let (log_id, _) = decode_applied(bytes).map_err(LocalError::RaftLog)?;
+            let log_id = decode_applied(bytes).map_err(LocalError::RaftLog)?;
             applied.insert(*group, log_id);
         }
         raft_logs
@@ -520,7 +520,7 @@ impl LocalState {
             self.checkpointed_vv = oldest.vv.clone();
             let mut oldest_applied = BTreeMap::new();
             for (group, bytes) in &oldest.groups {
-                let (log_id, _) = decode_applied(bytes).map_err(LocalError::RaftLog)?;
+                let log_id = decode_applied(bytes).map_err(LocalError::RaftLog)?;
                 oldest_applied.insert(*group, log_id.map_or(0, |l| l.index));
             }
             // Votes, committed ids and purge points may sit in the segments about to go.

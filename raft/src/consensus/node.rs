@@ -343,6 +343,16 @@ impl Consensus {
     /// Order `cmd` in its key's group and apply it; the answer is the state machine's.
     pub async fn propose(&self, cmd: Command) -> Result<Proposed, ProposeError> {
         let group = self.map.group_of(&cmd.key);
+        self.propose_to(group, Request::Command(cmd)).await
+    }
+
+    /// Order `request` in `group` (commands go to their key's group, rules to the metadata
+    /// group) and apply it.
+    pub async fn propose_to(
+        &self,
+        group: GroupId,
+        request: Request,
+    ) -> Result<Proposed, ProposeError> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         // Bounded: each retry follows a definite "not appended" answer.
         for _ in 0..8 {
@@ -351,7 +361,7 @@ impl Consensus {
             };
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             if leader == self.node {
-                let write = self.raft(group).client_write(Request::Command(cmd.clone()));
+                let write = self.raft(group).client_write(request.clone());
                 match tokio::time::timeout(remaining, write).await {
                     Err(_) => return Err(self.timeout(group)),
                     Ok(Ok(resp)) => {
@@ -383,12 +393,12 @@ impl Consensus {
                         leader,
                         reason: s.message().to_string(),
                     })?;
-            let mut request = tonic::Request::new(GroupMessage {
+            let mut message = tonic::Request::new(GroupMessage {
                 group,
-                payload: wire::encode(&cmd),
+                payload: wire::encode(&request),
             });
-            request.set_timeout(remaining);
-            match client.propose(request).await {
+            message.set_timeout(remaining);
+            match client.propose(message).await {
                 Ok(reply) => match wire::decode::<ProposeReply>(&reply.into_inner().payload) {
                     Ok(ProposeReply::Applied { response, index }) => {
                         return Ok(Proposed {

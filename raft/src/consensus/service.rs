@@ -10,7 +10,6 @@ use super::wire::{
     self, GroupMessage, ProposeReply, ReadIndexReply, SnapshotChunk, raft_peer_server::RaftPeer,
 };
 use super::{ClientWriteError, Raft};
-use calm_kernel::command::Command;
 use std::sync::{Arc, OnceLock};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
@@ -172,8 +171,20 @@ impl RaftPeer for PeerService {
     ) -> Result<GrpcResponse<GroupMessage>, Status> {
         let msg = req.into_inner();
         let raft = self.handles.get(msg.group)?;
-        let cmd: Command = wire::decode(&msg.payload).map_err(bad)?;
-        let answer = match raft.client_write(Request::Command(cmd)).await {
+        let request: Request = wire::decode(&msg.payload).map_err(bad)?;
+        // A request in the wrong group would stop that group when applied: refuse it here.
+        let map = super::GroupMap::new(self.handles.all().len() as u64 - 1);
+        let belongs = match &request {
+            Request::Command(cmd) => map.group_of(&cmd.key),
+            Request::InitRules { .. } | Request::SetRules { .. } => super::GroupMap::METADATA,
+        };
+        if belongs != msg.group {
+            return Err(bad(format!(
+                "this request belongs to group {belongs}, not group {}; the peers disagree on the group count",
+                msg.group
+            )));
+        }
+        let answer = match raft.client_write(request).await {
             Ok(resp) => ProposeReply::Applied {
                 index: resp.log_id.index(),
                 response: resp.data,

@@ -20,7 +20,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"CALMSNAP";
-pub const SNAPSHOT_FORMAT: u32 = 1;
+/// 2: the metadata group's snapshot carries the rules.
+pub const SNAPSHOT_FORMAT: u32 = 2;
 const HEADER_BYTES: usize = 8 + 4 + 8;
 const HASH_BYTES: usize = 32;
 /// Largest snapshot accepted, on disk or over the network.
@@ -33,6 +34,9 @@ pub struct SnapshotBody {
     pub meta: SnapshotMeta,
     /// Key bytes and their `KeyState::encode()` bytes, sorted by key.
     pub keys: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The metadata group's state: the rules in force as their TOML text (`None` before
+    /// they are set, and in data groups).
+    pub rules: Option<String>,
 }
 
 impl SnapshotBody {

@@ -23,10 +23,12 @@ use super::types::{
 use crate::local::LocalState;
 use calm_kernel::command::Command;
 use calm_kernel::refusal::StatusCode;
+use calm_kernel::rules::{RuleSet, RulesError};
 use calm_kernel::{KeyState, NodeId, Outcome, ReplicaError};
 use futures::TryStreamExt;
 use futures::future::BoxFuture;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
+use serde::{Deserialize, Serialize};
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -62,19 +64,58 @@ impl FactSource for WaitForFacts {
     }
 }
 
-/// What a group's applied position is, as stored in `AppliedMeta::groups` (opaque there so
-/// the store does not depend on openraft's types).
-pub fn encode_applied(applied: &Option<LogId>, membership: &StoredMembership) -> Vec<u8> {
-    postcard::to_stdvec(&(applied, membership)).expect("encoding into a Vec cannot fail")
+/// A group's applied position as stored in `AppliedMeta::groups` (opaque there so the
+/// store does not depend on openraft's types): its last applied log id and membership, and
+/// for the metadata group the rules in force.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedPosition {
+    pub log_id: Option<LogId>,
+    pub membership: StoredMembership,
+    /// The rules as their TOML text (see `Request::InitRules` for why text).
+    pub rules: Option<String>,
 }
 
-pub fn decode_applied(bytes: &[u8]) -> io::Result<(Option<LogId>, StoredMembership)> {
-    postcard::from_bytes(bytes).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("a group's applied position in the state store does not decode ({e}); the store is corrupt"),
+/// The rules file text of `rules` (its version included).
+pub fn rules_text(rules: &RuleSet) -> String {
+    toml::to_string(rules).expect("rules always render as TOML")
+}
+
+/// Parse rules file text.
+pub fn parse_rules(text: &str) -> Result<RuleSet, String> {
+    toml::from_str(text).map_err(|e| {
+        format!(
+            "the rules are not a valid rules file ({e}); see `calm rules example` for the format"
         )
     })
+}
+
+fn stored_rules(text: &str) -> io::Result<RuleSet> {
+    parse_rules(text).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{e}: the metadata group's stored rules are corrupt"),
+        )
+    })
+}
+
+impl AppliedPosition {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("encoding into a Vec cannot fail")
+    }
+
+    pub fn decode(bytes: &[u8]) -> io::Result<AppliedPosition> {
+        postcard::from_bytes(bytes).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a group's applied position in the state store does not decode ({e}); the store is corrupt"),
+            )
+        })
+    }
+}
+
+/// The last applied log id in an encoded [`AppliedPosition`].
+pub fn decode_applied(bytes: &[u8]) -> io::Result<Option<LogId>> {
+    AppliedPosition::decode(bytes).map(|p| p.log_id)
 }
 
 fn response(outcome: Outcome, version: u64) -> Response {
@@ -93,6 +134,9 @@ fn response(outcome: Outcome, version: u64) -> Response {
     }
 }
 
+const FAILED_PRECONDITION: i32 = 9;
+const INVALID_ARGUMENT: i32 = 3;
+
 pub struct GroupStateMachine {
     group: GroupId,
     groups: GroupMap,
@@ -101,6 +145,24 @@ pub struct GroupStateMachine {
     snapshot_dir: PathBuf,
     applied: Option<LogId>,
     membership: StoredMembership,
+    /// Metadata group: the rules in force (`None` until the cluster's first rules apply).
+    rules: Option<RuleSet>,
+}
+
+/// Compile `rules` and make them the replica's (versions only rise; a replica that already
+/// has them, e.g. after a restart re-applies nothing, is left alone).
+fn install_rules(local: &SharedLocal, rules: &RuleSet) -> io::Result<()> {
+    let compiled = rules.compile().map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the stored rules (version {}) do not compile ({e}); the metadata group's state is corrupt", rules.version),
+        )
+    })?;
+    let mut local = lock_local(local);
+    if compiled.version() > local.replica().rules_version() {
+        local.replica_mut().set_rules(compiled);
+    }
+    Ok(())
 }
 
 impl GroupStateMachine {
@@ -112,19 +174,100 @@ impl GroupStateMachine {
         facts: Arc<dyn FactSource>,
         snapshot_dir: PathBuf,
     ) -> io::Result<GroupStateMachine> {
-        let (applied, membership) = match lock_local(&local).group_applied(group) {
-            Some(bytes) => decode_applied(bytes)?,
-            None => (None, StoredMembership::default()),
+        let position = match lock_local(&local).group_applied(group) {
+            Some(bytes) => AppliedPosition::decode(bytes)?,
+            None => AppliedPosition::default(),
         };
+        // The metadata group opens first: the cluster's rules are in force before any data
+        // group re-applies a command.
+        let rules = position.rules.as_deref().map(stored_rules).transpose()?;
+        if let Some(rules) = &rules {
+            install_rules(&local, rules)?;
+        }
         Ok(GroupStateMachine {
             group,
             groups,
             local,
             facts,
             snapshot_dir,
-            applied,
-            membership,
+            applied: position.log_id,
+            membership: position.membership,
+            rules,
         })
+    }
+
+    fn metadata_only(&self, what: &str) -> io::Result<()> {
+        if self.group == GroupMap::METADATA {
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "group {} was asked to apply {what}, which belongs to the metadata group; the proposer routed it wrongly (a bug)",
+            self.group
+        )))
+    }
+
+    fn init_rules(&mut self, text: &str) -> io::Result<Response> {
+        self.metadata_only("initial rules")?;
+        if let Some(current) = &self.rules {
+            // Another node's initial rules were ordered first: nothing to do.
+            return Ok(Response::Done {
+                version: current.version,
+            });
+        }
+        let mut rules = match parse_rules(text) {
+            Ok(r) => r,
+            Err(message) => {
+                return Ok(Response::Refused {
+                    code: INVALID_ARGUMENT,
+                    message,
+                });
+            }
+        };
+        rules.version = 1;
+        if let Err(e) = rules.compile() {
+            return Ok(Response::Refused {
+                code: INVALID_ARGUMENT,
+                message: format!("the initial rules are invalid: {e}"),
+            });
+        }
+        install_rules(&self.local, &rules)?;
+        self.rules = Some(rules);
+        Ok(Response::Done { version: 1 })
+    }
+
+    fn set_rules(&mut self, expected_version: u64, text: &str) -> io::Result<Response> {
+        self.metadata_only("a rules change")?;
+        let proposed = match parse_rules(text) {
+            Ok(r) => r,
+            Err(message) => {
+                return Ok(Response::Refused {
+                    code: INVALID_ARGUMENT,
+                    message,
+                });
+            }
+        };
+        let Some(current) = &self.rules else {
+            return Ok(Response::Refused {
+                code: FAILED_PRECONDITION,
+                message: "the cluster's initial rules are not in force yet (it is still starting); retry in a moment".into(),
+            });
+        };
+        match current.replace(expected_version, proposed.rules, proposed.default_mode) {
+            Ok(next) => {
+                install_rules(&self.local, &next)?;
+                let version = next.version;
+                self.rules = Some(next);
+                Ok(Response::Done { version })
+            }
+            Err(e @ RulesError::VersionMismatch { .. }) => Ok(Response::Refused {
+                code: FAILED_PRECONDITION,
+                message: e.to_string(),
+            }),
+            Err(e) => Ok(Response::Refused {
+                code: INVALID_ARGUMENT,
+                message: e.to_string(),
+            }),
+        }
     }
 
     async fn apply_command(&self, cmd: &Command) -> io::Result<Response> {
@@ -163,8 +306,16 @@ impl GroupStateMachine {
         }
     }
 
+    fn position(&self) -> AppliedPosition {
+        AppliedPosition {
+            log_id: self.applied,
+            membership: self.membership.clone(),
+            rules: self.rules.as_ref().map(rules_text),
+        }
+    }
+
     fn record_applied(&self) {
-        let bytes = encode_applied(&self.applied, &self.membership);
+        let bytes = self.position().encode();
         lock_local(&self.local).set_group_applied(self.group, bytes);
     }
 
@@ -183,6 +334,7 @@ impl GroupStateMachine {
                 last_membership: self.membership.clone(),
             },
             keys,
+            rules: self.rules.as_ref().map(rules_text),
         }
     }
 }
@@ -229,6 +381,11 @@ impl RaftStateMachine<CalmRaft> for GroupStateMachine {
             let reply = match entry.payload {
                 EntryPayload::Blank => Response::None,
                 EntryPayload::Normal(Request::Command(cmd)) => self.apply_command(&cmd).await?,
+                EntryPayload::Normal(Request::InitRules { toml }) => self.init_rules(&toml)?,
+                EntryPayload::Normal(Request::SetRules {
+                    expected_version,
+                    toml,
+                }) => self.set_rules(expected_version, &toml)?,
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(log_id), m);
                     Response::None
@@ -266,24 +423,35 @@ impl RaftStateMachine<CalmRaft> for GroupStateMachine {
             ));
         }
         let keys = body.key_states()?;
+        if body.rules.is_some() {
+            self.metadata_only("a snapshot with rules")?;
+        }
+        let installed_rules = body.rules.as_deref().map(stored_rules).transpose()?;
+        if let Some(rules) = &installed_rules {
+            install_rules(&self.local, rules)?;
+        }
         let (groups, group) = (self.groups, self.group);
+        let rules = installed_rules.or_else(|| self.rules.clone());
+        let position = AppliedPosition {
+            log_id: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            rules: rules.as_ref().map(rules_text),
+        };
         {
             let mut local = lock_local(&self.local);
             local
                 .replica_mut()
                 .install_snapshot(keys, |k| groups.group_of(k) == group)
                 .map_err(io::Error::other)?;
-            local.set_group_applied(
-                group,
-                encode_applied(&meta.last_log_id, &meta.last_membership),
-            );
+            local.set_group_applied(group, position.encode());
             // The entries this snapshot stands for never reached this node's WAL: make the
             // installed state durable before openraft purges its log up to it.
             local.persist_durable().map_err(io::Error::other)?;
         }
         snapshot::write(&self.snapshot_dir, group, &data)?;
-        self.applied = meta.last_log_id;
-        self.membership = meta.last_membership.clone();
+        self.applied = position.log_id;
+        self.membership = position.membership;
+        self.rules = rules;
         Ok(())
     }
 
