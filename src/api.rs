@@ -203,6 +203,13 @@ impl Node {
     /// Classify and admit (fast path) or prepare (consensus) one op. Synchronous: ops of one
     /// caller are admitted in call order.
     fn admit(&self, key: &[u8], op: &Op) -> Result<Pending, Status> {
+        if matches!(
+            op,
+            Op::BoundedAdd { .. } | Op::BoundedSet { .. } | Op::BoundedSetBounds { .. }
+        ) {
+            // Top up this node's escrow quota in the background (see escrow.rs).
+            self.refills.request(key);
+        }
         let hlc = self.hlc.now();
         let mut local = lock(&self.local);
         match local.admit(key, op, hlc) {

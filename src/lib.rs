@@ -7,6 +7,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod escrow;
 pub mod gossip;
 pub mod http;
 pub mod node;

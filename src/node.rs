@@ -115,6 +115,8 @@ pub struct Node {
     pub started: Instant,
     /// Newest checkpoint this process took (0: none yet).
     pub last_checkpoint: AtomicU64,
+    /// Bounded counter keys to check for an escrow refill.
+    pub refills: crate::escrow::Refills,
 }
 
 impl Node {
@@ -302,6 +304,7 @@ impl Node {
         // (restart, or a peer's leader reached us first) are left alone.
         consensus.initialize(&members).await?;
 
+        let (refills, refill_requests) = crate::escrow::channel();
         let node = Arc::new(Node {
             config,
             local,
@@ -310,7 +313,13 @@ impl Node {
             hlc,
             started: Instant::now(),
             last_checkpoint: AtomicU64::new(0),
+            refills,
         });
+        tasks.push(tokio::spawn(crate::escrow::run(
+            node.clone(),
+            refill_requests,
+            shutdown.clone(),
+        )));
 
         tasks.push(tokio::spawn(init_rules_loop(
             node.clone(),
