@@ -16,6 +16,8 @@ pub enum Workload {
     Put,
     /// Linearizable get of keys written first.
     Get,
+    /// Serializable (local) get: the API's own cost.
+    GetLocal,
     /// Compare-and-set on a register, expecting its current version (Raft).
     Cas,
     /// Counter add (fast path).
@@ -63,7 +65,7 @@ impl Report {
 /// A 16-byte key, with the workload's letter first (workloads need keys of their own type).
 fn key(w: Workload, i: u64) -> Vec<u8> {
     let letter = match w {
-        Workload::Put | Workload::Get => 'r',
+        Workload::Put | Workload::Get | Workload::GetLocal => 'r',
         Workload::Cas => 'c',
         Workload::Add | Workload::Batch => 'n',
     };
@@ -101,10 +103,15 @@ async fn one_call(
             ))
             .await?;
         }
-        Workload::Get => {
+        Workload::Get | Workload::GetLocal => {
+            let consistency = if o.workload == Workload::Get {
+                pb::Consistency::Linearizable
+            } else {
+                pb::Consistency::Serializable
+            };
             kv.get(pb::GetRequest {
                 key: key(o.workload, k),
-                consistency: pb::Consistency::Linearizable as i32,
+                consistency: consistency as i32,
                 token: Vec::new(),
             })
             .await?;
