@@ -325,6 +325,18 @@ fn bytes(s: String) -> Vec<u8> {
     s.into_bytes()
 }
 
+/// Client write commands: each op in turn, stopping at the first error.
+async fn writes(
+    client: ClientArgs,
+    key: &str,
+    ops: impl IntoIterator<Item = pb::op::Kind>,
+) -> Result<()> {
+    for op in ops {
+        client::write(&client.endpoints, key, op, client.output).await?;
+    }
+    Ok(())
+}
+
 /// An error and its causes on one line, skipping a cause its wrapper already quotes.
 fn error_chain(e: &anyhow::Error) -> String {
     let mut text = e.to_string();
@@ -381,15 +393,8 @@ async fn run(command: Command) -> Result<()> {
             .await
         }
         Command::Put { key, value, client } => {
-            client::write(
-                &client.endpoints,
-                &key,
-                Kind::Put(pb::Put {
-                    value: bytes(value),
-                }),
-                client.output,
-            )
-            .await
+            let value = bytes(value);
+            writes(client, &key, [Kind::Put(pb::Put { value })]).await
         }
         Command::Get {
             key,
@@ -409,15 +414,7 @@ async fn run(command: Command) -> Result<()> {
                 .unwrap_or_default();
             client::get(&client.endpoints, &key, consistency, token, client.output).await
         }
-        Command::Del { key, client } => {
-            client::write(
-                &client.endpoints,
-                &key,
-                Kind::Delete(pb::Delete {}),
-                client.output,
-            )
-            .await
-        }
+        Command::Del { key, client } => writes(client, &key, [Kind::Delete(pb::Delete {})]).await,
         Command::Cas {
             key,
             value,
@@ -444,66 +441,36 @@ async fn run(command: Command) -> Result<()> {
                 new_value: value.map(bytes).unwrap_or_default(),
                 delete,
             };
-            client::write(&client.endpoints, &key, Kind::Cas(op), client.output).await
+            writes(client, &key, [Kind::Cas(op)]).await
         }
         Command::Add { key, delta, client } => {
-            client::write(
-                &client.endpoints,
-                &key,
-                Kind::Add(pb::Add { delta }),
-                client.output,
-            )
-            .await
+            writes(client, &key, [Kind::Add(pb::Add { delta })]).await
         }
         Command::Set { key, value, client } => {
-            client::write(
-                &client.endpoints,
-                &key,
-                Kind::SetValue(pb::SetValue { value }),
-                client.output,
-            )
-            .await
+            writes(client, &key, [Kind::SetValue(pb::SetValue { value })]).await
         }
         Command::Max { key, value, client } => {
-            client::write(
-                &client.endpoints,
-                &key,
-                Kind::Raise(pb::Raise { value }),
-                client.output,
-            )
-            .await
+            writes(client, &key, [Kind::Raise(pb::Raise { value })]).await
         }
         Command::Sadd {
             key,
             elements,
             client,
         } => {
-            for e in elements {
-                client::write(
-                    &client.endpoints,
-                    &key,
-                    Kind::SetAdd(pb::SetAdd { element: bytes(e) }),
-                    client.output,
-                )
-                .await?;
-            }
-            Ok(())
+            let ops = elements
+                .into_iter()
+                .map(|e| Kind::SetAdd(pb::SetAdd { element: bytes(e) }));
+            writes(client, &key, ops).await
         }
         Command::Srem {
             key,
             elements,
             client,
         } => {
-            for e in elements {
-                client::write(
-                    &client.endpoints,
-                    &key,
-                    Kind::SetRemove(pb::SetRemove { element: bytes(e) }),
-                    client.output,
-                )
-                .await?;
-            }
-            Ok(())
+            let ops = elements
+                .into_iter()
+                .map(|e| Kind::SetRemove(pb::SetRemove { element: bytes(e) }));
+            writes(client, &key, ops).await
         }
         Command::Smembers { key, client } => {
             client::get(

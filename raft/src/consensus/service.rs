@@ -52,6 +52,29 @@ pub struct PeerService {
     pub handles: Arc<GroupHandles>,
 }
 
+impl PeerService {
+    /// One Raft message: decode it for its group's Raft, let `f` hand it over, encode the
+    /// answer.
+    async fn call<Req, Resp, E, F, Fut>(
+        &self,
+        req: GrpcRequest<GroupMessage>,
+        f: F,
+    ) -> Result<GrpcResponse<GroupMessage>, Status>
+    where
+        Req: serde::de::DeserializeOwned,
+        Resp: serde::Serialize,
+        E: std::fmt::Display,
+        F: FnOnce(Raft, Req) -> Fut,
+        Fut: std::future::Future<Output = Result<Resp, E>>,
+    {
+        let msg = req.into_inner();
+        let raft = self.handles.get(msg.group)?.clone();
+        let rpc = wire::decode(&msg.payload).map_err(bad)?;
+        let resp = f(raft, rpc).await.map_err(raft_failed)?;
+        reply(msg.group, &resp)
+    }
+}
+
 fn bad(e: String) -> Status {
     Status::invalid_argument(e)
 }
@@ -76,47 +99,37 @@ impl RaftPeer for PeerService {
         &self,
         req: GrpcRequest<GroupMessage>,
     ) -> Result<GrpcResponse<GroupMessage>, Status> {
-        let msg = req.into_inner();
-        let raft = self.handles.get(msg.group)?;
-        let rpc = wire::decode(&msg.payload).map_err(bad)?;
-        let resp = raft.append_entries(rpc).await.map_err(raft_failed)?;
-        reply(msg.group, &resp)
+        self.call(
+            req,
+            |raft, rpc| async move { raft.append_entries(rpc).await },
+        )
+        .await
     }
 
     async fn vote(
         &self,
         req: GrpcRequest<GroupMessage>,
     ) -> Result<GrpcResponse<GroupMessage>, Status> {
-        let msg = req.into_inner();
-        let raft = self.handles.get(msg.group)?;
-        let rpc = wire::decode(&msg.payload).map_err(bad)?;
-        let resp = raft.vote(rpc).await.map_err(raft_failed)?;
-        reply(msg.group, &resp)
+        self.call(req, |raft, rpc| async move { raft.vote(rpc).await })
+            .await
     }
 
     async fn pre_vote(
         &self,
         req: GrpcRequest<GroupMessage>,
     ) -> Result<GrpcResponse<GroupMessage>, Status> {
-        let msg = req.into_inner();
-        let raft = self.handles.get(msg.group)?;
-        let rpc = wire::decode(&msg.payload).map_err(bad)?;
-        let resp = raft.pre_vote(rpc).await.map_err(raft_failed)?;
-        reply(msg.group, &resp)
+        self.call(req, |raft, rpc| async move { raft.pre_vote(rpc).await })
+            .await
     }
 
     async fn transfer_leader(
         &self,
         req: GrpcRequest<GroupMessage>,
     ) -> Result<GrpcResponse<GroupMessage>, Status> {
-        let msg = req.into_inner();
-        let raft = self.handles.get(msg.group)?;
-        let rpc = wire::decode(&msg.payload).map_err(bad)?;
-        let resp = raft
-            .handle_transfer_leader(rpc)
-            .await
-            .map_err(raft_failed)?;
-        reply(msg.group, &resp)
+        self.call(req, |raft, rpc| async move {
+            raft.handle_transfer_leader(rpc).await
+        })
+        .await
     }
 
     async fn install_snapshot(
