@@ -295,6 +295,9 @@ impl Node {
     ) -> Result<pb::WriteResponse, Status> {
         check_key(key)?;
         let op = kernel_op(self, key, op)?;
+        if let Some(fake) = crate::faults::drop_acked_write(&op) {
+            return Ok(fake);
+        }
         let pending = self.admit(key, &op)?;
         self.finish(pending).await
     }
@@ -373,6 +376,8 @@ impl Node {
         check_key(key)?;
         let group = self.consensus.group_map().group_of(key);
         match consistency {
+            pb::Consistency::Unspecified | pb::Consistency::Linearizable
+                if crate::faults::skip_read_barrier() => {}
             pb::Consistency::Unspecified | pb::Consistency::Linearizable => self
                 .consensus
                 .read_barrier(group)

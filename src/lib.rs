@@ -8,6 +8,7 @@ pub mod client;
 pub mod config;
 pub mod dev;
 pub mod escrow;
+pub mod faults;
 pub mod gossip;
 pub mod http;
 pub mod node;

@@ -214,6 +214,9 @@ struct ServeArgs {
     /// Async worker threads (0: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Test-only: inject a bug the Jepsen harness must catch (see src/faults.rs).
+    #[arg(long, hide = true)]
+    fault: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -287,6 +290,7 @@ fn init_tracing() {
 /// `calm serve` builds its runtime from the configuration (the thread count is a setting).
 fn serve(args: ServeArgs) -> Result<()> {
     init_tracing();
+    calm::faults::install(&args.fault).map_err(anyhow::Error::msg)?;
     let overrides = Overrides {
         id: args.id,
         data_dir: args.data_dir,

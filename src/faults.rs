@@ -1,0 +1,90 @@
+//! Test-only fault injection (`calm serve --fault NAME[=FRACTION]`, a hidden flag): bugs the
+//! Jepsen harness (jepsen/) must catch, so its checkers are shown to fail on a broken node.
+//!
+//! - `stale-reads`: linearizable reads skip the read index and serve this node's replica as
+//!   it is (a serializable read mislabelled), as a deposed leader or lagging follower would.
+//! - `drop-acked-writes[=F]` (F defaults to 0.1): a fraction F of writes is acknowledged as
+//!   successful without being admitted, applied or persisted.
+//!
+//! Never set in production: the faults are process-wide and installed once at startup.
+
+use crate::api::pb;
+use calm_kernel::Op;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+struct Faults {
+    stale_reads: bool,
+    /// Drop one write in every `drop_every` (0: none).
+    drop_every: u64,
+}
+
+static FAULTS: OnceLock<Faults> = OnceLock::new();
+static WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// Parse and install the faults named on the command line (call once, before serving).
+pub fn install(specs: &[String]) -> Result<(), String> {
+    let mut faults = Faults::default();
+    for spec in specs {
+        let (name, fraction) = match spec.split_once('=') {
+            Some((n, f)) => (n, Some(f)),
+            None => (spec.as_str(), None),
+        };
+        match (name, fraction) {
+            ("stale-reads", None) => faults.stale_reads = true,
+            ("drop-acked-writes", f) => {
+                let f: f64 = f.unwrap_or("0.1").parse().map_err(|_| {
+                    format!("--fault {spec}: the fraction must be a number in (0, 1]")
+                })?;
+                if !(f > 0.0 && f <= 1.0) {
+                    return Err(format!("--fault {spec}: the fraction must be in (0, 1]"));
+                }
+                // A deterministic period, so a run drops the same writes of its sequence.
+                faults.drop_every = (1.0 / f).round().max(1.0) as u64;
+            }
+            _ => {
+                return Err(format!(
+                    "--fault {spec}: known faults are stale-reads and drop-acked-writes[=FRACTION]"
+                ));
+            }
+        }
+    }
+    if faults.stale_reads || faults.drop_every > 0 {
+        tracing::warn!(
+            ?faults,
+            "TEST FAULTS INJECTED: this node is deliberately broken"
+        );
+    }
+    FAULTS
+        .set(faults)
+        .map_err(|_| "faults are installed once".to_string())
+}
+
+/// Whether a linearizable read should skip its read index.
+pub fn skip_read_barrier() -> bool {
+    FAULTS.get().is_some_and(|f| f.stale_reads)
+}
+
+/// A fake success for a write to drop, or `None` to process it normally.
+pub fn drop_acked_write(op: &Op) -> Option<pb::WriteResponse> {
+    let every = FAULTS.get().map_or(0, |f| f.drop_every);
+    if every == 0 || WRITES.fetch_add(1, Ordering::Relaxed) % every != every - 1 {
+        return None;
+    }
+    let path = match op {
+        Op::CounterAdd { .. } | Op::MaxRaise { .. } | Op::SetAdd { .. } => pb::Path::Fast,
+        Op::BoundedAdd { .. } => pb::Path::Escrow,
+        _ => pb::Path::Consensus,
+    };
+    tracing::warn!(
+        ?path,
+        "fault drop-acked-writes: acknowledging a write that is dropped"
+    );
+    Some(pb::WriteResponse {
+        path: path as i32,
+        succeeded: true,
+        version: 0,
+        token: Vec::new(),
+    })
+}
