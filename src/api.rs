@@ -99,6 +99,7 @@ enum Pending {
         fact: Vec<u8>,
         id: FactId,
         escrow: bool,
+        group: u64,
     },
     Consensus(Command),
 }
@@ -224,6 +225,7 @@ impl Node {
                 fact,
                 id,
                 escrow,
+                group: self.consensus.group_map().group_of(key),
             }),
             Ok(Ok(LocalAdmit {
                 admitted: Admitted::Consensus(_),
@@ -243,6 +245,7 @@ impl Node {
                 fact,
                 id,
                 escrow,
+                group,
             } => {
                 if let Err(e) = durable.await {
                     fatal("making a fact durable", &e);
@@ -258,7 +261,15 @@ impl Node {
                     } as i32,
                     succeeded: true,
                     version: 0,
-                    token: SessionToken::of_fact(id).encode(),
+                    token: {
+                        // The fact lands on top of whatever Raft writes this node already
+                        // acknowledged or applied in the key's group: a reader of the token
+                        // must see those too.
+                        let mut token = SessionToken::of_fact(id);
+                        let index = self.issue_index(group, self.applied_index(group));
+                        token.merge(&SessionToken::of_entry(group, index));
+                        token.encode()
+                    },
                 })
             }
             Pending::Consensus(cmd) => {
@@ -268,6 +279,7 @@ impl Node {
                     .await
                     .map_err(|e| self.unavailable(e))?;
                 metrics::counter!("calm_writes_total", "path" => "consensus").increment(1);
+                self.issue_index(proposed.group, proposed.index);
                 let token = SessionToken::of_entry(proposed.group, proposed.index).encode();
                 let (succeeded, version) = match proposed.response {
                     Response::Done { version } => (true, version),

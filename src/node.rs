@@ -117,6 +117,10 @@ pub struct Node {
     pub last_checkpoint: AtomicU64,
     /// Bounded counter keys to check for an escrow refill.
     pub refills: crate::escrow::Refills,
+    /// Per group (index = group id): the highest log index named in a token this node handed
+    /// out. Fast-path write tokens carry it, so a session's add covers the Raft writes the
+    /// same node acknowledged before it, even ones this replica has not applied yet.
+    pub tokens_issued: Vec<AtomicU64>,
 }
 
 impl Node {
@@ -146,6 +150,12 @@ impl Node {
             .borrow_watched()
             .last_applied
             .map_or(0, |l| l.index)
+    }
+
+    /// Note that a token naming `index` of `group` went to a client; returns the watermark.
+    pub fn issue_index(&self, group: GroupId, index: u64) -> u64 {
+        let slot = &self.tokens_issued[group as usize];
+        slot.fetch_max(index, Ordering::AcqRel).max(index)
     }
 
     pub fn version_vector(&self) -> VersionVector {
@@ -305,6 +315,11 @@ impl Node {
         consensus.initialize(&members).await?;
 
         let (refills, refill_requests) = crate::escrow::channel();
+        let tokens_issued = consensus
+            .group_map()
+            .all()
+            .map(|_| AtomicU64::new(0))
+            .collect();
         let node = Arc::new(Node {
             config,
             local,
@@ -314,6 +329,7 @@ impl Node {
             started: Instant::now(),
             last_checkpoint: AtomicU64::new(0),
             refills,
+            tokens_issued,
         });
         tasks.push(tokio::spawn(crate::escrow::run(
             node.clone(),

@@ -1355,6 +1355,9 @@ impl RegisterState {
             CommandBody::RegisterCas { expect, value } => {
                 let current = self.base.as_ref().and_then(|b| b.value.as_deref());
                 let holds = match expect {
+                    // Version 0 means "absent": a register never written, or deleted
+                    // (a delete is a new version, yet the key no longer exists).
+                    CasExpect::Version(0) => current.is_none(),
                     CasExpect::Version(v) => *v == self.version,
                     CasExpect::Value(v) => v.as_deref() == current,
                 };
@@ -1385,6 +1388,43 @@ mod tests {
             key: b"k",
             payload: b"",
         }
+    }
+
+    #[test]
+    fn cas_expecting_absent_holds_on_a_deleted_register() {
+        let mut s = KeyState::new(ValueType::Register, None).unwrap();
+        let none = KeyFrontier::default();
+        let apply = |s: &mut KeyState, body: CommandBody| {
+            s.apply_command(&body, &none, None, HlcTimestamp(1), 1)
+        };
+        let cas = |expect, value: &[u8]| CommandBody::RegisterCas {
+            expect,
+            value: Some(value.to_vec()),
+        };
+        let put = CommandBody::RegisterPut {
+            value: b"a".to_vec(),
+        };
+        assert_eq!(apply(&mut s, put), Outcome::Done);
+        assert_eq!(
+            apply(&mut s, cas(CasExpect::Version(0), b"x")),
+            Outcome::CasFailed,
+            "the register exists"
+        );
+        assert_eq!(apply(&mut s, CommandBody::RegisterDelete), Outcome::Done);
+        assert_eq!(
+            apply(&mut s, cas(CasExpect::Version(0), b"b")),
+            Outcome::Done
+        );
+        assert_eq!(apply(&mut s, CommandBody::RegisterDelete), Outcome::Done);
+        assert_eq!(
+            apply(&mut s, cas(CasExpect::Value(None), b"c")),
+            Outcome::Done
+        );
+        // Versions are never reused: the register is at version 5, not 1.
+        assert_eq!(
+            apply(&mut s, cas(CasExpect::Version(5), b"d")),
+            Outcome::Done
+        );
     }
 
     #[test]

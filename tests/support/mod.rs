@@ -404,3 +404,265 @@ pub async fn can_connect(cluster: &Cluster, from: usize, to: usize) -> bool {
         Ok(Ok(_))
     )
 }
+
+/// Builders for every op of the public API (DESIGN.md section 2).
+pub mod op {
+    use calm::api::pb;
+    use calm::api::pb::op::Kind;
+
+    fn of(kind: Kind) -> pb::Op {
+        pb::Op { kind: Some(kind) }
+    }
+
+    pub fn put(value: &str) -> pb::Op {
+        super::put(value)
+    }
+
+    pub fn delete() -> pb::Op {
+        of(Kind::Delete(pb::Delete {}))
+    }
+
+    pub fn cas(expect: pb::cas::Expect, new_value: &str) -> pb::Op {
+        of(Kind::Cas(pb::Cas {
+            expect: Some(expect),
+            new_value: new_value.as_bytes().to_vec(),
+            delete: false,
+        }))
+    }
+
+    /// Replace the value if the register is at `version` (0: absent).
+    pub fn cas_version(version: u64, new_value: &str) -> pb::Op {
+        cas(pb::cas::Expect::Version(version), new_value)
+    }
+
+    /// Replace the value if the register holds `expected`.
+    pub fn cas_value(expected: &str, new_value: &str) -> pb::Op {
+        cas(
+            pb::cas::Expect::Value(expected.as_bytes().to_vec()),
+            new_value,
+        )
+    }
+
+    /// Write the value if the key does not exist.
+    pub fn cas_absent(new_value: &str) -> pb::Op {
+        cas(pb::cas::Expect::Absent(true), new_value)
+    }
+
+    /// Delete the register if it is at `version`.
+    pub fn cas_delete(version: u64) -> pb::Op {
+        of(Kind::Cas(pb::Cas {
+            expect: Some(pb::cas::Expect::Version(version)),
+            new_value: Vec::new(),
+            delete: true,
+        }))
+    }
+
+    pub fn add(delta: i64) -> pb::Op {
+        of(Kind::Add(pb::Add { delta }))
+    }
+
+    pub fn set_value(value: i64) -> pb::Op {
+        of(Kind::SetValue(pb::SetValue { value }))
+    }
+
+    pub fn set_bounds(min: i64, max: i64) -> pb::Op {
+        of(Kind::SetBounds(pb::SetBounds { min, max }))
+    }
+
+    pub fn raise(value: i64) -> pb::Op {
+        of(Kind::Raise(pb::Raise { value }))
+    }
+
+    pub fn set_max(value: i64) -> pb::Op {
+        of(Kind::SetMax(pb::SetMax { value }))
+    }
+
+    pub fn sadd(element: &str) -> pb::Op {
+        of(Kind::SetAdd(pb::SetAdd {
+            element: element.as_bytes().to_vec(),
+        }))
+    }
+
+    pub fn srem(element: &str) -> pb::Op {
+        of(Kind::SetRemove(pb::SetRemove {
+            element: element.as_bytes().to_vec(),
+        }))
+    }
+
+    /// An op with no kind set.
+    pub fn none() -> pb::Op {
+        pb::Op { kind: None }
+    }
+}
+
+/// A Get with a session token; the whole response.
+pub async fn get_with_token(
+    kv: &mut KvClient<Channel>,
+    key: &[u8],
+    consistency: pb::Consistency,
+    token: &[u8],
+) -> Result<pb::GetResponse, tonic::Status> {
+    kv.get(pb::GetRequest {
+        key: key.to_vec(),
+        consistency: consistency as i32,
+        token: token.to_vec(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// A counter's value (`None`: the key does not exist).
+pub fn counter(value: &Option<pb::value::Kind>) -> Option<i64> {
+    match value {
+        Some(pb::value::Kind::Counter(n)) => Some(*n),
+        None => None,
+        other => panic!("not a counter: {other:?}"),
+    }
+}
+
+/// A bounded counter's `(value, min, max)`.
+pub fn bounded(value: &Option<pb::value::Kind>) -> Option<(i64, i64, i64)> {
+    match value {
+        Some(pb::value::Kind::Bounded(b)) => Some((b.value, b.min, b.max)),
+        None => None,
+        other => panic!("not a bounded counter: {other:?}"),
+    }
+}
+
+/// A set's elements, as text, sorted.
+pub fn elements(value: &Option<pb::value::Kind>) -> Option<Vec<String>> {
+    match value {
+        Some(pb::value::Kind::Set(s)) => Some(
+            s.elements
+                .iter()
+                .map(|e| String::from_utf8_lossy(e).into_owned())
+                .collect(),
+        ),
+        None => None,
+        other => panic!("not a set: {other:?}"),
+    }
+}
+
+/// Read `key` at node `at` (bounded: `timeout`, 50 ms apart) until `done` holds for what it
+/// reads; returns that value, or panics with the last read.
+pub async fn await_value<T: std::fmt::Debug>(
+    c: &Cluster,
+    at: usize,
+    key: &str,
+    consistency: pb::Consistency,
+    timeout: Duration,
+    mut extract: impl FnMut(&Option<pb::value::Kind>) -> T,
+    mut done: impl FnMut(&T) -> bool,
+) -> T {
+    let mut kv = c.kv(at).await;
+    let started = Instant::now();
+    let mut last = None;
+    for _ in 0..10_000 {
+        match get(&mut kv, key, consistency).await {
+            Ok(v) => {
+                let v = extract(&v);
+                if done(&v) {
+                    return v;
+                }
+                last = Some(Ok(v));
+            }
+            Err(s) => last = Some(Err(s)),
+        }
+        if started.elapsed() > timeout {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "node {at} did not read the expected {key} at {consistency:?} within {timeout:?}; last read {last:?}"
+    )
+}
+
+/// Write through node `via`, retrying (bounded) while it answers UNAVAILABLE or
+/// DEADLINE_EXCEEDED (a leader change). Only for ops whose retry is harmless to the test
+/// (idempotent, or counted as possibly applied by the caller).
+pub async fn write_retrying(
+    c: &Cluster,
+    via: usize,
+    key: &str,
+    op: pb::Op,
+) -> Result<pb::WriteResponse, tonic::Status> {
+    let mut kv = c.kv(via).await;
+    let mut last = None;
+    for _ in 0..40 {
+        match write(&mut kv, key, op.clone()).await {
+            Err(s)
+                if s.code() == tonic::Code::Unavailable
+                    || s.code() == tonic::Code::DeadlineExceeded =>
+            {
+                last = Some(s);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
+    }
+    Err(last.unwrap())
+}
+
+/// Every value the sum of a subset of `deltas` can take, plus `base` (for counters whose
+/// indeterminate adds may or may not have been applied).
+pub fn reachable_sums(base: i64, deltas: &[i64]) -> std::collections::BTreeSet<i64> {
+    let mut sums = std::collections::BTreeSet::from([base]);
+    for d in deltas {
+        let more: Vec<i64> = sums.iter().map(|s| s + d).collect();
+        sums.extend(more);
+    }
+    sums
+}
+
+/// Wait (bounded) until every group is led by its preferred node (the `g mod n`-th member,
+/// see `balance_leaders`), as every running node sees it: no leader transfer is in flight
+/// or still to come, so writes do not meet a leader change.
+pub async fn await_leaders_balanced(c: &Cluster) {
+    let n = c.nodes.len() as u64;
+    let started = Instant::now();
+    loop {
+        let mut balanced = true;
+        let mut seen = Vec::new();
+        for i in 1..=c.nodes.len() {
+            match c.status(i).await {
+                Ok(s) => {
+                    balanced &= s.groups.iter().all(|g| g.leader == g.id % n + 1);
+                    seen.push((i, s.groups));
+                }
+                Err(_) => balanced = false,
+            }
+        }
+        if balanced {
+            return;
+        }
+        assert!(
+            started.elapsed() < READY_TIMEOUT,
+            "leaders did not settle on their preferred nodes: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+impl Partition {
+    /// Drop only the packets node `from` sends to node `to` (TCP between the two then stalls
+    /// both ways, while each still reaches the third node): a partial partition.
+    pub fn one_way(cluster: &Cluster, from: usize, to: usize) -> Partition {
+        let chain = format!(
+            "calm-{}-{}",
+            std::process::id(),
+            CHAINS.fetch_add(1, Ordering::Relaxed)
+        );
+        let out = iptables(&["-N", &chain]);
+        assert!(out.status.success(), "iptables -N: {out:?}");
+        let out = iptables(&["-I", "INPUT", "-j", &chain]);
+        assert!(out.status.success(), "iptables -I: {out:?}");
+        let (src, dst) = (
+            cluster.nodes[from - 1].ip.to_string(),
+            cluster.nodes[to - 1].ip.to_string(),
+        );
+        let out = iptables(&["-A", &chain, "-s", &src, "-d", &dst, "-j", "DROP"]);
+        assert!(out.status.success(), "iptables -A: {out:?}");
+        Partition { chain }
+    }
+}
