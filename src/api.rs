@@ -310,8 +310,56 @@ impl Node {
         if let Some(fake) = crate::faults::drop_acked_write(&op) {
             return Ok(fake);
         }
-        let pending = self.admit(key, &op)?;
-        self.finish(pending).await
+        let result = match self.admit(key, &op) {
+            Ok(pending) => self.finish(pending).await,
+            Err(e) => Err(e),
+        };
+        self.after_exhausted(key, &op, result).await
+    }
+
+    /// A bounded counter spend that neither this node's quota nor the key's pool covers
+    /// (RESOURCE_EXHAUSTED) asks peers for the missing rights (DESIGN.md section 5) and, once
+    /// this node holds them, runs once more; any other result stands.
+    async fn after_exhausted(
+        &self,
+        key: &[u8],
+        op: &Op,
+        result: Result<pb::WriteResponse, Status>,
+    ) -> Result<pb::WriteResponse, Status> {
+        match result {
+            Err(e) if e.code() == Code::ResourceExhausted && self.borrow_escrow(key, op).await => {
+                let pending = self.admit(key, op)?;
+                self.finish(pending).await
+            }
+            result => result,
+        }
+    }
+
+    /// Ask peers for the rights `op` lacks here; true once this node holds them.
+    async fn borrow_escrow(&self, key: &[u8], op: &Op) -> bool {
+        let Op::BoundedAdd { delta } = *op else {
+            return false;
+        };
+        let (down, up) = {
+            let local = lock(&self.local);
+            let Some(KeyState::Bounded(b)) = local.replica().key_state(key) else {
+                return false;
+            };
+            let (held_down, held_up) = b.rights_of(self.id());
+            if delta < 0 {
+                (delta.saturating_neg().saturating_sub(held_down), 0)
+            } else {
+                (0, delta.saturating_sub(held_up))
+            }
+        };
+        if down <= 0 && up <= 0 {
+            // Rights arrived meanwhile (a pool grant, a peer's transfer).
+            return true;
+        }
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(self.config.raft.request_timeout_ms);
+        let (got_down, got_up) = self.gossip.ask_escrow(key, down, up, deadline).await;
+        got_down >= down && got_up >= up
     }
 
     /// UNAVAILABLE (INTERNAL for a stopped group) with the leader hint.
@@ -498,15 +546,23 @@ impl Kv for KvService {
             let mut done = Vec::with_capacity(ops.len());
             let mut fast = Vec::new();
             for (i, op) in ops {
-                let admitted = check_key(&key)
-                    .and_then(|()| kernel_op(node, &key, op))
-                    .and_then(|op| node.admit(&key, &op));
-                match admitted {
-                    Err(e) => done.push((i, Err(e))),
+                let op = match check_key(&key).and_then(|()| kernel_op(node, &key, op)) {
+                    Ok(op) => op,
+                    Err(e) => {
+                        done.push((i, Err(e)));
+                        continue;
+                    }
+                };
+                let result = match node.admit(&key, &op) {
                     // Durability is awaited below, together: later ops need not wait for it.
-                    Ok(p @ Pending::Fast { .. }) => fast.push((i, p)),
-                    Ok(p @ Pending::Consensus(_)) => done.push((i, node.finish(p).await)),
-                }
+                    Ok(p @ Pending::Fast { .. }) => {
+                        fast.push((i, p));
+                        continue;
+                    }
+                    Ok(p @ Pending::Consensus(_)) => node.finish(p).await,
+                    Err(e) => Err(e),
+                };
+                done.push((i, node.after_exhausted(&key, &op, result).await));
             }
             for (i, p) in fast {
                 done.push((i, node.finish(p).await));

@@ -14,6 +14,11 @@
 //!
 //! Refills are best effort: a lost or refused grant only means later spends take the Raft
 //! path; nothing is ever overdrawn.
+//!
+//! When the pool cannot cover a spend either (RESOURCE_EXHAUSTED), the API asks the peers
+//! for the missing rights (`Gossip::ask_escrow`): each gives what it can spare as transfer
+//! facts it issues itself, durable before it answers, and the spend runs once more. Rights
+//! held by other nodes are thus never stranded while those nodes are reachable.
 
 use crate::node::{Node, lock};
 use calm_kernel::KeyState;

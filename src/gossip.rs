@@ -59,7 +59,7 @@
 
 use calm_kernel::clock::{BloomClock, Hlc};
 use calm_kernel::fact::{FACT_HEADER_BYTES, KEY_BYTES_MAX, PAYLOAD_BYTES_MAX, decode_facts};
-use calm_kernel::{HlcTimestamp, NodeId, VersionVector};
+use calm_kernel::{HlcTimestamp, KeyState, NodeId, VersionVector};
 use calm_raft::consensus::network::Peers;
 use calm_raft::consensus::{FactSource, GroupId, SharedLocal};
 use calm_raft::local::{DeliverReport, LocalError, LocalState};
@@ -779,6 +779,131 @@ impl Gossip {
         Ok(applied)
     }
 
+    // --- escrow ----------------------------------------------------------------------------
+
+    /// Ask peers, one after another, for `down` decrement and `up` increment rights on the
+    /// bounded counter `key`, until both are covered or `deadline`. Returns the rights
+    /// received: transfer facts applied here, so the kernel lets this node spend them.
+    pub async fn ask_escrow(
+        &self,
+        key: &[u8],
+        mut down: i64,
+        mut up: i64,
+        deadline: tokio::time::Instant,
+    ) -> (i64, i64) {
+        let mut got = (0, 0);
+        for link in &self.links {
+            if down <= 0 && up <= 0 {
+                break;
+            }
+            let asked = async {
+                let mut client = self.client(link)?;
+                let request = self.request(wire::EscrowAsk {
+                    node: self.node,
+                    key: key.to_vec(),
+                    down: down.max(0),
+                    up: up.max(0),
+                });
+                let grant = self
+                    .call(link, "ask_escrow", client.ask_escrow(request))
+                    .await?;
+                if grant.through_seq > 0 {
+                    let target: VersionVector =
+                        [(link.id, grant.through_seq)].into_iter().collect();
+                    self.pull_until(link, &target).await?;
+                    if !self.local_vv().await?.dominates(&target) {
+                        // Anti-entropy brings the transfer later; the rights are ours then.
+                        return Ok((0, 0));
+                    }
+                }
+                Ok::<_, GossipError>((grant.down, grant.up))
+            };
+            match tokio::time::timeout_at(deadline, asked).await {
+                Ok(Ok((d, u))) => {
+                    got = (got.0 + d, got.1 + u);
+                    down -= d;
+                    up -= u;
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "asking a peer for escrow failed"),
+                Err(_) => break,
+            }
+        }
+        metrics::counter!("calm_escrow_peer_rights_received_total")
+            .increment(got.0.unsigned_abs() + got.1.unsigned_abs());
+        got
+    }
+
+    /// Give `asker` what this node can spare of the rights it asks for on `key`: transfer
+    /// facts, durable and queued for every peer before the answer.
+    async fn serve_escrow_ask(
+        &self,
+        request: wire::EscrowAsk,
+    ) -> Result<wire::EscrowGrant, Status> {
+        let asker = request.node;
+        if asker == self.node || !self.links.iter().any(|l| l.id == asker) {
+            return Err(Status::invalid_argument(format!(
+                "node {asker} asks node {} for escrow rights but is not one of its peers; give every node the same members list",
+                self.node
+            )));
+        }
+        if request.key.is_empty() || request.key.len() > KEY_BYTES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "an escrow ask names a key of {} bytes (1 to {KEY_BYTES_MAX})",
+                request.key.len()
+            )));
+        }
+        if request.down < 0 || request.up < 0 {
+            return Err(Status::invalid_argument(
+                "an escrow ask wants negative rights; ask for >= 0 of each direction",
+            ));
+        }
+        let hlc = self.hlc.clone();
+        let issued = self
+            .with_local(move |local| {
+                let Some(KeyState::Bounded(b)) = local.replica().key_state(&request.key) else {
+                    return Ok(Vec::new());
+                };
+                let (held_down, held_up) = b.rights_of(local.replica().node());
+                let mut issued = Vec::new();
+                // Decrement rights move as a positive amount, increment rights as negative.
+                for (amount, sign) in [
+                    (escrow_spare(held_down, request.down), 1),
+                    (escrow_spare(held_up, request.up), -1),
+                ] {
+                    if amount == 0 {
+                        continue;
+                    }
+                    let transferred = local
+                        .transfer(&request.key, asker, sign * amount, hlc.now())
+                        .unwrap_or_else(|e| crate::node::fatal("logging an escrow transfer", &e));
+                    match transferred {
+                        Ok(t) => issued.push((sign * amount, t)),
+                        // E.g. own facts waiting on a Raft command: nothing to spare now.
+                        Err(refused) => tracing::debug!(%refused, "no escrow transfer"),
+                    }
+                }
+                Ok(issued)
+            })
+            .await
+            .map_err(Status::from)?;
+        let mut grant = wire::EscrowGrant::default();
+        for (amount, t) in issued {
+            if let Err(e) = t.durable.await {
+                crate::node::fatal("making an escrow transfer durable", &e);
+            }
+            self.publish(t.fact);
+            if amount > 0 {
+                grant.down = amount;
+            } else {
+                grant.up = -amount;
+            }
+            grant.through_seq = grant.through_seq.max(t.id.seq);
+        }
+        metrics::counter!("calm_escrow_peer_rights_given_total")
+            .increment(grant.down.unsigned_abs() + grant.up.unsigned_abs());
+        Ok(grant)
+    }
+
     // --- pruning -------------------------------------------------------------------------
 
     async fn prune_loop(self: Arc<Self>, shutdown: CancellationToken) {
@@ -968,9 +1093,28 @@ impl GossipPeer for GossipService {
             self.gossip.serve_pull(request.into_inner()).await?,
         ))
     }
+
+    async fn ask_escrow(
+        &self,
+        request: Request<wire::EscrowAsk>,
+    ) -> Result<Response<wire::EscrowGrant>, Status> {
+        Ok(Response::new(
+            self.gossip.serve_escrow_ask(request.into_inner()).await?,
+        ))
+    }
 }
 
 // --- pure helpers ----------------------------------------------------------------------
+
+/// What a node holding `held` rights of one direction gives to a peer that wants `wanted`:
+/// what the peer needs if it can, else all it holds, and up to half its holdings beyond the
+/// need, so that the next spends there do not ask again at once.
+pub fn escrow_spare(held: i64, wanted: i64) -> i64 {
+    if held <= 0 || wanted <= 0 {
+        return 0;
+    }
+    wanted.max(held / 2).min(held)
+}
 
 /// Component-wise minimum: the facts both vectors cover.
 pub fn meet(a: &VersionVector, b: &VersionVector) -> VersionVector {
@@ -1086,6 +1230,29 @@ mod tests {
 
     fn vv(entries: &[(NodeId, u64)]) -> VersionVector {
         entries.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_giver_spares_the_need_and_half_beyond_it_never_more_than_it_holds() {
+        assert_eq!(
+            escrow_spare(100, 10),
+            50,
+            "half of the holdings when the need is small"
+        );
+        assert_eq!(
+            escrow_spare(100, 70),
+            70,
+            "the need when it is larger than half"
+        );
+        assert_eq!(
+            escrow_spare(30, 70),
+            30,
+            "all it holds when that is less than the need"
+        );
+        assert_eq!(escrow_spare(1, 1), 1);
+        assert_eq!(escrow_spare(0, 5), 0);
+        assert_eq!(escrow_spare(-3, 5), 0);
+        assert_eq!(escrow_spare(50, 0), 0, "nothing asked, nothing given");
     }
 
     #[test]

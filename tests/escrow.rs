@@ -253,3 +253,74 @@ async fn a_bounded_counter_never_leaves_its_bounds_while_partitioned() {
         "values outside [{MIN}, {MAX}] were read: {violations:?}"
     );
 }
+
+/// Rights held by other nodes are not stranded: once the pool is empty, a node that runs
+/// out asks its peers, who transfer what they hold (DESIGN.md section 5). Node 1 alone spends
+/// the counter down to exactly its minimum although nodes 2 and 3 held quota, and the next
+/// spend is RESOURCE_EXHAUSTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_out_of_rights_gets_them_from_its_peers() {
+    let c = Cluster::start(3, &[]).await;
+    support::await_leaders_balanced(&c).await;
+    let key = "stock:peers";
+    let mut kv1 = c.kv(1).await;
+    write(&mut kv1, key, op::set_value(START)).await.unwrap();
+    // Nodes 2 and 3 take quota from the pool: decrement by one until a spend is paid from
+    // the node's own quota.
+    let mut value = START;
+    for at in 2..=3 {
+        let mut kv = c.kv(at).await;
+        let mut on_quota = false;
+        for _ in 0..100 {
+            let r = write(&mut kv, key, op::add(-1)).await.unwrap();
+            value -= 1;
+            if r.path == Path::Escrow as i32 {
+                on_quota = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(on_quota, "node {at} never got escrow quota");
+    }
+    // Node 1 spends everything: by 10, then by 1. A refusal while rights remain somewhere
+    // can only be passing (a peer's own facts waiting on a Raft command): a few are allowed.
+    let mut refusals = 0;
+    for delta in [10, 1] {
+        for _ in 0..(2 * START) {
+            if value < delta {
+                break;
+            }
+            match write(&mut kv1, key, op::add(-delta)).await {
+                Ok(r) => {
+                    assert!(r.succeeded);
+                    value -= delta;
+                }
+                Err(s) if s.code() == Code::ResourceExhausted => {
+                    refusals += 1;
+                    assert!(
+                        refusals <= 20,
+                        "node 1 cannot spend {delta} of the {value} left: {s:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(s) => panic!("decrement by {delta} at node 1 with {value} left: {s:?}"),
+            }
+        }
+    }
+    assert_eq!(value, MIN, "node 1 did not spend everything");
+    let s = write(&mut kv1, key, op::add(-1)).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    for at in 1..=3 {
+        let v = support::await_value(
+            &c,
+            at,
+            key,
+            Consistency::Linearizable,
+            Duration::from_secs(30),
+            |v| bounded(v).map(|b| b.0),
+            |v| *v == Some(MIN),
+        )
+        .await;
+        assert_eq!(v, Some(MIN), "node {at}");
+    }
+}

@@ -100,8 +100,9 @@ async fn await_converged(
     let started = Instant::now();
     let want: Vec<String> = union.iter().cloned().collect();
     for _ in 0..5_000 {
+        // Not there yet (no fact has arrived): zero, which `low` may allow.
         let n = counter(&get(&mut kv, ctr, Consistency::Serializable).await.unwrap());
-        let n = n.unwrap_or_else(|| panic!("{ctr} missing at node {at}"));
+        let n = n.unwrap_or(0);
         assert!(
             (low..=sum).contains(&n),
             "node {at} reads {ctr} = {n}, outside [{low}, {sum}]: a phantom or a lost add"

@@ -119,6 +119,15 @@ pub struct LocalAdmit {
     pub fact: Vec<u8>,
 }
 
+/// An escrow transfer [`LocalState::transfer`] issued.
+pub struct LocalTransfer {
+    pub id: FactId,
+    /// Resolves once the transfer is durable: only then may the taker hear of it.
+    pub durable: AppendTicket,
+    /// The fact's encoding, for gossip.
+    pub fact: Vec<u8>,
+}
+
 /// What [`LocalState::deliver`] did with a batch of facts from a peer.
 #[derive(Debug, Default)]
 pub struct DeliverReport {
@@ -325,6 +334,30 @@ impl LocalState {
         Ok(Ok(LocalAdmit {
             admitted,
             durable: Some(ticket),
+            fact: encoded,
+        }))
+    }
+
+    /// Give `amount` of this node's escrow rights on `key` to node `to` (see
+    /// [`Replica::transfer`]): applied here at once, logged like an admitted fact.
+    pub fn transfer(
+        &mut self,
+        key: &[u8],
+        to: NodeId,
+        amount: i64,
+        hlc: HlcTimestamp,
+    ) -> Result<Result<LocalTransfer, RefusedOp>, LocalError> {
+        let mut encoded = Vec::new();
+        let id = match self.replica.transfer(key, to, amount, hlc, &mut encoded) {
+            Ok(id) => id,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        assert!(!encoded.is_empty(), "a transfer is a fact");
+        let durable = self.wal.append(&[WalRecord::facts(encoded.clone())])?;
+        self.unarchived.insert((id.origin, id.seq), encoded.clone());
+        Ok(Ok(LocalTransfer {
+            id,
+            durable,
             fact: encoded,
         }))
     }
