@@ -161,10 +161,14 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Load a running cluster and report throughput and latency percentiles.
+    /// Load a running cluster and report throughput and latency percentiles; `calm bench
+    /// compare` starts calm and etcd clusters itself and runs the same workloads on both.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Bench {
-        #[arg(value_enum)]
-        workload: calm::bench::Workload,
+        #[command(subcommand)]
+        compare: Option<BenchCommand>,
+        #[arg(value_enum, required = true)]
+        workload: Option<calm::bench::Workload>,
         /// Calls in all (each a batch for `batch`).
         #[arg(long, default_value_t = 10_000)]
         ops: u64,
@@ -217,6 +221,41 @@ struct ServeArgs {
     /// Test-only: inject a bug the Jepsen harness must catch (see src/faults.rs).
     #[arg(long, hide = true)]
     fault: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Start a local 3-node calm cluster and a local 3-member etcd cluster (one after the
+    /// other, on 127.X.Y.Z addresses, data in a temp dir), run the same workloads on both and
+    /// print them side by side with ratios. Needs `etcd` on the PATH (scripts/bench installs
+    /// it) and root for the partition workload (iptables).
+    Compare {
+        /// Systems to run, in this order.
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [calm::bench::compare::System::Calm, calm::bench::compare::System::Etcd])]
+        systems: Vec<calm::bench::compare::System>,
+        /// Workloads to run, in this order (default: all).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        workloads: Vec<calm::bench::compare::Workload>,
+        /// Time bound of each workload.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Fraction of each workload's call count (e.g. 0.1 for a quick smoke run).
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Increments during the partition, both sides together (also bounded by its length).
+        #[arg(long, default_value_t = 100_000)]
+        partition_facts: u64,
+        /// How long node 3 stays cut off.
+        #[arg(long, default_value_t = 10)]
+        partition_seconds: u64,
+        /// Seconds to wait after each cluster is ready before loading it (to attach perf to
+        /// the PIDs printed on stderr).
+        #[arg(long, default_value_t = 0)]
+        wait_before_load: u64,
+        /// Print the table as Markdown.
+        #[arg(long)]
+        markdown: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -492,6 +531,11 @@ async fn run(command: Command) -> Result<()> {
         }
         Command::Checkpoint { client } => client::checkpoint(&client.endpoints).await,
         Command::Bench {
+            compare: Some(compare),
+            ..
+        } => bench_compare(compare).await,
+        Command::Bench {
+            compare: None,
             workload,
             ops,
             concurrency,
@@ -500,6 +544,7 @@ async fn run(command: Command) -> Result<()> {
             batch,
             client,
         } => {
+            let workload = workload.context("name a workload, or `compare`")?;
             let report = calm::bench::run(
                 &client.endpoints,
                 calm::bench::BenchOptions {
@@ -540,6 +585,48 @@ async fn run(command: Command) -> Result<()> {
                 client,
             } => client::rules_set(&client.endpoints, &file, expected_version, client.output).await,
         },
+    }
+}
+
+/// `calm bench compare`, stopped early (every process it started stopped too: dropping the
+/// future drops the clusters) on Ctrl-C or SIGTERM.
+async fn bench_compare(command: BenchCommand) -> Result<()> {
+    use calm::bench::compare;
+    let BenchCommand::Compare {
+        systems,
+        workloads,
+        seconds,
+        scale,
+        partition_facts,
+        partition_seconds,
+        wait_before_load,
+        markdown,
+    } = command;
+    if !(scale > 0.0 && scale <= 1.0) {
+        bail!("--scale must be within (0, 1]");
+    }
+    if seconds == 0 || seconds > 600 || partition_seconds > 600 {
+        bail!("--seconds and --partition-seconds must be within 1..=600");
+    }
+    let options = compare::CompareOptions {
+        systems,
+        workloads: if workloads.is_empty() {
+            compare::ALL_WORKLOADS.to_vec()
+        } else {
+            workloads
+        },
+        seconds,
+        scale,
+        partition_facts,
+        partition_seconds,
+        wait_before_load: std::time::Duration::from_secs(wait_before_load),
+        markdown,
+    };
+    let exe = std::env::current_exe().context("cannot find the calm binary itself")?;
+    let shutdown = shutdown_on_signals();
+    tokio::select! {
+        r = compare::run(&exe, options) => r,
+        _ = shutdown.cancelled() => bail!("interrupted; the clusters were stopped"),
     }
 }
 

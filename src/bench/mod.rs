@@ -2,6 +2,13 @@
 //! percentiles and throughput. Keys are 16 bytes, values 64 bytes (as in etcd's benchmarks).
 //!
 //! Every run is bounded by an op count and a duration, whichever comes first.
+//!
+//! `calm bench compare` ([`compare`]) starts its own calm and etcd clusters ([`cluster`]) and
+//! runs the same workloads against both, with etcd's client in [`etcd`].
+
+pub mod cluster;
+pub mod compare;
+pub mod etcd;
 
 use crate::api::pb;
 use crate::api::pb::kv_client::KvClient;
