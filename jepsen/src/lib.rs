@@ -1,20 +1,34 @@
 //! calm-jepsen: a Jepsen-style harness for calm.
 //!
-//! What exists today is the part that needs no live node: the history model and the
-//! checkers. A run (later: nodes in network namespaces, nemeses, workloads talking gRPC)
-//! records a [`History`] of Jepsen-style ops as JSON lines; checkers turn it into a
-//! [`Verdict`]. Keeping the recording format and the checkers independent of the runner
-//! means any history, recorded live or written by hand in a test, is judged the same way.
+//! A run starts real `calm` nodes in network namespaces, drives a workload over the public
+//! gRPC API while a nemesis injects faults, records a [`History`] of Jepsen-style ops as
+//! JSON lines, and judges it with a checker into a [`Verdict`]. The recording format and the
+//! checkers are independent of the runner, so any history, recorded live or written by hand
+//! in a test, is judged the same way.
 //!
 //! - [`history`]: ops, the JSON-lines format, invoke/completion pairing and its rules.
 //! - [`edn`]: export to Jepsen's EDN, one op map per line.
-//! - [`checker`]: linearizability per key for registers, counter, set and bounded-counter
-//!   (escrow) properties; each says `valid`, `invalid` with explained anomalies, or
-//!   `unknown` when a budget ran out.
+//! - [`checker`]: linearizability per key for registers, counter, set, bounded-counter
+//!   (escrow) and session (read-your-writes) properties; each says `valid`, `invalid` with
+//!   explained anomalies, or `unknown` when a budget ran out.
+//! - [`cluster`]: nodes in network namespaces and the faults done to them.
+//! - [`nemesis`]: which faults, on a seeded schedule.
+//! - [`client`], [`pb`]: the gRPC client and the mapping of results to ok/fail/info.
+//! - [`workload`], [`recorder`]: the client loops and the live history.
+//! - [`runner`], [`report`]: one run end to end and its report directory.
 
 pub mod checker;
+pub mod client;
+pub mod cluster;
 pub mod edn;
 pub mod history;
+pub mod nemesis;
+pub mod pb;
+pub mod recorder;
+pub mod report;
+pub mod rng;
+pub mod runner;
+pub mod workload;
 
 pub use checker::{Anomaly, AnomalyKind, CheckError, Checker, Validity, Verdict};
 pub use history::{F, History, HistoryError, Op, OpType, Outcome, PairedOp, Process};

@@ -1,8 +1,13 @@
-//! `calm-jepsen`: the harness's command line. Today: check a recorded history with one of
-//! the checkers, and export a history to EDN.
+//! `calm-jepsen`: the harness's command line.
 //!
-//! Exit codes of `check`: 0 valid, 1 invalid, 3 unknown (a limit was hit); 2 is an error
-//! (unreadable history, bad arguments), as for clap's usage errors.
+//! - `calm-jepsen [test] --workload W --nemesis partition,kill --time 60`: one live run
+//!   (needs root) writing a report directory; `--suite quick` runs every workload briefly;
+//! - `calm-jepsen check`: check a recorded history with one of the checkers;
+//! - `calm-jepsen edn`: export a history to EDN.
+//!
+//! Exit codes: 0 valid (for `--expect-invalid`: invalid), 1 invalid (or the unexpected
+//! verdict), 3 unknown (a limit was hit); 2 is an error (unreadable history, bad arguments,
+//! a run that could not happen), as for clap's usage errors.
 
 use std::fs::File;
 use std::io;
@@ -10,24 +15,41 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result, bail};
 use calm_jepsen::checker::bounded::BoundedChecker;
 use calm_jepsen::checker::counter::{CounterChecker, ReadBound};
 use calm_jepsen::checker::linearizable::{LinearizableChecker, SearchLimits};
+use calm_jepsen::checker::session::SessionChecker;
 use calm_jepsen::checker::set::SetChecker;
 use calm_jepsen::edn::{KeyStyle, write_edn};
+use calm_jepsen::nemesis::{NemesisKind, Schedule};
+use calm_jepsen::runner::{TestOptions, run_test};
+use calm_jepsen::workload::Workload;
 use calm_jepsen::{Checker, History, Validity};
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "calm-jepsen", version, about = "Jepsen-style harness for calm")]
+#[command(
+    name = "calm-jepsen",
+    version,
+    about = "Jepsen-style harness for calm",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// Without a subcommand: a test run.
+    #[command(flatten)]
+    test: TestArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a live test (needs root): nodes in network namespaces, a workload, a nemesis.
+    Test(TestArgs),
     /// Check a history (JSON lines) and print the verdict.
     Check(CheckArgs),
     /// Export a history (JSON lines) as Jepsen EDN, one op map per line.
@@ -52,6 +74,77 @@ enum CheckerName {
     Set,
     /// Bounded counter (escrow): never outside [min, max], conserving.
     Bounded,
+    /// Session tokens: causal reads see the write whose token they pass.
+    Session,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Suite {
+    /// Every workload for 15 s with every nemesis (CI).
+    Quick,
+    /// Every workload for --time with the chosen nemeses (long runs).
+    Full,
+    /// The injected node bugs, each of which its checker must catch (--expect-invalid).
+    Faults,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Strict,
+    Hybrid,
+}
+
+#[derive(clap::Args, Clone)]
+struct TestArgs {
+    /// The workload (required unless --suite).
+    #[arg(long, value_enum, required_unless_present = "suite")]
+    workload: Option<Workload>,
+    /// Several workloads in a row.
+    #[arg(long, value_enum, conflicts_with = "workload")]
+    suite: Option<Suite>,
+    /// Faults: partition, kill, pause, clock, rules (comma-separated), all or none.
+    #[arg(long, default_value = "all")]
+    nemesis: String,
+    /// Seconds of load and faults (a quick suite uses 15 per workload).
+    #[arg(long, default_value_t = 60)]
+    time: u64,
+    /// Nodes (3 to 9).
+    #[arg(long, default_value_t = 5)]
+    nodes: usize,
+    /// Concurrent client workers (keep it <= 10: one key's linearizability search grows
+    /// with its concurrent clients).
+    #[arg(long, default_value_t = 10)]
+    concurrency: usize,
+    /// Seed of every random choice; printed at start (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Safety mode the workload's keys start in.
+    #[arg(long, value_enum, default_value = "hybrid")]
+    mode: ModeArg,
+    /// Test-only node bug (`stale-reads`, `drop-acked-writes[=F]`); repeatable.
+    #[arg(long)]
+    fault: Vec<String>,
+    /// Pass (exit 0) only if the checker finds the history invalid.
+    #[arg(long)]
+    expect_invalid: bool,
+    /// The calm binary (default: next to this one, else target/release/calm).
+    #[arg(long, env = "CALM_BIN")]
+    binary: Option<PathBuf>,
+    /// Where report directories go.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/store"))]
+    store: PathBuf,
+    /// Deadline of every client call, ms.
+    #[arg(long, default_value_t = 2000)]
+    op_timeout_ms: u64,
+    /// Most ops per worker.
+    #[arg(long, default_value_t = 100_000)]
+    max_ops: u64,
+    /// Pause between one worker's ops, ms.
+    #[arg(long, default_value_t = 10)]
+    think_ms: u64,
+    /// Keep the nodes' data directories in the report.
+    #[arg(long)]
+    keep_data: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -103,6 +196,13 @@ struct CheckArgs {
 }
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CALM_JEPSEN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(io::stderr)
+        .init();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
@@ -114,12 +214,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Check(args) => check(args),
-        Command::Edn {
+        None => test(cli.test),
+        Some(Command::Test(args)) => test(args),
+        Some(Command::Check(args)) => check(args),
+        Some(Command::Edn {
             history,
             output,
             independent,
-        } => {
+        }) => {
             let h = History::load(&history)?;
             let style = if independent {
                 KeyStyle::IndependentTuple
@@ -162,6 +264,7 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
             ..CounterChecker::default()
         }),
         CheckerName::Set => Box::new(SetChecker),
+        CheckerName::Session => Box::new(SessionChecker),
         CheckerName::Bounded => {
             let (Some(min), Some(max)) = (args.min, args.max) else {
                 anyhow::bail!("--checker bounded needs --min and --max");
@@ -183,5 +286,163 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         Validity::Valid => ExitCode::SUCCESS,
         Validity::Invalid => ExitCode::from(1),
         Validity::Unknown => ExitCode::from(3),
+    })
+}
+
+/// The node binary: --binary / CALM_BIN, else `calm` next to this executable (both in
+/// target/release under `cargo run --release`), else the workspace's target/release/calm.
+fn node_binary(arg: Option<PathBuf>) -> PathBuf {
+    if let Some(b) = arg {
+        return b;
+    }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(sibling) = exe.parent().map(|d| d.join("calm"))
+        && sibling.exists()
+    {
+        return sibling;
+    }
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/release/calm"
+    ))
+}
+
+fn options(args: &TestArgs, workload: Workload, seed: u64) -> Result<TestOptions> {
+    let nemesis = NemesisKind::parse_list(&args.nemesis).map_err(anyhow::Error::msg)?;
+    if args.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    Ok(TestOptions {
+        workload,
+        nemesis,
+        time: Duration::from_secs(args.time),
+        nodes: args.nodes,
+        concurrency: args.concurrency,
+        seed,
+        mode: match args.mode {
+            ModeArg::Strict => "strict",
+            ModeArg::Hybrid => "hybrid",
+        },
+        faults: args.fault.clone(),
+        expect_invalid: args.expect_invalid,
+        binary: node_binary(args.binary.clone()),
+        store: args.store.clone(),
+        op_timeout: Duration::from_millis(args.op_timeout_ms),
+        max_ops_per_worker: args.max_ops,
+        think: Duration::from_millis(args.think_ms),
+        schedule: Schedule::default(),
+        keep_data: args.keep_data,
+        converge_limit: Duration::from_secs(60),
+    })
+}
+
+/// The runs of a suite (or the one run of --workload).
+fn plan(args: &TestArgs, seed: u64) -> Result<Vec<TestOptions>> {
+    let Some(suite) = args.suite else {
+        let workload = args.workload.context("--workload or --suite is required")?;
+        return Ok(vec![options(args, workload, seed)?]);
+    };
+    let mut runs = Vec::new();
+    match suite {
+        Suite::Quick | Suite::Full => {
+            for (i, w) in Workload::ALL.into_iter().enumerate() {
+                let mut o = options(args, w, seed.wrapping_add(i as u64))?;
+                if suite == Suite::Quick {
+                    o.time = Duration::from_secs(15);
+                    o.converge_limit = Duration::from_secs(30);
+                }
+                runs.push(o);
+            }
+        }
+        Suite::Faults => {
+            // Stale reads show once a deposed or partitioned node serves reads; lost writes
+            // show in the final reads.
+            let mut stale = options(args, Workload::Register, seed)?;
+            stale.nemesis = vec![NemesisKind::Partition];
+            stale.faults = vec!["stale-reads".into()];
+            let mut dropped = options(args, Workload::Counter, seed.wrapping_add(1))?;
+            dropped.nemesis = Vec::new();
+            dropped.faults = vec!["drop-acked-writes=0.05".into()];
+            let mut dropped_set = options(args, Workload::Set, seed.wrapping_add(2))?;
+            dropped_set.nemesis = Vec::new();
+            dropped_set.faults = vec!["drop-acked-writes=0.05".into()];
+            for o in [&mut stale, &mut dropped, &mut dropped_set] {
+                o.expect_invalid = true;
+                o.time = Duration::from_secs(args.time.min(20));
+                o.converge_limit = Duration::from_secs(20);
+            }
+            runs.extend([stale, dropped, dropped_set]);
+        }
+    }
+    Ok(runs)
+}
+
+fn test(args: TestArgs) -> Result<ExitCode> {
+    if let Some(reason) = calm_jepsen::cluster::unsupported() {
+        bail!("{reason}");
+    }
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    println!("calm-jepsen seed {seed} (replay with --seed {seed})");
+    let runs = plan(&args, seed)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    runtime.block_on(async {
+        let s = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: stopping the run and cleaning up");
+                s.store(true, Ordering::Relaxed);
+            }
+        });
+        let started = std::time::Instant::now();
+        let mut worst = ExitCode::SUCCESS;
+        let mut lines = Vec::new();
+        for o in &runs {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let line = match run_test(o, stop.clone()).await {
+                Ok(outcome) => {
+                    if !outcome.passed {
+                        worst = match outcome.valid {
+                            Validity::Unknown if !o.expect_invalid => ExitCode::from(3),
+                            _ => ExitCode::from(1),
+                        };
+                    }
+                    format!(
+                        "{:<9} {:<8} {:<5} {:>6.1} s  {}",
+                        o.workload,
+                        outcome.valid.to_string(),
+                        if outcome.passed { "PASS" } else { "FAIL" },
+                        outcome.duration.as_secs_f64(),
+                        outcome.dir.display()
+                    )
+                }
+                Err(e) => {
+                    worst = ExitCode::from(2);
+                    format!("{:<9} ERROR    {e:#}", o.workload)
+                }
+            };
+            println!("{line}");
+            lines.push(line);
+        }
+        if runs.len() > 1 {
+            println!(
+                "\nsuite (seed {seed}) took {:.1} s:",
+                started.elapsed().as_secs_f64()
+            );
+            for l in &lines {
+                println!("  {l}");
+            }
+        }
+        Ok(worst)
     })
 }

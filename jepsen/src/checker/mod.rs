@@ -8,6 +8,7 @@
 //!   the acknowledged adds plus a subset of the indeterminate ones.
 //! - [`set`]: no lost acknowledged add, no phantom, no resurrected removed element.
 //! - [`bounded`]: escrow counters never leave their bounds and conserve like counters.
+//! - [`session`]: read-your-writes across nodes with session tokens.
 //!
 //! A checker never says "valid" unless it established validity: running out of a search
 //! budget, or lacking the final reads a property needs, yields [`Validity::Unknown`] with the
@@ -17,6 +18,7 @@
 pub mod bounded;
 pub mod counter;
 pub mod linearizable;
+pub mod session;
 pub mod set;
 
 use std::collections::BTreeMap;
@@ -120,17 +122,23 @@ pub enum AnomalyKind {
     /// An element present in a final read although an acknowledged remove followed all of
     /// its adds.
     ResurrectedElement,
+    /// A causal read with a write's session token that does not reflect that write.
+    StaleSessionRead,
     /// A search or computation stopped at a configured limit.
     UndecidedLimit,
     /// A property needs final reads and the history has none for this key.
     UndecidedNoFinalRead,
+    /// The history has no read the property could be checked on.
+    UndecidedNoReads,
 }
 
 impl AnomalyKind {
     pub fn is_violation(self) -> bool {
         !matches!(
             self,
-            AnomalyKind::UndecidedLimit | AnomalyKind::UndecidedNoFinalRead
+            AnomalyKind::UndecidedLimit
+                | AnomalyKind::UndecidedNoFinalRead
+                | AnomalyKind::UndecidedNoReads
         )
     }
 }
@@ -205,7 +213,9 @@ fn kind_stat_name(kind: AnomalyKind) -> &'static str {
         AnomalyKind::PhantomElement => "anomalies.phantom_element",
         AnomalyKind::FailedAddVisible => "anomalies.failed_add_visible",
         AnomalyKind::ResurrectedElement => "anomalies.resurrected_element",
+        AnomalyKind::StaleSessionRead => "anomalies.stale_session_read",
         AnomalyKind::UndecidedLimit => "undecided.limit",
+        AnomalyKind::UndecidedNoReads => "undecided.no_reads",
         AnomalyKind::UndecidedNoFinalRead => "undecided.no_final_read",
     }
 }

@@ -1,0 +1,556 @@
+//! Workloads: the client loops that load the cluster and record the history, one per
+//! checker, and the final phase that reads every node after heal.
+//!
+//! Every loop is bounded in op count and time, every call has a deadline, and an op whose
+//! outcome is unknown is recorded `info` and retires its process (the worker continues
+//! under a fresh process id), as the history rules require.
+//!
+//! | workload | keys | ops | checker |
+//! |---|---|---|---|
+//! | register | `jr-<gen>-<k>`, 4 live keys, a new generation every 10 s | linearizable read, write (unique values), cas from the last value seen | linearizable |
+//! | counter | `jc-0..3` | add 1..=5, serializable read | counter |
+//! | bounded | `jb-0..1`, bounds [-10, 10] | add ±1..=3, serializable read | bounded |
+//! | set | `js-0..2` | set_add (unique), set_remove (an own acked element), read_set | set |
+//! | session | `jt-r-<p>-<n>` / `jt-c-<p>-<n>` | write or add at node A, causal read with its token at node B | session |
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::checker::Checker;
+use crate::checker::bounded::BoundedChecker;
+use crate::checker::counter::{CounterChecker, ReadBound};
+use crate::checker::linearizable::{LinearizableChecker, SearchLimits};
+use crate::checker::session::SessionChecker;
+use crate::checker::set::SetChecker;
+use crate::client::{Clients, Completion, int_bytes, read_error, read_value, write_error};
+use crate::cluster::node_name;
+use crate::history::{F, Op, OpType, Process};
+use crate::pb;
+use crate::recorder::Recorder;
+use crate::rng::Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    Register,
+    Counter,
+    Bounded,
+    Set,
+    Session,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 5] = [
+        Workload::Register,
+        Workload::Counter,
+        Workload::Bounded,
+        Workload::Set,
+        Workload::Session,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Register => "register",
+            Workload::Counter => "counter",
+            Workload::Bounded => "bounded",
+            Workload::Set => "set",
+            Workload::Session => "session",
+        }
+    }
+
+    pub fn rules(self) -> RuleSpec {
+        match self {
+            Workload::Register => RuleSpec::new("jr-*", ""),
+            Workload::Counter => RuleSpec::new("jc-*", ""),
+            Workload::Bounded => RuleSpec::new(
+                "jb-*",
+                "type = \"bounded_counter\"\nbounds = { min = -10, max = 10 }\n",
+            ),
+            Workload::Set => RuleSpec::new("js-*", ""),
+            Workload::Session => RuleSpec::new("jt-*", ""),
+        }
+    }
+
+    /// Whether the checker needs reads of every node after heal.
+    pub fn has_final_phase(self) -> bool {
+        matches!(self, Workload::Counter | Workload::Bounded | Workload::Set)
+    }
+
+    fn final_keys(self) -> Vec<String> {
+        match self {
+            Workload::Counter => (0..4).map(|k| format!("jc-{k}")).collect(),
+            Workload::Bounded => (0..2).map(|k| format!("jb-{k}")).collect(),
+            Workload::Set => (0..3).map(|k| format!("js-{k}")).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The checker for this workload's history. `linearizable_reads`: counter reads must
+    /// reflect every add acknowledged before them (keys strict for the whole run).
+    pub fn checker(self, linearizable_reads: bool) -> Box<dyn Checker + Send> {
+        match self {
+            Workload::Register => Box::new(LinearizableChecker {
+                limits: SearchLimits {
+                    time_limit: Some(Duration::from_secs(120)),
+                    ..SearchLimits::default()
+                },
+                ..LinearizableChecker::default()
+            }),
+            Workload::Counter => Box::new(CounterChecker {
+                reads: if linearizable_reads {
+                    ReadBound::Linearizable
+                } else {
+                    ReadBound::Eventual
+                },
+                ..CounterChecker::default()
+            }),
+            Workload::Bounded => Box::new(BoundedChecker::new(-10, 10, 0)),
+            Workload::Set => Box::new(SetChecker),
+            Workload::Session => Box::new(SessionChecker),
+        }
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The rule the workload's keys live under; its mode is what the rules nemesis flips.
+#[derive(Debug, Clone)]
+pub struct RuleSpec {
+    pub pattern: &'static str,
+    /// Extra TOML lines of the rule (type, bounds).
+    pub extra: &'static str,
+}
+
+impl RuleSpec {
+    fn new(pattern: &'static str, extra: &'static str) -> RuleSpec {
+        RuleSpec { pattern, extra }
+    }
+
+    pub fn toml(&self, mode: &str) -> String {
+        format!(
+            "default_mode = \"hybrid\"\n\n[[rules]]\npattern = \"{}\"\nmode = \"{mode}\"\n{}",
+            self.pattern, self.extra
+        )
+    }
+}
+
+/// What every worker shares.
+pub struct Ctx {
+    pub clients: Clients,
+    pub rec: Arc<Recorder>,
+    pub nodes: usize,
+    pub deadline: Instant,
+    pub stop: Arc<AtomicBool>,
+    /// Most ops one worker issues.
+    pub max_ops: u64,
+    /// Pause between a worker's ops.
+    pub think: Duration,
+}
+
+impl Ctx {
+    fn done(&self, ops: u64) -> bool {
+        ops >= self.max_ops || Instant::now() >= self.deadline || self.stop.load(Ordering::Relaxed)
+    }
+
+    fn node(&self, rng: &mut Rng) -> usize {
+        rng.range(1, self.nodes as u64) as usize
+    }
+
+    /// Record an invocation, await `call`, record its completion; an `info` retires the
+    /// process. Returns the invocation's index and the completion.
+    #[allow(clippy::too_many_arguments)] // one per field of the recorded op
+    async fn op(
+        &self,
+        process: &mut u64,
+        f: F,
+        key: &str,
+        arg: Value,
+        node: usize,
+        is_final: bool,
+        call: impl Future<Output = Completion>,
+    ) -> (u64, Completion) {
+        let invoke = self.rec.record(
+            Op::new(0, 0, Process::Client(*process), OpType::Invoke, f.clone())
+                .with_key(key)
+                .with_value(arg)
+                .with_node(node_name(node))
+                .with_final(is_final),
+        );
+        let completion = call.await;
+        let base = Op::new(0, 0, Process::Client(*process), OpType::Ok, f)
+            .with_key(key)
+            .with_node(node_name(node))
+            .with_final(is_final);
+        let op = match &completion {
+            Completion::Ok(v) => base.with_value(v.clone()),
+            Completion::Fail(e) => Op {
+                kind: OpType::Fail,
+                ..base.with_error(e.clone())
+            },
+            Completion::Info(e) => Op {
+                kind: OpType::Info,
+                ..base.with_error(e.clone())
+            },
+        };
+        self.rec.record(op);
+        if matches!(completion, Completion::Info(_)) {
+            *process = self.rec.fresh_process();
+        }
+        (invoke.index, completion)
+    }
+
+    async fn write(&self, node: usize, key: &str, op: pb::op::Kind) -> Completion {
+        match self.clients.write(node, key, op).await {
+            Ok(r) if r.succeeded => Completion::Ok(Value::Null),
+            Ok(_) => Completion::Fail("the compare-and-set condition did not hold".into()),
+            Err(e) => write_error(&e),
+        }
+    }
+
+    async fn read(&self, node: usize, key: &str, consistency: pb::Consistency) -> Completion {
+        match self.clients.get(node, key, consistency, Vec::new()).await {
+            Ok(r) => match read_value(&r) {
+                Ok(v) => Completion::Ok(absent_as(key, v)),
+                Err(e) => Completion::Info(format!("unreadable response: {e}")),
+            },
+            Err(e) => read_error(&e),
+        }
+    }
+}
+
+/// An absent counter reads as 0 and an absent set as [] (the checkers' initial values).
+fn absent_as(key: &str, v: Value) -> Value {
+    if !v.is_null() {
+        v
+    } else if key.starts_with("jc-") || key.starts_with("jb-") || key.starts_with("jt-c-") {
+        json!(0)
+    } else if key.starts_with("js-") {
+        json!([])
+    } else {
+        v
+    }
+}
+
+/// Run `concurrency` workers of `workload` until the deadline.
+pub async fn run(workload: Workload, ctx: Arc<Ctx>, concurrency: usize, rng: &mut Rng) {
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let ctx = ctx.clone();
+        let rng = rng.fork(w as u64);
+        tasks.push(tokio::spawn(async move {
+            match workload {
+                Workload::Register => register_worker(&ctx, w as u64, rng).await,
+                Workload::Counter | Workload::Bounded => counter_worker(&ctx, workload, rng).await,
+                Workload::Set => set_worker(&ctx, w as u64, rng).await,
+                Workload::Session => session_worker(&ctx, rng).await,
+            }
+        }));
+    }
+    for t in tasks {
+        if let Err(e) = t.await {
+            tracing::error!(error = %e, "a worker panicked");
+        }
+    }
+}
+
+async fn register_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
+    let mut process = ctx.rec.fresh_process();
+    let mut last_seen: HashMap<String, i64> = HashMap::new();
+    let mut next_value = worker * 1_000_000_000;
+    let mut ops = 0;
+    let start = ctx.rec.start();
+    while !ctx.done(ops) {
+        ops += 1;
+        // Fresh keys every 10 s keep each key's history small for the linearizability search.
+        let generation = start.elapsed().as_secs() / 10;
+        let key = format!("jr-{generation}-{}", rng.below(4));
+        let node = ctx.node(&mut rng);
+        let dice = rng.below(10);
+        if dice < 4 {
+            let (_, c) = ctx
+                .op(
+                    &mut process,
+                    F::Read,
+                    &key,
+                    Value::Null,
+                    node,
+                    false,
+                    async { ctx.read(node, &key, pb::Consistency::Linearizable).await },
+                )
+                .await;
+            if let Completion::Ok(Value::Number(n)) = c {
+                last_seen.insert(key.clone(), n.as_i64().unwrap_or_default());
+            }
+        } else {
+            next_value += 1;
+            let value = next_value as i64;
+            let expected = last_seen.get(&key).copied();
+            if let (false, Some(from)) = (dice < 7, expected) {
+                let (_, c) = ctx
+                    .op(
+                        &mut process,
+                        F::Cas,
+                        &key,
+                        json!([from, value]),
+                        node,
+                        false,
+                        async {
+                            let op = pb::op::Kind::Cas(pb::Cas {
+                                expect: Some(pb::cas::Expect::Value(int_bytes(from))),
+                                new_value: int_bytes(value),
+                                delete: false,
+                            });
+                            ctx.write(node, &key, op).await
+                        },
+                    )
+                    .await;
+                if matches!(c, Completion::Ok(_)) {
+                    last_seen.insert(key.clone(), value);
+                }
+            } else {
+                let (_, c) = ctx
+                    .op(
+                        &mut process,
+                        F::Write,
+                        &key,
+                        json!(value),
+                        node,
+                        false,
+                        async {
+                            let op = pb::op::Kind::Put(pb::Put {
+                                value: int_bytes(value),
+                            });
+                            ctx.write(node, &key, op).await
+                        },
+                    )
+                    .await;
+                if matches!(c, Completion::Ok(_)) {
+                    last_seen.insert(key.clone(), value);
+                }
+            }
+        }
+        tokio::time::sleep(ctx.think).await;
+    }
+}
+
+async fn counter_worker(ctx: &Ctx, workload: Workload, mut rng: Rng) {
+    let mut process = ctx.rec.fresh_process();
+    let keys = workload.final_keys();
+    let mut ops = 0;
+    while !ctx.done(ops) {
+        ops += 1;
+        let key = rng.pick(&keys).clone();
+        let node = ctx.node(&mut rng);
+        if rng.below(10) < 7 {
+            let delta = if workload == Workload::Bounded {
+                let d = rng.range(1, 3) as i64;
+                if rng.chance(0.5) { -d } else { d }
+            } else {
+                rng.range(1, 5) as i64
+            };
+            ctx.op(
+                &mut process,
+                F::Add,
+                &key,
+                json!(delta),
+                node,
+                false,
+                async {
+                    ctx.write(node, &key, pb::op::Kind::Add(pb::Add { delta }))
+                        .await
+                },
+            )
+            .await;
+        } else {
+            ctx.op(
+                &mut process,
+                F::Read,
+                &key,
+                Value::Null,
+                node,
+                false,
+                async { ctx.read(node, &key, pb::Consistency::Serializable).await },
+            )
+            .await;
+        }
+        tokio::time::sleep(ctx.think).await;
+    }
+}
+
+async fn set_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
+    let mut process = ctx.rec.fresh_process();
+    let keys = Workload::Set.final_keys();
+    let mut added: Vec<(String, i64)> = Vec::new();
+    let mut next = worker * 1_000_000_000;
+    let mut ops = 0;
+    while !ctx.done(ops) {
+        ops += 1;
+        let node = ctx.node(&mut rng);
+        let dice = rng.below(10);
+        if dice < 1 && !added.is_empty() {
+            let (key, e) = added.swap_remove(rng.below(added.len() as u64) as usize);
+            ctx.op(
+                &mut process,
+                F::SetRemove,
+                &key,
+                json!(e),
+                node,
+                false,
+                async {
+                    let op = pb::op::Kind::SetRemove(pb::SetRemove {
+                        element: int_bytes(e),
+                    });
+                    ctx.write(node, &key, op).await
+                },
+            )
+            .await;
+        } else if dice < 8 {
+            next += 1;
+            let e = next as i64;
+            let key = rng.pick(&keys).clone();
+            let (_, c) = ctx
+                .op(
+                    &mut process,
+                    F::SetAdd,
+                    &key,
+                    json!(e),
+                    node,
+                    false,
+                    async {
+                        let op = pb::op::Kind::SetAdd(pb::SetAdd {
+                            element: int_bytes(e),
+                        });
+                        ctx.write(node, &key, op).await
+                    },
+                )
+                .await;
+            if matches!(c, Completion::Ok(_)) {
+                added.push((key, e));
+            }
+        } else {
+            let key = rng.pick(&keys).clone();
+            ctx.op(
+                &mut process,
+                F::ReadSet,
+                &key,
+                Value::Null,
+                node,
+                false,
+                async { ctx.read(node, &key, pb::Consistency::Serializable).await },
+            )
+            .await;
+        }
+        tokio::time::sleep(ctx.think).await;
+    }
+}
+
+async fn session_worker(ctx: &Ctx, mut rng: Rng) {
+    let mut process = ctx.rec.fresh_process();
+    let mut ops = 0;
+    let mut round = 0u64;
+    while !ctx.done(ops) {
+        ops += 2;
+        round += 1;
+        let a = ctx.node(&mut rng);
+        let b = (a + rng.range(0, ctx.nodes as u64 - 2) as usize) % ctx.nodes + 1;
+        let counter = rng.chance(0.5);
+        let key = format!("jt-{}-{process}-{round}", if counter { "c" } else { "r" });
+        let token = std::sync::Mutex::new(Vec::new());
+        let (f, arg, op) = if counter {
+            (F::Add, json!(1), pb::op::Kind::Add(pb::Add { delta: 1 }))
+        } else {
+            let v = (process * 1_000_000 + round) as i64;
+            (
+                F::Write,
+                json!(v),
+                pb::op::Kind::Put(pb::Put {
+                    value: int_bytes(v),
+                }),
+            )
+        };
+        let (w, c) = ctx
+            .op(&mut process, f, &key, arg, a, false, async {
+                match ctx.clients.write(a, &key, op).await {
+                    Ok(r) => {
+                        *token.lock().unwrap_or_else(|e| e.into_inner()) = r.token;
+                        Completion::Ok(Value::Null)
+                    }
+                    Err(e) => write_error(&e),
+                }
+            })
+            .await;
+        if matches!(c, Completion::Ok(_)) {
+            let token = token.into_inner().unwrap_or_else(|e| e.into_inner());
+            ctx.op(&mut process, F::Read, &key, json!(w), b, false, async {
+                match ctx
+                    .clients
+                    .get(b, &key, pb::Consistency::Causal, token)
+                    .await
+                {
+                    Ok(r) => match read_value(&r) {
+                        Ok(v) => Completion::Ok(absent_as(&key, v)),
+                        Err(e) => Completion::Info(format!("unreadable response: {e}")),
+                    },
+                    Err(e) => read_error(&e),
+                }
+            })
+            .await;
+        }
+        tokio::time::sleep(ctx.think).await;
+    }
+}
+
+/// After heal: wait until every node's replica of every key agrees (bounded by `limit`),
+/// then record one final read per node and key. Returns how long convergence took, or
+/// `None` if the replicas still disagreed at the limit.
+pub async fn final_phase(workload: Workload, ctx: &Ctx, limit: Duration) -> Option<Duration> {
+    let keys = workload.final_keys();
+    let started = Instant::now();
+    let mut converged = None;
+    while started.elapsed() < limit {
+        let mut agree = true;
+        for key in &keys {
+            let mut seen: Option<Value> = None;
+            for node in 1..=ctx.nodes {
+                match ctx.read(node, key, pb::Consistency::Serializable).await {
+                    Completion::Ok(v) if seen.as_ref().is_none_or(|s| *s == v) => seen = Some(v),
+                    _ => agree = false,
+                }
+            }
+        }
+        if agree {
+            converged = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let f = if workload == Workload::Set {
+        F::ReadSet
+    } else {
+        F::Read
+    };
+    for key in &keys {
+        for node in 1..=ctx.nodes {
+            let mut process = ctx.rec.fresh_process();
+            ctx.op(
+                &mut process,
+                f.clone(),
+                key,
+                Value::Null,
+                node,
+                true,
+                async { ctx.read(node, key, pb::Consistency::Serializable).await },
+            )
+            .await;
+        }
+    }
+    converged
+}

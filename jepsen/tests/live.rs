@@ -1,0 +1,103 @@
+//! Live runs against real nodes (need root for network namespaces): the checkers must catch
+//! the node's injected bugs. Skipped, with the reason printed, where they cannot run.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+
+/// The harness allows one run at a time (it owns the calmj-* namespaces): tests take turns.
+static ONE_RUN: Mutex<()> = Mutex::new(());
+
+fn calm_binary() -> PathBuf {
+    std::env::var_os("CALM_BIN").map_or_else(
+        || {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../target/release/calm"
+            ))
+        },
+        PathBuf::from,
+    )
+}
+
+fn skip_reason() -> Option<String> {
+    if let Some(r) = calm_jepsen::cluster::unsupported() {
+        return Some(r);
+    }
+    // Probe (and release at once) the run lock: a run in progress owns the namespaces.
+    if let Err(e) = calm_jepsen::cluster::RunLock::acquire() {
+        return Some(e.to_string());
+    }
+    let bin = calm_binary();
+    (!bin.exists()).then(|| {
+        format!(
+            "{} is missing: build it with `cargo build --release -p calm --bin calm` (or set CALM_BIN)",
+            bin.display()
+        )
+    })
+}
+
+/// Run the harness with `args` and --expect-invalid; the run must pass (the bug was caught).
+fn expect_caught(name: &str, args: &[&str]) {
+    let _turn = ONE_RUN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(reason) = skip_reason() {
+        println!("SKIPPED {name}: {reason}");
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_calm-jepsen"))
+        .arg("test")
+        .args(args)
+        .args(["--expect-invalid", "--nodes", "3", "--seed", "11"])
+        .arg("--binary")
+        .arg(calm_binary())
+        .arg("--store")
+        .arg(store.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{name}: the checker did not catch the injected bug (exit {:?}):\n{stdout}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("INVALID (invalid expected: PASS)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn stale_reads_make_the_register_history_non_linearizable() {
+    expect_caught(
+        "stale-reads",
+        &[
+            "--workload",
+            "register",
+            "--nemesis",
+            "partition",
+            "--fault",
+            "stale-reads",
+            "--time",
+            "15",
+        ],
+    );
+}
+
+#[test]
+fn dropped_acknowledged_adds_break_counter_conservation() {
+    expect_caught(
+        "drop-acked-writes",
+        &[
+            "--workload",
+            "counter",
+            "--nemesis",
+            "none",
+            "--fault",
+            "drop-acked-writes=0.05",
+            "--time",
+            "8",
+        ],
+    );
+}
