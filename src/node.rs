@@ -172,11 +172,16 @@ impl Node {
     }
 
     /// Persist applied state now (blocking: call from a blocking thread).
+    /// Persist without holding the state through the fsync and the store write: clients
+    /// and Raft applies would stall on the mutex meanwhile (see `LocalState::begin_persist`).
     fn persist_blocking(local: &SharedLocal) {
-        let mut local = lock(local);
-        if let Err(e) = local.persist() {
-            fatal("persisting applied state", &e);
-        }
+        let job = lock(local)
+            .begin_persist()
+            .unwrap_or_else(|e| fatal("persisting applied state", &e));
+        let (_, written) = job
+            .write()
+            .unwrap_or_else(|e| fatal("persisting applied state", &e));
+        lock(local).end_persist(&written);
     }
 
     /// Take a checkpoint now (blocking: call from a blocking thread).

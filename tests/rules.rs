@@ -55,6 +55,20 @@ async fn a_rule_change_switches_a_key_from_hybrid_to_strict_on_every_node() {
     assert!(rules(&c, 2).await.toml.contains("stock:*"));
     // Hybrid: the first add creates the key through Raft, later ones take the fast path.
     assert_eq!(path_of(&c, 1, "hits").await, pb::Path::Consensus);
+    // A node admits on the fast path once it applied the creation (the add was acknowledged
+    // when the group's leader applied it).
+    for i in 1..=3 {
+        support::await_value(
+            &c,
+            i,
+            "hits",
+            pb::Consistency::Serializable,
+            Duration::from_secs(30),
+            |v| v.is_some(),
+            |found| *found,
+        )
+        .await;
+    }
     for i in 1..=3 {
         assert_eq!(path_of(&c, i, "hits").await, pb::Path::Fast, "node {i}");
     }

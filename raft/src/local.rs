@@ -43,7 +43,7 @@ use crate::wal::{AppendTicket, Wal, WalError, WalOptions, WalRecord, WalRecordKi
 use calm_kernel::fact::{FactRef, decode_fact};
 use calm_kernel::rules::CompiledRules;
 use calm_kernel::{
-    Admitted, Delivered, FactError, FactId, HlcTimestamp, NodeId, Op, RefusedOp, Replica,
+    Admitted, Delivered, FactError, FactId, HlcTimestamp, KeyState, NodeId, Op, RefusedOp, Replica,
     ReplicaError, VersionVector,
 };
 use std::collections::BTreeMap;
@@ -128,6 +128,66 @@ pub struct LocalTransfer {
     pub fact: Vec<u8>,
 }
 
+/// A persist captured by [`LocalState::begin_persist`], to finish without the state.
+#[must_use = "a captured persist writes nothing until `write`"]
+pub struct PersistJob {
+    _gate: GateTicket,
+    barrier: AppendTicket,
+    vv: VersionVector,
+    groups: BTreeMap<u64, Vec<u8>>,
+    changed: Vec<(Vec<u8>, KeyState)>,
+    facts: Vec<(FactId, Vec<u8>)>,
+    store: Arc<StateStore>,
+}
+
+impl PersistJob {
+    /// Wait until the barrier is durable, then write the captured states, facts and
+    /// position. Returns the position and the facts now archived in the store (hand them to
+    /// [`LocalState::end_persist`]). An error is fatal, as for `persist`.
+    pub fn write(self) -> Result<(AppliedMeta, Vec<FactId>), LocalError> {
+        let barrier = self.barrier.wait()?;
+        let meta = AppliedMeta {
+            vv: self.vv,
+            groups: self.groups,
+            wal_lsn: barrier.lsn + 1,
+        };
+        self.store.write_with_facts(
+            self.changed.iter().map(|(k, s)| (k.as_slice(), s)),
+            self.facts.iter().map(|(id, f)| (*id, f.as_slice())),
+            &meta,
+        )?;
+        Ok((meta, self.facts.into_iter().map(|(id, _)| id).collect()))
+    }
+}
+
+/// Lets one persist at a time past (a mutex whose guard a job can own).
+#[derive(Default)]
+struct PersistGate {
+    busy: std::sync::Mutex<bool>,
+    free: std::sync::Condvar,
+}
+
+struct GateTicket(Arc<PersistGate>);
+
+impl PersistGate {
+    fn enter(self: &Arc<Self>) -> GateTicket {
+        // Nothing here leaves the flag half-changed across a panic.
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while *busy {
+            busy = self.free.wait(busy).unwrap_or_else(|e| e.into_inner());
+        }
+        *busy = true;
+        GateTicket(self.clone())
+    }
+}
+
+impl Drop for GateTicket {
+    fn drop(&mut self) {
+        *self.0.busy.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        self.0.free.notify_one();
+    }
+}
+
 /// What [`LocalState::deliver`] did with a batch of facts from a peer.
 #[derive(Debug, Default)]
 pub struct DeliverReport {
@@ -161,8 +221,10 @@ impl Default for LocalOptions {
 pub struct LocalState {
     replica: Replica,
     wal: Arc<Wal>,
-    store: StateStore,
+    store: Arc<StateStore>,
     checkpoints: Checkpoints,
+    /// One store write at a time, in the order they were captured (see `begin_persist`).
+    persist_gate: Arc<PersistGate>,
     /// Each group's applied position, opaque here (kept so the store's meta stays whole).
     groups: BTreeMap<u64, Vec<u8>>,
     raft_logs: Arc<RaftLogs>,
@@ -263,8 +325,9 @@ impl LocalState {
         let state = LocalState {
             replica,
             wal,
-            store,
+            store: Arc::new(store),
             checkpoints,
+            persist_gate: Arc::default(),
             groups: meta.groups,
             raft_logs,
             unarchived,
@@ -507,33 +570,51 @@ impl LocalState {
     /// Write every changed key to the store with the position it now covers. Waits for the
     /// WAL first (rule 2 of the module docs).
     pub fn persist(&mut self) -> Result<AppliedMeta, LocalError> {
+        let job = self.begin_persist()?;
+        let (meta, written) = job.write()?;
+        self.end_persist(&written);
+        Ok(meta)
+    }
+
+    /// The part of `persist` that needs this state: append the barrier, capture the changed
+    /// keys, the archive's new facts and the position they cover. The returned job does the
+    /// slow part (waiting for the barrier's fsync, writing the store) without this state, so
+    /// admissions and applies go on meanwhile; keys changed after the capture stay dirty for
+    /// the next persist. Jobs write one at a time, in capture order (a later `persist` waits
+    /// here), so the store never goes back to an older capture.
+    pub fn begin_persist(&mut self) -> Result<PersistJob, LocalError> {
+        let gate = self.persist_gate.enter();
         // Everything the replica reflects was appended before this barrier (batches become
         // durable in order), so once it is durable all of it is, and the store may cover it.
         // The barrier is an empty facts record (replay reads it as no facts), together with
         // the groups' committed ids, which openraft leaves to us to save (see `log_store.rs`).
         let mut records = self.raft_logs.committed_records();
         records.push(WalRecord::facts(Vec::new()));
-        let barrier = self.wal.append(&records)?.wait()?;
-        let wal_lsn = barrier.lsn + 1;
-        let meta = AppliedMeta {
-            vv: self.replica.version_vector().clone(),
-            groups: self.groups.clone(),
-            wal_lsn,
-        };
+        let barrier = self.wal.append(&records)?;
         let mut changed = Vec::new();
         self.replica
             .take_dirty(|key, state| changed.push((key.to_vec(), state.clone())));
         let facts = self
             .unarchived
             .iter()
-            .map(|(&(origin, seq), fact)| (FactId { origin, seq }, fact.as_slice()));
-        self.store.write_with_facts(
-            changed.iter().map(|(k, s)| (k.as_slice(), s)),
+            .map(|(&(origin, seq), fact)| (FactId { origin, seq }, fact.clone()))
+            .collect();
+        Ok(PersistJob {
+            _gate: gate,
+            barrier,
+            vv: self.replica.version_vector().clone(),
+            groups: self.groups.clone(),
+            changed,
             facts,
-            &meta,
-        )?;
-        self.unarchived.clear();
-        Ok(meta)
+            store: self.store.clone(),
+        })
+    }
+
+    /// After a [`PersistJob`] wrote: its facts are in the store's archive now.
+    pub fn end_persist(&mut self, written: &[FactId]) {
+        for id in written {
+            self.unarchived.remove(&(id.origin, id.seq));
+        }
     }
 
     /// `persist`, then flush the store to disk: for state that no WAL record can rebuild

@@ -344,3 +344,49 @@ fn a_store_from_before_the_archive_opens() {
     assert_eq!(archived(&n1, 1, 1, 3), seqs(1, 1..=3));
     assert_eq!(counter(&n1), 3);
 }
+
+/// A persist in two steps (`begin_persist`, then `write` without the state, as the node runs
+/// it): facts admitted in between are not lost, stay in the archive, and are in the store
+/// after the next persist; a `persist` started while a job is unwritten waits for it and
+/// writes after it, so the store never goes back to the older capture.
+#[test]
+fn a_persist_written_without_the_state_loses_nothing_and_keeps_its_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = std::sync::Arc::new(std::sync::Mutex::new(open(dir.path(), 1)));
+    let job = {
+        let mut s = state.lock().unwrap();
+        create_key(&mut s);
+        admit(&mut s, 10);
+        s.begin_persist().unwrap()
+    };
+    // The state is free while the job is pending: admissions go on.
+    admit(&mut state.lock().unwrap(), 5);
+    // A full persist now must wait for the job (it holds the state lock meanwhile).
+    let later = {
+        let state = state.clone();
+        std::thread::spawn(move || state.lock().unwrap().persist().unwrap())
+    };
+    while !later.is_finished() && state.try_lock().is_ok() {
+        std::thread::yield_now();
+    }
+    let (first, written) = job.write().unwrap();
+    assert_eq!(first.vv.get(1), 10, "the job covers what it captured");
+    assert_eq!(written.len(), 10);
+    let second = later.join().unwrap();
+    assert_eq!(second.vv.get(1), 15);
+    assert!(second.wal_lsn > first.wal_lsn);
+    let mut s = state.lock().unwrap();
+    s.end_persist(&written);
+    assert_eq!(
+        s.store().meta().unwrap(),
+        second,
+        "the newer capture was written last"
+    );
+    assert_eq!(archived(&s, 1, 1, 15), seqs(1, 1..=15));
+    assert_eq!(s.unarchived_facts(), 0);
+    drop(s);
+    drop(state);
+    let reopened = open(dir.path(), 1);
+    assert_eq!(counter(&reopened), 15);
+    assert_eq!(archived(&reopened, 1, 1, 15), seqs(1, 1..=15));
+}
