@@ -222,6 +222,8 @@ fn default_env() -> Vec<(String, String)> {
         ("CALM_STORAGE__WAL_SEGMENT_BYTES_MAX", "8388608"),
         ("CALM_LOG", "info,openraft=warn"),
         ("CALM_THREADS", "1"),
+        // Plain logs: they end up in reports.
+        ("NO_COLOR", "1"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -534,7 +536,7 @@ impl Cluster {
 
     /// Last lines of node `i`'s log, for error messages.
     pub fn log_tail(&self, i: usize, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
+        let text = strip_ansi(&std::fs::read_to_string(self.log_path(i)).unwrap_or_default());
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
@@ -571,6 +573,24 @@ impl Drop for Cluster {
     }
 }
 
+/// Text without ANSI colour escapes (`ESC [ ... letter`), from logs written before NO_COLOR.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Install Debian's `faketime` package (libfaketime) when it is missing.
 pub fn ensure_faketime() -> Result<(), ClusterError> {
     if Path::new(LIBFAKETIME).exists() {
@@ -598,4 +618,15 @@ pub fn ensure_faketime() -> Result<(), ClusterError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ansi_escapes_are_stripped() {
+        assert_eq!(
+            super::strip_ansi("\u{1b}[2m12:00\u{1b}[0m \u{1b}[33m WARN\u{1b}[0m x"),
+            "12:00  WARN x"
+        );
+    }
 }
