@@ -66,6 +66,12 @@ pub struct TestOptions {
 }
 
 impl TestOptions {
+    /// The workload's keys stay `strict` for the whole run (no rule flips), so counter reads
+    /// are linearizable and checked as such.
+    pub fn strict_throughout(&self) -> bool {
+        self.mode == "strict" && !self.nemesis.contains(&NemesisKind::Rules)
+    }
+
     /// The command that replays this run.
     pub fn replay_command(&self) -> String {
         let nemesis: Vec<&str> = self.nemesis.iter().map(|k| k.name()).collect();
@@ -239,7 +245,7 @@ pub async fn run_test(opts: &TestOptions, stop: Arc<AtomicBool>) -> Result<TestO
         .history()
         .map_err(|e| RunError::Run(format!("the recorded history is malformed: {e}")))?;
     let workload = opts.workload;
-    let strict_throughout = opts.mode == "strict" && !opts.nemesis.contains(&NemesisKind::Rules);
+    let strict_throughout = opts.strict_throughout();
     let checked = {
         let history = history.clone();
         tokio::task::spawn_blocking(move || {
@@ -311,6 +317,7 @@ async fn drive(
         stop: stop.clone(),
         max_ops: opts.max_ops_per_worker,
         think: opts.think,
+        linearizable_counter_reads: opts.strict_throughout(),
     });
     let nemesis = Arc::new(NemesisCtx {
         cluster: cluster.clone(),
@@ -406,6 +413,7 @@ impl Ctx {
             stop: self.stop.clone(),
             max_ops: self.max_ops,
             think: self.think,
+            linearizable_counter_reads: self.linearizable_counter_reads,
         }
     }
 }

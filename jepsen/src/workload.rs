@@ -153,6 +153,9 @@ pub struct Ctx {
     pub max_ops: u64,
     /// Pause between a worker's ops.
     pub think: Duration,
+    /// Counter reads at LINEARIZABLE (keys strict for the whole run, checked as such);
+    /// SERIALIZABLE otherwise.
+    pub linearizable_counter_reads: bool,
 }
 
 impl Ctx {
@@ -370,6 +373,11 @@ async fn counter_worker(ctx: &Ctx, workload: Workload, mut rng: Rng) {
             )
             .await;
         } else {
+            let consistency = if ctx.linearizable_counter_reads {
+                pb::Consistency::Linearizable
+            } else {
+                pb::Consistency::Serializable
+            };
             ctx.op(
                 &mut process,
                 F::Read,
@@ -377,7 +385,7 @@ async fn counter_worker(ctx: &Ctx, workload: Workload, mut rng: Rng) {
                 Value::Null,
                 node,
                 false,
-                async { ctx.read(node, &key, pb::Consistency::Serializable).await },
+                async { ctx.read(node, &key, consistency).await },
             )
             .await;
         }
