@@ -104,6 +104,8 @@ const LEFT: f64 = 60.0;
 const RIGHT: f64 = 20.0;
 const TOP: f64 = 30.0;
 const BOTTOM: f64 = 40.0;
+/// Most `ok` ops drawn on the latency plot.
+const MAX_OK_POINTS: usize = 20_000;
 
 fn color(outcome: Outcome) -> &'static str {
     match outcome {
@@ -251,7 +253,18 @@ pub fn latency_svg(history: &History, title: &str) -> String {
         .collect();
     let mut s = frame(title, t_max, &windows, &ticks, "latency (ms, log)");
     let x = |t: f64| LEFT + t / t_max * (W - LEFT - RIGHT);
+    // Long runs have 100k+ ops: draw every fail and info but only a sample of the ok ops,
+    // so the file stays a few MB.
+    let ok = pts.iter().filter(|p| p.outcome == Outcome::Ok).count();
+    let every = ok.div_ceil(MAX_OK_POINTS).max(1);
+    let mut nth_ok = 0usize;
     for p in &pts {
+        if p.outcome == Outcome::Ok {
+            nth_ok += 1;
+            if !nth_ok.is_multiple_of(every) {
+                continue;
+            }
+        }
         let shape = if matches!(p.f, F::Read | F::ReadSet) {
             "circle"
         } else {
