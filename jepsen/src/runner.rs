@@ -369,6 +369,14 @@ async fn drive(
         tracing::error!(error = %e, "the cluster is not ready after heal");
         rec.nemesis("not_ready_after_heal", json!({"error": e.to_string()}));
         crashes.push(json!({"node": "cluster", "status": "not ready 60 s after heal", "log_tail": e.to_string()}));
+        // Still read what the nodes that answer have: conservation is checked on those.
+        if opts.workload.has_final_phase() {
+            let ctx = Ctx {
+                deadline: Instant::now() + Duration::from_secs(60),
+                ..Ctx::clone_shallow(&ctx)
+            };
+            workload::final_phase(opts.workload, &ctx, Duration::from_secs(5)).await;
+        }
         return Ok((ready.as_secs_f64(), None, crashes));
     }
     let mismatched = {
