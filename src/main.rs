@@ -394,10 +394,17 @@ fn error_chain(e: &anyhow::Error) -> String {
 }
 
 fn main() -> std::process::ExitCode {
-    // `calm status | head` must end quietly when the pipe closes, like other CLI tools.
-    // SAFETY: setting a signal disposition before any thread starts.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    // `calm status | head` must end quietly when the pipe closes, like other CLI tools. Not
+    // the server, the local cluster or the bench: a write to a socket its peer closed (a
+    // node resumed after SIGSTOP) must be an error to handle, never the end of the process.
+    if !matches!(
+        cli.command,
+        Command::Serve(_) | Command::Dev { .. } | Command::Bench { .. }
+    ) {
+        // SAFETY: setting a signal disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         command => tokio::runtime::Runtime::new()

@@ -315,3 +315,40 @@ async fn a_minority_refuses_writes_with_unavailable_and_a_leader_hint() {
     let s = c.status(3).await.unwrap();
     assert!(s.groups.iter().all(|g| g.leader != 0), "{:?}", s.groups);
 }
+
+/// A node stopped (SIGSTOP) long enough for its peers to drop their connections to it, then
+/// resumed, keeps running: its first writes to those closed sockets are errors it handles,
+/// not a SIGPIPE that ends the process (found by the Jepsen pause nemesis). It then serves
+/// a linearizable read of a write made while it was stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_and_resumed_node_keeps_running() {
+    let mut c = Cluster::start(3, &[]).await;
+    c.await_leaders_spread().await;
+    c.signal(3, libc::SIGSTOP);
+    // Longer than the peers' HTTP/2 keepalive timeout (1 s interval + 2 s timeout).
+    // Clients that give up on it meanwhile close their connections with requests pending:
+    // on resume, node 3 answers into closed sockets.
+    for _ in 0..8 {
+        let mut kv = c.kv(3).await;
+        let mut req = tonic::Request::new(calm::api::pb::GetRequest {
+            key: b"paused".to_vec(),
+            consistency: Consistency::Serializable as i32,
+            token: Vec::new(),
+        });
+        req.set_timeout(Duration::from_millis(100));
+        assert!(kv.get(req).await.is_err(), "a stopped node answered");
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(put_retrying(&c, 1, "paused", "while-stopped").await);
+    c.signal(3, libc::SIGCONT);
+    let expected = BTreeMap::from([("paused".to_string(), "while-stopped".to_string())]);
+    await_caught_up(&c, 3, &expected).await;
+    // Give its connections time to hit the closed sockets, then check it is alive.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        c.is_running(3),
+        "node 3 exited after SIGCONT:\n{}",
+        c.log(3)
+    );
+    assert_reads(&c, 3, &expected).await;
+}

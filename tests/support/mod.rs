@@ -159,6 +159,13 @@ impl Cluster {
         child.wait().unwrap();
     }
 
+    /// Send `signal` (e.g. `libc::SIGSTOP`, `libc::SIGCONT`) to node `i`.
+    pub fn signal(&self, i: usize, signal: i32) {
+        let child = self.children[i - 1].as_ref().expect("node is running");
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    }
+
     pub fn is_running(&mut self, i: usize) -> bool {
         match &mut self.children[i - 1] {
             Some(c) => c.try_wait().unwrap().is_none(),

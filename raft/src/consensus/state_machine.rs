@@ -270,7 +270,17 @@ impl GroupStateMachine {
         }
     }
 
-    async fn apply_command(&self, cmd: &Command) -> io::Result<Response> {
+    /// Apply `cmd`, the entry at `log_id`. The key's new state and the group's applied
+    /// position change under one lock: a persist in between would store the effect without
+    /// the position, and a restart would apply the entry twice (a replica diverging on a
+    /// register's version, a strict counter counting twice).
+    async fn apply_command(&self, cmd: &Command, log_id: LogId) -> io::Result<Response> {
+        let position = AppliedPosition {
+            log_id: Some(log_id),
+            membership: self.membership.clone(),
+            rules: self.rules.as_ref().map(rules_text),
+        }
+        .encode();
         if self.groups.group_of(&cmd.key) != self.group {
             return Err(io::Error::other(format!(
                 "group {} was asked to apply a command on key {} of group {}; the proposer routed it wrongly (a bug)",
@@ -284,6 +294,7 @@ impl GroupStateMachine {
                 let mut local = lock_local(&self.local);
                 match local.replica_mut().apply_command(cmd) {
                     Ok(outcome) => {
+                        local.set_group_applied(self.group, position);
                         let message = match &outcome {
                             Outcome::Refused(r) => r.on_key(&cmd.key).to_string(),
                             _ => String::new(),
@@ -380,7 +391,9 @@ impl RaftStateMachine<CalmRaft> for GroupStateMachine {
             let log_id = entry.log_id;
             let reply = match entry.payload {
                 EntryPayload::Blank => Response::None,
-                EntryPayload::Normal(Request::Command(cmd)) => self.apply_command(&cmd).await?,
+                EntryPayload::Normal(Request::Command(cmd)) => {
+                    self.apply_command(&cmd, log_id).await?
+                }
                 EntryPayload::Normal(Request::InitRules { toml }) => self.init_rules(&toml)?,
                 EntryPayload::Normal(Request::SetRules {
                     expected_version,
