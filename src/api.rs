@@ -101,7 +101,11 @@ enum Pending {
         escrow: bool,
         group: u64,
     },
-    Consensus(Command),
+    Consensus {
+        cmd: Command,
+        /// To await before proposing (own facts the command observed, not yet durable).
+        barrier: Option<(AppendTicket, u64)>,
+    },
 }
 
 /// The kernel op for a client op on `key`: counter ops apply to bounded counters too (the
@@ -230,11 +234,27 @@ impl Node {
             Ok(Ok(LocalAdmit {
                 admitted: Admitted::Consensus(_),
                 ..
-            })) => local
-                .replica()
-                .prepare_command(key, op, hlc)
-                .map(Pending::Consensus)
-                .map_err(refused),
+            })) => {
+                let cmd = local
+                    .replica()
+                    .prepare_command(key, op, hlc)
+                    .map_err(refused)?;
+                let barrier = local
+                    .own_facts_barrier()
+                    .unwrap_or_else(|e| fatal("appending a WAL barrier", &e));
+                Ok(Pending::Consensus { cmd, barrier })
+            }
+        }
+    }
+
+    /// Wait until the own facts a command observed are durable (see
+    /// `LocalState::own_facts_barrier`): only then may it be proposed.
+    pub(crate) async fn own_facts_durable(&self, barrier: Option<(AppendTicket, u64)>) {
+        if let Some((ticket, seq)) = barrier {
+            if let Err(e) = ticket.await {
+                fatal("making own facts durable before a Raft command", &e);
+            }
+            lock(&self.local).own_facts_durable_through(seq);
         }
     }
 
@@ -272,7 +292,8 @@ impl Node {
                     },
                 })
             }
-            Pending::Consensus(cmd) => {
+            Pending::Consensus { cmd, barrier } => {
+                self.own_facts_durable(barrier).await;
                 let proposed = self
                     .consensus
                     .propose(cmd)
@@ -559,7 +580,7 @@ impl Kv for KvService {
                         fast.push((i, p));
                         continue;
                     }
-                    Ok(p @ Pending::Consensus(_)) => node.finish(p).await,
+                    Ok(p @ Pending::Consensus { .. }) => node.finish(p).await,
                     Err(e) => Err(e),
                 };
                 done.push((i, node.after_exhausted(&key, &op, result).await));

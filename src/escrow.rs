@@ -105,8 +105,8 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Vec<u8>>, shutdown: Can
 
 async fn refill(node: &Node, key: &[u8]) {
     let members = node.config.members.len() as u64;
-    let cmd = {
-        let local = lock(&node.local);
+    let (cmd, barrier) = {
+        let mut local = lock(&node.local);
         let replica = local.replica();
         let Some((down, up)) = replica
             .key_state(key)
@@ -114,11 +114,16 @@ async fn refill(node: &Node, key: &[u8]) {
         else {
             return;
         };
-        match replica.prepare_grant(key, down, up, node.hlc.now()) {
+        let cmd = match replica.prepare_grant(key, down, up, node.hlc.now()) {
             Ok(cmd) => cmd,
             Err(_) => return,
-        }
+        };
+        let barrier = local
+            .own_facts_barrier()
+            .unwrap_or_else(|e| crate::node::fatal("appending a WAL barrier", &e));
+        (cmd, barrier)
     };
+    node.own_facts_durable(barrier).await;
     match node.consensus.propose(cmd).await {
         Ok(p) => {
             let granted = matches!(p.response, calm_raft::consensus::Response::Done { .. });

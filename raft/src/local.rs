@@ -232,6 +232,8 @@ pub struct LocalState {
     unarchived: BTreeMap<(NodeId, u64), Vec<u8>>,
     /// What the oldest kept checkpoint covers (see `checkpointed_vv`).
     checkpointed_vv: VersionVector,
+    /// Every own fact up to this sequence is durable in the WAL (see `own_facts_barrier`).
+    own_durable_seq: u64,
 }
 
 impl LocalState {
@@ -322,6 +324,7 @@ impl LocalState {
             .finish_recovery(&applied)
             .map_err(LocalError::RaftLog)?;
         let checkpointed_vv = oldest_checkpoint_vv(&checkpoints);
+        let replica_own_seq = replica.version_vector().get(node);
         let state = LocalState {
             replica,
             wal,
@@ -332,6 +335,8 @@ impl LocalState {
             raft_logs,
             unarchived,
             checkpointed_vv,
+            // Recovery reads only durable facts: all of them are.
+            own_durable_seq: replica_own_seq,
         };
         Ok((state, report))
     }
@@ -399,6 +404,28 @@ impl LocalState {
             durable: Some(ticket),
             fact: encoded,
         }))
+    }
+
+    /// What to await before proposing a Raft command prepared from this replica now: the
+    /// command records the frontier it observed, which may include own facts whose WAL batch
+    /// is not durable yet. Were the command committed (by other nodes) and this node to crash
+    /// before that batch is durable, the facts would be gone while the command names them:
+    /// every replica would wait for them forever, and this node would reuse their sequence
+    /// numbers. `None` when every own fact is durable already; else a barrier and the
+    /// sequence it covers, for [`LocalState::own_facts_durable_through`].
+    pub fn own_facts_barrier(&mut self) -> Result<Option<(AppendTicket, u64)>, LocalError> {
+        let seq = self.replica.version_vector().get(self.replica.node());
+        if seq <= self.own_durable_seq {
+            return Ok(None);
+        }
+        // An empty facts record: durable only once every batch before it is.
+        let barrier = self.wal.append(&[WalRecord::facts(Vec::new())])?;
+        Ok(Some((barrier, seq)))
+    }
+
+    /// A barrier from [`LocalState::own_facts_barrier`] is durable.
+    pub fn own_facts_durable_through(&mut self, seq: u64) {
+        self.own_durable_seq = self.own_durable_seq.max(seq);
     }
 
     /// Give `amount` of this node's escrow rights on `key` to node `to` (see

@@ -390,3 +390,36 @@ fn a_persist_written_without_the_state_loses_nothing_and_keeps_its_order() {
     assert_eq!(counter(&reopened), 15);
     assert_eq!(archived(&reopened, 1, 1, 15), seqs(1, 1..=15));
 }
+
+/// A Raft command may observe own facts only once they are durable: `own_facts_barrier`
+/// answers a barrier while an admitted fact's batch may not be, and nothing once a barrier
+/// covering it is durable (or after recovery, which reads only durable facts).
+#[test]
+fn own_facts_a_command_observes_are_made_durable_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path(), 1);
+    create_key(&mut s);
+    assert!(s.own_facts_barrier().unwrap().is_none(), "no own fact yet");
+    let admitted = s
+        .admit(KEY, &Op::CounterAdd { delta: 1 }, HlcTimestamp(5))
+        .unwrap()
+        .unwrap();
+    let (barrier, seq) = s
+        .own_facts_barrier()
+        .unwrap()
+        .expect("a fact not known durable");
+    assert_eq!(seq, 1);
+    barrier.wait().unwrap();
+    // The barrier is durable only after the fact's batch (the WAL keeps order).
+    assert!(admitted.durable.unwrap().wait().is_ok());
+    s.own_facts_durable_through(seq);
+    assert!(s.own_facts_barrier().unwrap().is_none());
+    admit(&mut s, 2);
+    assert_eq!(s.own_facts_barrier().unwrap().map(|(_, seq)| seq), Some(3));
+    drop(s);
+    let mut reopened = open(dir.path(), 1);
+    assert!(
+        reopened.own_facts_barrier().unwrap().is_none(),
+        "recovered facts are durable"
+    );
+}
