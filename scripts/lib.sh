@@ -35,7 +35,10 @@ ensure_toolchain() {
 # Multi-process tests cut the network between nodes with iptables; they need root and skip
 # (saying why) without it. As root, install iptables when it is missing.
 ensure_test_tools() {
-    if [ "$(id -u)" -eq 0 ] && ! need_cmd iptables; then
-        apt_install iptables
+    if [ "$(id -u)" -eq 0 ]; then
+        # iptables: partition tests; ip (iproute2) and libfaketime: the Jepsen harness.
+        if ! need_cmd iptables; then apt_install iptables; fi
+        if ! need_cmd ip; then apt_install iproute2; fi
+        if [ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ]; then apt_install faketime; fi
     fi
 }
