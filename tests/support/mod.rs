@@ -361,8 +361,8 @@ pub struct Partition {
 }
 
 impl Partition {
-    /// Cut every path between a node in `side` and a node not in it.
-    pub fn isolate(cluster: &Cluster, side: &[usize]) -> Partition {
+    /// A fresh iptables chain of this process, hooked into INPUT: the partition's rules go in it.
+    fn new_chain() -> String {
         let chain = format!(
             "calm-{}-{}",
             std::process::id(),
@@ -372,6 +372,12 @@ impl Partition {
         assert!(out.status.success(), "iptables -N: {out:?}");
         let out = iptables(&["-I", "INPUT", "-j", &chain]);
         assert!(out.status.success(), "iptables -I: {out:?}");
+        chain
+    }
+
+    /// Cut every path between a node in `side` and a node not in it.
+    pub fn isolate(cluster: &Cluster, side: &[usize]) -> Partition {
+        let chain = Partition::new_chain();
         for a in 1..=cluster.nodes.len() {
             for b in 1..=cluster.nodes.len() {
                 if side.contains(&a) != side.contains(&b) {
@@ -655,15 +661,7 @@ impl Partition {
     /// Drop only the packets node `from` sends to node `to` (TCP between the two then stalls
     /// both ways, while each still reaches the third node): a partial partition.
     pub fn one_way(cluster: &Cluster, from: usize, to: usize) -> Partition {
-        let chain = format!(
-            "calm-{}-{}",
-            std::process::id(),
-            CHAINS.fetch_add(1, Ordering::Relaxed)
-        );
-        let out = iptables(&["-N", &chain]);
-        assert!(out.status.success(), "iptables -N: {out:?}");
-        let out = iptables(&["-I", "INPUT", "-j", &chain]);
-        assert!(out.status.success(), "iptables -I: {out:?}");
+        let chain = Partition::new_chain();
         let (src, dst) = (
             cluster.nodes[from - 1].ip.to_string(),
             cluster.nodes[to - 1].ip.to_string(),
