@@ -320,14 +320,17 @@ impl Node {
         }
     }
 
-    /// One op end to end.
+    /// One op end to end. A non-empty session `token` is awaited first, so the op observes
+    /// what the token names (see `WriteRequest.token`).
     pub async fn write(
         &self,
         key: &[u8],
         op: Option<pb::op::Kind>,
+        token: &[u8],
     ) -> Result<pb::WriteResponse, Status> {
         check_key(key)?;
         let op = kernel_op(self, key, op)?;
+        self.await_write_token(key, token).await?;
         if let Some(fake) = crate::faults::drop_acked_write(&op) {
             return Ok(fake);
         }
@@ -439,13 +442,24 @@ impl Node {
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Status::unavailable(format!(
-                    "node {} has not caught up with the session token within {} ms (it may be partitioned from the writer); retry, or read at the node that wrote",
+                    "node {} has not caught up with the session token within {} ms (it may be partitioned from the writer); retry, or send the request to the node that wrote",
                     self.id(),
                     self.config.raft.request_timeout_ms
                 )));
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    /// A write's optional session token: decoded (INVALID_ARGUMENT if malformed) and awaited
+    /// for the key's group before admission.
+    pub(crate) async fn await_write_token(&self, key: &[u8], token: &[u8]) -> Result<(), Status> {
+        if token.is_empty() {
+            return Ok(());
+        }
+        let token = SessionToken::decode(token).map_err(invalid)?;
+        self.await_token(&token, self.consensus.group_map().group_of(key))
+            .await
     }
 
     pub async fn get(
@@ -537,7 +551,7 @@ impl Kv for KvService {
         let req = request.into_inner();
         let op = req.op.and_then(|o| o.kind);
         self.node
-            .write(&req.key, op)
+            .write(&req.key, op, &req.token)
             .await
             .map(tonic::Response::new)
     }
@@ -555,18 +569,19 @@ impl Kv for KvService {
                 ops.len()
             )));
         }
-        let mut by_key: BTreeMap<Vec<u8>, Vec<(usize, Option<pb::op::Kind>)>> = BTreeMap::new();
+        type KeyOps = Vec<(usize, Option<pb::op::Kind>, Vec<u8>)>;
+        let mut by_key: BTreeMap<Vec<u8>, KeyOps> = BTreeMap::new();
         for (i, op) in ops.into_iter().enumerate() {
             by_key
                 .entry(op.key)
                 .or_default()
-                .push((i, op.op.and_then(|o| o.kind)));
+                .push((i, op.op.and_then(|o| o.kind), op.token));
         }
         let node = &self.node;
         let per_key = by_key.into_iter().map(|(key, ops)| async move {
             let mut done = Vec::with_capacity(ops.len());
             let mut fast = Vec::new();
-            for (i, op) in ops {
+            for (i, op, token) in ops {
                 let op = match check_key(&key).and_then(|()| kernel_op(node, &key, op)) {
                     Ok(op) => op,
                     Err(e) => {
@@ -574,6 +589,10 @@ impl Kv for KvService {
                         continue;
                     }
                 };
+                if let Err(e) = node.await_write_token(&key, &token).await {
+                    done.push((i, Err(e)));
+                    continue;
+                }
                 let result = match node.admit(&key, &op) {
                     // Durability is awaited below, together: later ops need not wait for it.
                     Ok(p @ Pending::Fast { .. }) => {

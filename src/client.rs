@@ -86,6 +86,7 @@ pub async fn write(
     endpoints: &[String],
     key: &str,
     op: pb::op::Kind,
+    token: &[u8],
     output: Output,
 ) -> Result<()> {
     let mut kv = KvClient::new(connect(endpoints).await?);
@@ -93,6 +94,7 @@ pub async fn write(
         .write(pb::WriteRequest {
             key: key.as_bytes().to_vec(),
             op: Some(pb::Op { kind: Some(op) }),
+            token: token.to_vec(),
         })
         .await
         .map_err(status_error)?

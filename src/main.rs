@@ -38,6 +38,18 @@ struct ClientArgs {
     output: Output,
 }
 
+/// A write command's connection plus an optional session token.
+#[derive(Args, Clone)]
+struct WriteArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Session token (hex, from `-w json` output of an earlier read or write): the node
+    /// applies what it names before taking this write, so e.g. `srem` removes an element
+    /// added elsewhere moments ago.
+    #[arg(long)]
+    token: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run one node.
@@ -60,7 +72,7 @@ enum Command {
         key: String,
         value: String,
         #[command(flatten)]
-        client: ClientArgs,
+        client: WriteArgs,
     },
     /// Read a key.
     Get {
@@ -77,7 +89,7 @@ enum Command {
     Del {
         key: String,
         #[command(flatten)]
-        client: ClientArgs,
+        client: WriteArgs,
     },
     /// Compare-and-set a register: write VALUE (or delete) only if it matches the expectation.
     Cas {
@@ -96,7 +108,7 @@ enum Command {
         #[arg(long)]
         delete: bool,
         #[command(flatten)]
-        client: ClientArgs,
+        client: WriteArgs,
     },
     /// Add to a counter or bounded counter (negative to subtract).
     Add {
@@ -104,7 +116,7 @@ enum Command {
         #[arg(allow_hyphen_values = true)]
         delta: i64,
         #[command(flatten)]
-        client: ClientArgs,
+        client: WriteArgs,
     },
     /// Set a counter or bounded counter (through Raft).
     Set {
@@ -112,7 +124,7 @@ enum Command {
         #[arg(allow_hyphen_values = true)]
         value: i64,
         #[command(flatten)]
-        client: ClientArgs,
+        client: WriteArgs,
     },
     /// Raise a max register.
     Max {
@@ -120,7 +132,7 @@ enum Command {
         #[arg(allow_hyphen_values = true)]
         value: i64,
         #[command(flatten)]
-        client: ClientArgs,
+        client: WriteArgs,
     },
     /// Add elements to a set.
     Sadd {
@@ -128,7 +140,7 @@ enum Command {
         #[arg(required = true)]
         elements: Vec<String>,
         #[command(flatten)]
-        client: ClientArgs,
+        client: WriteArgs,
     },
     /// Remove elements from a set (through Raft).
     Srem {
@@ -136,7 +148,7 @@ enum Command {
         #[arg(required = true)]
         elements: Vec<String>,
         #[command(flatten)]
-        client: ClientArgs,
+        client: WriteArgs,
     },
     /// List a set's elements.
     Smembers {
@@ -370,12 +382,18 @@ fn bytes(s: String) -> Vec<u8> {
 
 /// Client write commands: each op in turn, stopping at the first error.
 async fn writes(
-    client: ClientArgs,
+    args: WriteArgs,
     key: &str,
     ops: impl IntoIterator<Item = pb::op::Kind>,
 ) -> Result<()> {
+    let token = args
+        .token
+        .as_deref()
+        .map(client::parse_hex)
+        .transpose()?
+        .unwrap_or_default();
     for op in ops {
-        client::write(&client.endpoints, key, op, client.output).await?;
+        client::write(&args.client.endpoints, key, op, &token, args.client.output).await?;
     }
     Ok(())
 }

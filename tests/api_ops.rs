@@ -341,6 +341,7 @@ async fn batches_and_causal_tokens_handed_between_nodes() {
             .map(|(k, o)| pb::WriteRequest {
                 key: k.as_bytes().to_vec(),
                 op: Some(o.clone()),
+                token: Vec::new(),
             })
             .collect(),
     };

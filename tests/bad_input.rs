@@ -91,6 +91,7 @@ fn req(key: &[u8], op: pb::Op) -> pb::WriteRequest {
     pb::WriteRequest {
         key: key.to_vec(),
         op: Some(op),
+        token: Vec::new(),
     }
 }
 
@@ -215,6 +216,7 @@ async fn bad_input_gets_the_documented_code_and_changes_nothing() {
             pb::WriteRequest {
                 key: b"bad:new".to_vec(),
                 op: None,
+                token: Vec::new(),
             },
         )
         .await,
@@ -415,6 +417,17 @@ async fn bad_input_gets_the_documented_code_and_changes_nothing() {
         expect_code(
             &format!("session token {:?}", &token[..token.len().min(12)]),
             get_with_token(&mut kv, b"bad:ctr", Consistency::Causal, token).await,
+            Code::InvalidArgument,
+        );
+    }
+
+    // The same garbage as a write's session token: refused before the op is admitted.
+    for (i, token) in garbage.iter().enumerate() {
+        let mut r = req(b"bad:ctr", op::add(1));
+        r.token = token.clone();
+        expect_code(
+            &format!("write session token {:?}", &token[..token.len().min(12)]),
+            write_req(&c, 1 + i % 3, r).await,
             Code::InvalidArgument,
         );
     }

@@ -7,7 +7,9 @@ mod support;
 use calm::api::pb::{self, Consistency, Path};
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
-use support::{Cluster, Partition, can_connect, counter, elements, get, op, write};
+use support::{
+    Cluster, Partition, can_connect, counter, elements, get, op, write, write_with_token,
+};
 
 /// How long convergence may take after the last write (or the heal).
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -63,6 +65,7 @@ async fn client(
                 .map(|_| pb::WriteRequest {
                     key: ctr.as_bytes().to_vec(),
                     op: Some(op::add(1)),
+                    token: Vec::new(),
                 })
                 .collect(),
         };
@@ -228,4 +231,77 @@ async fn a_partitioned_node_keeps_accepting_fast_path_writes_and_converges_after
     // And the partition left Raft intact: a consensus write works from node 3 again.
     let r = support::write_retrying(&c, 3, ctr, op::set_value(0)).await;
     assert!(r.is_ok(), "{r:?}");
+}
+
+/// Observed-remove across nodes: a set add acknowledged at node 1 has not reached node 2 (cut
+/// off), and a remove sent to node 2 with the add's session token waits until node 2 has
+/// seen the add, then removes it. Without the token node 2 would remove only what it had
+/// seen, and the add, arriving after the heal, would survive the remove everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remove_with_the_adds_token_removes_an_element_its_node_had_not_seen() {
+    if let Some(why) = support::partition_unsupported() {
+        eprintln!(
+            "skipping a_remove_with_the_adds_token_removes_an_element_its_node_had_not_seen: {why}"
+        );
+        return;
+    }
+    // The remove waits for the token through the partition: give it time.
+    let c = Cluster::start(3, &[("CALM_RAFT__REQUEST_TIMEOUT_MS", "15000")]).await;
+    let set = "or:members";
+    let mut kv1 = c.kv(1).await;
+    write(&mut kv1, set, op::sadd("init")).await.unwrap();
+    for at in 1..=3 {
+        await_elements(&c, at, set, &["init"]).await;
+    }
+
+    let partition = Partition::isolate(&c, &[2]);
+    let added = write(&mut kv1, set, op::sadd("x")).await.unwrap();
+    assert_eq!(added.path, Path::Fast as i32);
+    let mut kv2 = c.kv(2).await;
+    let remove =
+        tokio::spawn(
+            async move { write_with_token(&mut kv2, set, op::srem("x"), &added.token).await },
+        );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !remove.is_finished(),
+        "node 2 took the remove before it could have seen the add: {:?}",
+        remove.await
+    );
+    drop(partition);
+    let removed = remove
+        .await
+        .unwrap()
+        .expect("the remove, once node 2 caught up");
+    assert!(removed.succeeded);
+    assert_eq!(removed.path, Path::Consensus as i32);
+    for at in 1..=3 {
+        await_elements(&c, at, set, &["init"]).await;
+    }
+    // Nothing left in flight brings it back.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for at in 1..=3 {
+        await_elements(&c, at, set, &["init"]).await;
+    }
+}
+
+/// Wait (bounded) until node `at` reads exactly `want` for `set`, linearizably.
+async fn await_elements(c: &Cluster, at: usize, set: &str, want: &[&str]) {
+    let mut kv = c.kv(at).await;
+    let want: Vec<String> = want.iter().map(|e| e.to_string()).collect();
+    let started = Instant::now();
+    loop {
+        let got = match get(&mut kv, set, Consistency::Linearizable).await {
+            Ok(v) => elements(&v).unwrap_or_default(),
+            Err(s) => panic!("read {set} at node {at}: {s:?}"),
+        };
+        if got == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < CONVERGE,
+            "node {at} reads {set} = {got:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

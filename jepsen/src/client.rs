@@ -86,11 +86,13 @@ impl Clients {
         node: usize,
         key: &str,
         op: pb::op::Kind,
+        token: Vec<u8>,
     ) -> Result<pb::WriteResponse, Status> {
         let mut kv = self.kv(node);
         let req = pb::WriteRequest {
             key: key.as_bytes().to_vec(),
             op: Some(pb::Op { kind: Some(op) }),
+            token,
         };
         self.bounded(kv.write(req)).await
     }

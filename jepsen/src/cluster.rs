@@ -210,9 +210,11 @@ pub struct Cluster {
     _lock: RunLock,
 }
 
-/// Settings for a few shared cores: generous election timeouts, few groups.
+/// Settings for a few shared cores: generous election timeouts, few groups. The nodes' log
+/// filter is `CALM_JEPSEN_NODE_LOG` when set (e.g. `info,calm=debug` to debug a run).
 fn default_env() -> Vec<(String, String)> {
-    [
+    let log = std::env::var("CALM_JEPSEN_NODE_LOG").unwrap_or_else(|_| "info,openraft=warn".into());
+    let mut env: Vec<(String, String)> = [
         ("CALM_RAFT__DATA_GROUPS", "4"),
         ("CALM_RAFT__HEARTBEAT_MS", "100"),
         ("CALM_RAFT__ELECTION_TIMEOUT_MIN_MS", "1000"),
@@ -220,14 +222,15 @@ fn default_env() -> Vec<(String, String)> {
         ("CALM_RAFT__REQUEST_TIMEOUT_MS", "3000"),
         ("CALM_RAFT__BALANCE_LEADERS_INTERVAL_MS", "3000"),
         ("CALM_STORAGE__WAL_SEGMENT_BYTES_MAX", "8388608"),
-        ("CALM_LOG", "info,openraft=warn"),
         ("CALM_THREADS", "1"),
         // Plain logs: they end up in reports.
         ("NO_COLOR", "1"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    .collect();
+    env.push(("CALM_LOG".into(), log));
+    env
 }
 
 impl Cluster {

@@ -10,7 +10,7 @@
 //! | register | `jr-<gen>-<k>`, 4 live keys, a new generation every 10 s | linearizable read, write (unique values), cas from the last value seen | linearizable |
 //! | counter | `jc-0..3` | add 1..=5, serializable read | counter |
 //! | bounded | `jb-0..1`, bounds [-10, 10] | add ±1..=3, serializable read | bounded |
-//! | set | `js-0..2` | set_add (unique), set_remove (an own acked element), read_set | set |
+//! | set | `js-0..2` | set_add (unique), set_remove (an own acked element, with its add's session token), read_set | set |
 //! | session | `jt-r-<p>-<n>` / `jt-c-<p>-<n>` | write or add at node A, causal read with its token at node B | session |
 
 use std::collections::HashMap;
@@ -211,8 +211,26 @@ impl Ctx {
     }
 
     async fn write(&self, node: usize, key: &str, op: pb::op::Kind) -> Completion {
-        match self.clients.write(node, key, op).await {
-            Ok(r) if r.succeeded => Completion::Ok(Value::Null),
+        self.write_in_session(node, key, op, Vec::new(), None).await
+    }
+
+    /// A write carrying a session `token` (awaited by the node before it admits the op);
+    /// on success the response's token is stored in `out`.
+    async fn write_in_session(
+        &self,
+        node: usize,
+        key: &str,
+        op: pb::op::Kind,
+        token: Vec<u8>,
+        out: Option<&std::sync::Mutex<Vec<u8>>>,
+    ) -> Completion {
+        match self.clients.write(node, key, op, token).await {
+            Ok(r) if r.succeeded => {
+                if let Some(out) = out {
+                    *out.lock().unwrap_or_else(|e| e.into_inner()) = r.token;
+                }
+                Completion::Ok(Value::Null)
+            }
             Ok(_) => Completion::Fail("the compare-and-set condition did not hold".into()),
             Err(e) => write_error(&e),
         }
@@ -396,7 +414,9 @@ async fn counter_worker(ctx: &Ctx, workload: Workload, mut rng: Rng) {
 async fn set_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
     let mut process = ctx.rec.fresh_process();
     let keys = Workload::Set.final_keys();
-    let mut added: Vec<(String, i64)> = Vec::new();
+    // Own acknowledged elements, each with its add's session token: the remove carries it, so
+    // it observes the add wherever the add was taken (observed-remove, see checker::set).
+    let mut added: Vec<(String, i64, Vec<u8>)> = Vec::new();
     let mut next = worker * 1_000_000_000;
     let mut ops = 0;
     while !ctx.done(ops) {
@@ -404,7 +424,7 @@ async fn set_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
         let node = ctx.node(&mut rng);
         let dice = rng.below(10);
         if dice < 1 && !added.is_empty() {
-            let (key, e) = added.swap_remove(rng.below(added.len() as u64) as usize);
+            let (key, e, token) = added.swap_remove(rng.below(added.len() as u64) as usize);
             ctx.op(
                 &mut process,
                 F::SetRemove,
@@ -416,7 +436,7 @@ async fn set_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
                     let op = pb::op::Kind::SetRemove(pb::SetRemove {
                         element: int_bytes(e),
                     });
-                    ctx.write(node, &key, op).await
+                    ctx.write_in_session(node, &key, op, token, None).await
                 },
             )
             .await;
@@ -424,6 +444,7 @@ async fn set_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
             next += 1;
             let e = next as i64;
             let key = rng.pick(&keys).clone();
+            let token = std::sync::Mutex::new(Vec::new());
             let (_, c) = ctx
                 .op(
                     &mut process,
@@ -436,12 +457,14 @@ async fn set_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
                         let op = pb::op::Kind::SetAdd(pb::SetAdd {
                             element: int_bytes(e),
                         });
-                        ctx.write(node, &key, op).await
+                        ctx.write_in_session(node, &key, op, Vec::new(), Some(&token))
+                            .await
                     },
                 )
                 .await;
             if matches!(c, Completion::Ok(_)) {
-                added.push((key, e));
+                let token = token.into_inner().unwrap_or_else(|e| e.into_inner());
+                added.push((key, e, token));
             }
         } else {
             let key = rng.pick(&keys).clone();
@@ -486,13 +509,8 @@ async fn session_worker(ctx: &Ctx, mut rng: Rng) {
         };
         let (w, c) = ctx
             .op(&mut process, f, &key, arg, a, false, async {
-                match ctx.clients.write(a, &key, op).await {
-                    Ok(r) => {
-                        *token.lock().unwrap_or_else(|e| e.into_inner()) = r.token;
-                        Completion::Ok(Value::Null)
-                    }
-                    Err(e) => write_error(&e),
-                }
+                ctx.write_in_session(a, &key, op, Vec::new(), Some(&token))
+                    .await
             })
             .await;
         if matches!(c, Completion::Ok(_)) {

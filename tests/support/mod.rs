@@ -286,9 +286,20 @@ pub async fn write(
     key: &str,
     op: pb::Op,
 ) -> Result<pb::WriteResponse, tonic::Status> {
+    write_with_token(kv, key, op, &[]).await
+}
+
+/// A write carrying a session token (empty: none).
+pub async fn write_with_token(
+    kv: &mut KvClient<Channel>,
+    key: &str,
+    op: pb::Op,
+    token: &[u8],
+) -> Result<pb::WriteResponse, tonic::Status> {
     kv.write(pb::WriteRequest {
         key: key.as_bytes().to_vec(),
         op: Some(op),
+        token: token.to_vec(),
     })
     .await
     .map(|r| r.into_inner())

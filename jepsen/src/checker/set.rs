@@ -18,8 +18,14 @@
 //!   as completing at infinity, so it may legitimately bring the element back);
 //! - divergence: final reads of one key disagree.
 //!
-//! Removes are Raft-ordered in calm while adds gossip; "a remove follows an add in real time"
-//! is exactly what users expect to delete it, which is why the rule is stated in real time.
+//! Removes are Raft-ordered in calm while adds gossip, and a remove takes away exactly the
+//! adds its node had observed (observed-remove, DESIGN.md section 2): an add acknowledged at
+//! another node moments before, not yet gossiped, survives a remove that never saw it. The
+//! rules above are stated in real time, so a workload must make real time imply
+//! observation: the set workload removes only its own elements and sends each remove with
+//! the session token of the element's add, which the removing node awaits before it admits
+//! the remove. A resurrection then is a real bug (a remove that lost the adds it observed,
+//! or an add applied after it twice), not the semantics.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
