@@ -9,7 +9,9 @@ mod support;
 use calm::api::pb::Consistency;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use support::{Cluster, Partition, can_connect, get, put, register, write};
+use support::{
+    Cluster, Partition, can_connect, elements, get, op, put, register, write, write_with_token,
+};
 use tonic::Code;
 
 /// Write `key = value` through node `via`, retrying (bounded) while the cluster answers
@@ -351,4 +353,137 @@ async fn a_paused_and_resumed_node_keeps_running() {
         c.log(3)
     );
     assert_reads(&c, 3, &expected).await;
+}
+
+/// A write that an isolated leader appended but could not commit is discarded when the
+/// majority's new leader overwrites it after the heal. Its client must hear UNAVAILABLE with
+/// "may or may not have been applied" (an unknown outcome to resolve by reading), never
+/// INTERNAL, which tells operators the node is broken. The discarded value never appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_discarded_by_a_leader_change_is_unavailable_not_internal() {
+    if let Some(why) = support::partition_unsupported() {
+        eprintln!(
+            "skipping a_write_discarded_by_a_leader_change_is_unavailable_not_internal: {why}"
+        );
+        return;
+    }
+    // Long enough for the isolated proposal to outlive the partition and the heal.
+    let mut c = Cluster::start(3, &[("CALM_RAFT__REQUEST_TIMEOUT_MS", "20000")]).await;
+    c.await_leaders_spread().await;
+    let mut key = None;
+    for i in 0..200 {
+        let k = format!("d{i}");
+        if c.leader_of(1, &k).await.1 == 3 {
+            key = Some(k);
+            break;
+        }
+    }
+    let key = key.expect("node 3 leads some data group");
+    assert!(put_retrying(&c, 1, &key, "before").await);
+
+    let partition = Partition::isolate(&c, &[3]);
+    let mut kv3 = c.kv(3).await;
+    let isolated = {
+        let key = key.clone();
+        tokio::spawn(async move { write(&mut kv3, &key, put("discarded")).await })
+    };
+    // The majority elects a leader of its own and commits over the isolated entry.
+    assert!(put_retrying(&c, 1, &key, "majority").await);
+    assert!(!isolated.is_finished(), "the isolated leader answered");
+    drop(partition);
+
+    let status = isolated
+        .await
+        .unwrap()
+        .expect_err("a discarded write must not be acknowledged");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("may or may not"),
+        "the message must say the outcome is unknown: {}",
+        status.message()
+    );
+    c.await_ready().await;
+    let expected = BTreeMap::from([(key.clone(), "majority".to_string())]);
+    assert_reads(&c, 3, &expected).await;
+    assert_reads(&c, 1, &expected).await;
+}
+
+/// A restarted node re-applies Raft entries whose facts wait for a key another group
+/// creates. Node Y leads group A, node X leads group B > A, and node Z hears nothing from X.
+/// Y creates K2 (group B) and K (group A), adds a fact on K2, then one on K, and removes the
+/// latter with its token. Z gets the facts and A's remove from Y, but not B's creation of K2,
+/// so its fact waits, the fact on K waits behind it, and A's remove waits on both. Z persists
+/// A's commit index and is killed. Restarted and healed, its group A re-applies the remove
+/// while starting, and only group B, receiving K2's creation from X, can unblock it. Groups
+/// started one after another (and served only once all had started), Z hung forever in
+/// group A (found by Jepsen).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_reapplies_groups_whose_entries_wait_on_each_other() {
+    if let Some(why) = support::partition_unsupported() {
+        eprintln!("skipping a_restart_reapplies_groups_whose_entries_wait_on_each_other: {why}");
+        return;
+    }
+    let mut c = Cluster::start(3, &[]).await;
+    c.await_leaders_spread().await;
+    // Groups A < B with different leaders, and a key in each.
+    let mut keys: BTreeMap<u64, (u64, String)> = BTreeMap::new();
+    for i in 0..400 {
+        let k = format!("dep{i}");
+        let (g, leader) = c.leader_of(1, &k).await;
+        keys.entry(g).or_insert((leader, k));
+    }
+    let pair = keys.iter().find_map(|(ga, (y, k))| {
+        keys.range(ga + 1..)
+            .find(|(_, (x, _))| x != y)
+            .map(|(gb, (x, k2))| (*ga, *y as usize, k.clone(), *gb, *x as usize, k2.clone()))
+    });
+    let (ga, y, k, gb, x, k2) = pair.expect("two groups with different leaders");
+    let z = 6 - x - y;
+    eprintln!("group A {ga} led by {y}, group B {gb} led by {x}, restarted node {z}");
+
+    // K exists everywhere; then Z stops hearing from X, and K2 is created (in group B).
+    let mut kvy = c.kv(y).await;
+    let mut kvz = c.kv(z).await;
+    let created = write(&mut kvy, &k, op::sadd("k0")).await.unwrap();
+    for kv in [&mut kvy, &mut kvz] {
+        support::get_with_token(kv, k.as_bytes(), Consistency::Causal, &created.token)
+            .await
+            .unwrap();
+    }
+    let cut = Partition::one_way(&c, x, z);
+    let created = write(&mut kvy, &k2, op::sadd("p0")).await.unwrap();
+    support::get_with_token(&mut kvy, k2.as_bytes(), Consistency::Causal, &created.token)
+        .await
+        .unwrap();
+    let on_k2 = write(&mut kvy, &k2, op::sadd("p1")).await.unwrap();
+    let on_k = write(&mut kvy, &k, op::sadd("k1")).await.unwrap();
+    assert_eq!(on_k2.path, calm::api::pb::Path::Fast as i32);
+    assert_eq!(on_k.path, calm::api::pb::Path::Fast as i32);
+    let removed = write_with_token(&mut kvy, &k, op::srem("k1"), &on_k.token)
+        .await
+        .unwrap();
+    assert!(removed.succeeded);
+    // Z learns the remove is committed (its apply waits) and persists that (every 200 ms).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = c.status(z).await.unwrap();
+    let a = s.groups.iter().find(|g| g.id == ga).unwrap();
+    eprintln!(
+        "node {z} group {ga}: last log {}, applied {}",
+        a.last_log_index, a.applied_index
+    );
+    assert!(
+        a.applied_index < a.last_log_index,
+        "node {z} applied the remove: {a:?}"
+    );
+
+    c.kill(z);
+    drop(cut);
+    c.spawn(z);
+    c.await_ready().await;
+    let mut kvz = c.kv(z).await;
+    for (key, want) in [(&k, vec!["k0"]), (&k2, vec!["p0", "p1"])] {
+        let v = get(&mut kvz, key, Consistency::Linearizable).await.unwrap();
+        let want: Vec<String> = want.into_iter().map(String::from).collect();
+        assert_eq!(elements(&v), Some(want), "{key} at the restarted node {z}");
+    }
 }

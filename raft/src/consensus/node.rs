@@ -140,6 +140,16 @@ pub enum ProposeError {
         leader: NodeId,
         reason: String,
     },
+    /// The entry was appended, then discarded when this node adopted another leader's log
+    /// (openraft's `LogEntryDiscarded`): it may still commit through that leader.
+    #[error(
+        "group {group} changed leader before the write committed{}; the write may or may not have been applied: read the key before retrying",
+        hint(leader, &None)
+    )]
+    Discarded {
+        group: GroupId,
+        leader: Option<NodeId>,
+    },
     #[error("group {group} stopped: {reason}; the node must be restarted")]
     Fatal { group: GroupId, reason: String },
 }
@@ -157,7 +167,9 @@ impl ProposeError {
     /// The last known leader, for clients that want to retry there.
     pub fn leader_hint(&self) -> Option<NodeId> {
         match self {
-            ProposeError::NoLeader { leader, .. } | ProposeError::Timeout { leader, .. } => *leader,
+            ProposeError::NoLeader { leader, .. }
+            | ProposeError::Timeout { leader, .. }
+            | ProposeError::Discarded { leader, .. } => *leader,
             ProposeError::LeaderUnreachable { leader, .. }
             | ProposeError::NotReached { leader, .. } => Some(*leader),
             ProposeError::Fatal { .. } => None,
@@ -219,9 +231,16 @@ impl Consensus {
         let map = GroupMap::new(options.data_groups);
         let config = options.raft_config()?;
         let logs = lock_local(&local).raft_logs().clone();
-        let mut rafts = Vec::new();
+        // Every group starts at once, not one after another, and serves its peers as soon as
+        // it has started: `Raft::new` re-applies a group's committed entries, and an entry
+        // may wait for facts that in turn wait for their key's creation, a command of another
+        // group, which that group may still have to receive from its leader. Started in
+        // order, group 1 waited forever for group 2, which never started (found by Jepsen: a
+        // restarted node hung).
+        handles.prepare(map.all().count());
+        let mut starting = Vec::new();
         for group in map.all() {
-            let start = |reason: String| ConsensusError::Start { group, reason };
+            let start = move |reason: String| ConsensusError::Start { group, reason };
             let sm = GroupStateMachine::open(
                 group,
                 map,
@@ -234,11 +253,15 @@ impl Consensus {
                 group,
                 peers: peers.clone(),
             };
-            let raft = Raft::new(node, config.clone(), network, logs.store(group), sm)
-                .await
-                .map_err(|e| start(e.to_string()))?;
-            rafts.push(raft);
+            let raft = Raft::new(node, config.clone(), network, logs.store(group), sm);
+            let handles = &handles;
+            starting.push(async move {
+                let raft = raft.await.map_err(|e| start(e.to_string()))?;
+                handles.started(group, raft.clone());
+                Ok(raft)
+            });
         }
+        let rafts = futures::future::try_join_all(starting).await?;
         handles.set(rafts);
         Ok(Consensus {
             node,
@@ -377,6 +400,14 @@ impl Consensus {
                         self.await_leader_change(group, leader, deadline).await;
                         continue;
                     }
+                    Ok(Err(openraft::errors::RaftError::APIError(
+                        ClientWriteError::LogEntryDiscarded(f),
+                    ))) => {
+                        return Err(ProposeError::Discarded {
+                            group,
+                            leader: f.leader_id,
+                        });
+                    }
                     Ok(Err(e)) => {
                         return Err(ProposeError::Fatal {
                             group,
@@ -410,6 +441,9 @@ impl Consensus {
                     Ok(ProposeReply::NotLeader { .. }) => {
                         self.await_leader_change(group, leader, deadline).await;
                         continue;
+                    }
+                    Ok(ProposeReply::Discarded { leader }) => {
+                        return Err(ProposeError::Discarded { group, leader });
                     }
                     Err(reason) => {
                         return Err(ProposeError::LeaderUnreachable {

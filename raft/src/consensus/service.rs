@@ -16,9 +16,14 @@ use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming}
 /// How an UNAVAILABLE answer from a node whose groups are not running yet begins.
 pub const GROUPS_STARTING: &str = "this node's Raft groups are still starting";
 
-/// The node's groups, set once when they have started.
+/// The node's groups. Each group serves peers as soon as it has started, before the others:
+/// a group re-applying its log at start may wait for a command another group must first
+/// receive from its leader (see `Consensus::start`).
 #[derive(Default)]
 pub struct GroupHandles {
+    /// One slot per group, filled when that group has started.
+    slots: OnceLock<Box<[OnceLock<Raft>]>>,
+    /// Every group, once all have started.
     rafts: OnceLock<Vec<Raft>>,
 }
 
@@ -27,22 +32,41 @@ impl GroupHandles {
         Arc::new(GroupHandles::default())
     }
 
+    /// Make room for `groups` groups (the metadata group included); once, before any starts.
+    pub fn prepare(&self, groups: usize) {
+        let slots = (0..groups).map(|_| OnceLock::new()).collect();
+        assert!(self.slots.set(slots).is_ok(), "groups are prepared once");
+    }
+
+    /// `group` has started: serve its peers' messages from now on.
+    pub fn started(&self, group: GroupId, raft: Raft) {
+        let slot = &self.slots.get().expect("prepared before any group starts")[group as usize];
+        assert!(slot.set(raft).is_ok(), "group {group} starts once");
+    }
+
+    /// Every group has started.
     pub fn set(&self, rafts: Vec<Raft>) {
         assert!(self.rafts.set(rafts).is_ok(), "groups are registered once");
     }
 
     pub fn get(&self, group: GroupId) -> Result<&Raft, Status> {
-        let rafts = self.rafts.get().ok_or_else(|| {
-            Status::unavailable("this node's Raft groups are still starting; retry")
-        })?;
-        rafts.get(group as usize).ok_or_else(|| {
+        let starting = || Status::unavailable(format!("{GROUPS_STARTING}; retry (group {group})"));
+        let slots = self.slots.get().ok_or_else(starting)?;
+        let slot = slots.get(group as usize).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "group {group} does not exist on this node ({} groups); the peers disagree on the group count",
-                rafts.len()
+                slots.len()
             ))
-        })
+        })?;
+        slot.get().ok_or_else(starting)
     }
 
+    /// How many groups this node has (0 before they are prepared).
+    pub fn count(&self) -> usize {
+        self.slots.get().map_or(0, |s| s.len())
+    }
+
+    /// Every group, once all have started (empty before).
     pub fn all(&self) -> &[Raft] {
         self.rafts.get().map_or(&[], Vec::as_slice)
     }
@@ -186,7 +210,7 @@ impl RaftPeer for PeerService {
         let raft = self.handles.get(msg.group)?;
         let request: Request = wire::decode(&msg.payload).map_err(bad)?;
         // A request in the wrong group would stop that group when applied: refuse it here.
-        let map = super::GroupMap::new(self.handles.all().len() as u64 - 1);
+        let map = super::GroupMap::new(self.handles.count() as u64 - 1);
         let belongs = match &request {
             Request::Command(cmd) => map.group_of(&cmd.key),
             Request::InitRules { .. } | Request::SetRules { .. } => super::GroupMap::METADATA,
@@ -204,6 +228,11 @@ impl RaftPeer for PeerService {
             },
             Err(openraft::errors::RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 ProposeReply::NotLeader {
+                    leader: f.leader_id,
+                }
+            }
+            Err(openraft::errors::RaftError::APIError(ClientWriteError::LogEntryDiscarded(f))) => {
+                ProposeReply::Discarded {
                     leader: f.leader_id,
                 }
             }

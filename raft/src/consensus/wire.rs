@@ -37,6 +37,8 @@ pub enum ProposeReply {
     Applied { response: Response, index: u64 },
     /// Not appended: this node is not the leader; retry at `leader` if known.
     NotLeader { leader: Option<NodeId> },
+    /// Appended, then discarded on a leader change: it may still commit (unknown outcome).
+    Discarded { leader: Option<NodeId> },
 }
 
 /// The leader's answer to a read-index request.
