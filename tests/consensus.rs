@@ -199,8 +199,11 @@ async fn a_restarted_node_catches_up_from_the_log_and_from_a_snapshot() {
         if purged.len() == before.len() && purged.iter().all(|(g, &p)| p > before[g]) {
             break;
         }
+        // Bounded generously: openraft 0.10 postpones a purge while a replication stream to
+        // the dead node 3 counts its entries as in flight, and purges at a moment when that
+        // stream is between attempts.
         assert!(
-            round < 40,
+            round < 200,
             "the leaders did not purge past node 3: {purged:?} vs {before:?}"
         );
         // Concurrent writes, so that each round is quick.
@@ -213,6 +216,7 @@ async fn a_restarted_node_catches_up_from_the_log_and_from_a_snapshot() {
             assert!(ok, "write {key} was not acknowledged");
             expected.insert(key, value);
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
         round += 1;
     }
     c.spawn(3);

@@ -11,8 +11,9 @@
 //! - `kill`: kill -9 a node (half the time a group leader), restart it at the end;
 //! - `pause`: SIGSTOP a node (half the time a group leader), SIGCONT at the end;
 //! - `clock`: skew one node's wall clock through libfaketime by a random offset;
-//! - `rules`: flip the workload's keys between `strict` and `hybrid` (admin SetRules with the
-//!   expected version), an instantaneous event.
+//! - `rules`: switch the workload's keys to another of `strict`, `hybrid` and (except for
+//!   registers) `available`, chosen by the seed (admin SetRules with the expected version),
+//!   an instantaneous event.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -276,11 +277,15 @@ impl NemesisCtx {
 
     /// Switch the workload's keys to the other mode; recorded whatever the outcome.
     async fn flip_rules(&self, rng: &mut Rng) {
-        let next = if *self.mode.lock().unwrap_or_else(|e| e.into_inner()) == "strict" {
-            "hybrid"
-        } else {
-            "strict"
-        };
+        let current = *self.mode.lock().unwrap_or_else(|e| e.into_inner());
+        let others: Vec<&'static str> = self
+            .rules
+            .modes
+            .iter()
+            .copied()
+            .filter(|m| *m != current)
+            .collect();
+        let next = *rng.pick(&others);
         let node = rng.range(1, self.nodes() as u64) as usize;
         match set_rules(&self.clients, node, &self.rules, next).await {
             Ok(version) => {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::json;
 
-use crate::checker::{Validity, Verdict};
+use crate::checker::{Anomaly, AnomalyKind, Validity, Verdict};
 use crate::client::Clients;
 use crate::cluster::{Cluster, ClusterError, ClusterSpec, node_name};
 use crate::edn::{KeyStyle, write_edn};
@@ -240,7 +240,7 @@ pub async fn run_test(opts: &TestOptions, stop: Arc<AtomicBool>) -> Result<TestO
         }
     }
     rec.flush();
-    let (ready_s, converged, crashes) = result?;
+    let (ready_s, converged, crashes, disagreement) = result?;
     let history = rec
         .history()
         .map_err(|e| RunError::Run(format!("the recorded history is malformed: {e}")))?;
@@ -258,13 +258,32 @@ pub async fn run_test(opts: &TestOptions, stop: Arc<AtomicBool>) -> Result<TestO
         .await
         .map_err(|e| RunError::Run(e.to_string()))?
     };
-    let (verdict, check_time) = checked.map_err(|e| RunError::Run(format!("checker: {e}")))?;
+    let (mut verdict, check_time) = checked.map_err(|e| RunError::Run(format!("checker: {e}")))?;
+    // The register checker sees values only; replicas that disagree on a version (or on
+    // anything, if final reads failed) are a finding of their own. The counter and set
+    // checkers compare final reads themselves.
+    if let (Workload::Register, Some(d)) = (workload, disagreement) {
+        verdict.anomalies.push(Anomaly {
+            kind: AnomalyKind::FinalReadsDiverge,
+            key: d.split(':').next().map(str::to_owned),
+            ops: Vec::new(),
+            explanation: format!("replicas still disagree after heal: {d}"),
+        });
+        verdict.valid = Validity::Invalid;
+    }
     write_report(
         opts, &dir, &history, &verdict, check_time, ready_s, converged, crashes, started,
     )
 }
 
-type Driven = (f64, Option<Duration>, Vec<serde_json::Value>);
+/// Seconds to first readiness, convergence time, node crashes seen, and the replicas'
+/// disagreement at the end of the final phase (if they never agreed).
+type Driven = (
+    f64,
+    Option<Duration>,
+    Vec<serde_json::Value>,
+    Option<String>,
+);
 
 /// The live part of a run: returns (seconds to first readiness, convergence time, node
 /// crashes seen).
@@ -375,9 +394,9 @@ async fn drive(
                 deadline: Instant::now() + Duration::from_secs(60),
                 ..Ctx::clone_shallow(&ctx)
             };
-            workload::final_phase(opts.workload, &ctx, Duration::from_secs(5)).await;
+            let _ = workload::final_phase(opts.workload, &ctx, Duration::from_secs(5)).await;
         }
-        return Ok((ready.as_secs_f64(), None, crashes));
+        return Ok((ready.as_secs_f64(), None, crashes, None));
     }
     let mismatched = {
         let cluster = cluster.clone();
@@ -395,19 +414,24 @@ async fn drive(
             deadline: Instant::now() + opts.converge_limit + Duration::from_secs(60),
             ..Ctx::clone_shallow(&ctx)
         };
-        let c = workload::final_phase(opts.workload, &ctx, opts.converge_limit).await;
-        match c {
-            Some(d) => println!("   replicas converged {:.2} s after heal", d.as_secs_f64()),
-            None => println!(
-                "   replicas did NOT converge within {:?} after heal",
-                opts.converge_limit
-            ),
+        match workload::final_phase(opts.workload, &ctx, opts.converge_limit).await {
+            Ok(d) => {
+                println!("   replicas converged {:.2} s after heal", d.as_secs_f64());
+                (Some(d), None)
+            }
+            Err(disagreement) => {
+                println!(
+                    "   replicas did NOT converge within {:?} after heal ({disagreement})",
+                    opts.converge_limit
+                );
+                (None, Some(disagreement))
+            }
         }
-        c
     } else {
-        None
+        (None, None)
     };
-    Ok((ready.as_secs_f64(), converged, crashes))
+    let (converged, disagreement) = converged;
+    Ok((ready.as_secs_f64(), converged, crashes, disagreement))
 }
 
 impl Ctx {

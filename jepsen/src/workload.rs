@@ -64,7 +64,10 @@ impl Workload {
 
     pub fn rules(self) -> RuleSpec {
         match self {
-            Workload::Register => RuleSpec::new("jr-*", ""),
+            Workload::Register => RuleSpec {
+                modes: &["strict", "hybrid"],
+                ..RuleSpec::new("jr-*", "")
+            },
             Workload::Counter => RuleSpec::new("jc-*", ""),
             Workload::Bounded => RuleSpec::new(
                 "jb-*",
@@ -77,11 +80,19 @@ impl Workload {
 
     /// Whether the checker needs reads of every node after heal.
     pub fn has_final_phase(self) -> bool {
-        matches!(self, Workload::Counter | Workload::Bounded | Workload::Set)
+        matches!(
+            self,
+            Workload::Register | Workload::Counter | Workload::Bounded | Workload::Set
+        )
     }
 
-    fn final_keys(self) -> Vec<String> {
+    /// The keys the final phase reads after a run of length `run` (registers: every
+    /// generation's keys, see `register_worker`).
+    fn final_keys(self, run: Duration) -> Vec<String> {
         match self {
+            Workload::Register => (0..=run.as_secs() / 10)
+                .flat_map(|g| (0..4).map(move |k| format!("jr-{g}-{k}")))
+                .collect(),
             Workload::Counter => (0..4).map(|k| format!("jc-{k}")).collect(),
             Workload::Bounded => (0..2).map(|k| format!("jb-{k}")).collect(),
             Workload::Set => (0..3).map(|k| format!("js-{k}")).collect(),
@@ -127,11 +138,23 @@ pub struct RuleSpec {
     pub pattern: &'static str,
     /// Extra TOML lines of the rule (type, bounds).
     pub extra: &'static str,
+    /// The modes the rules nemesis may switch the keys to: `available` only where the
+    /// checker's property holds in it too (not for registers, which become last-writer-wins
+    /// and are checked for linearizability).
+    pub modes: &'static [&'static str],
 }
+
+/// Every mode: counters, bounded counters, sets and sessions keep their properties in each
+/// (in `available`, set removes and bounded adds beyond quota are refused, definitely).
+const ALL_MODES: &[&str] = &["strict", "hybrid", "available"];
 
 impl RuleSpec {
     fn new(pattern: &'static str, extra: &'static str) -> RuleSpec {
-        RuleSpec { pattern, extra }
+        RuleSpec {
+            pattern,
+            extra,
+            modes: ALL_MODES,
+        }
     }
 
     pub fn toml(&self, mode: &str) -> String {
@@ -234,6 +257,21 @@ impl Ctx {
             Ok(_) => Completion::Fail("the compare-and-set condition did not hold".into()),
             Err(e) => write_error(&e),
         }
+    }
+
+    /// A serializable read of node `node`'s replica: the value (as the checkers see it) and,
+    /// for a register, its version (0 otherwise); `None` if the node did not answer.
+    async fn replica_state(&self, node: usize, key: &str) -> Option<(Value, u64)> {
+        let r = self
+            .clients
+            .get(node, key, pb::Consistency::Serializable, Vec::new())
+            .await
+            .ok()?;
+        let version = match r.value.as_ref().and_then(|v| v.kind.as_ref()) {
+            Some(pb::value::Kind::Register(reg)) => reg.version,
+            _ => 0,
+        };
+        Some((absent_as(key, read_value(&r).ok()?), version))
     }
 
     async fn read(&self, node: usize, key: &str, consistency: pb::Consistency) -> Completion {
@@ -364,7 +402,7 @@ async fn register_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
 
 async fn counter_worker(ctx: &Ctx, workload: Workload, mut rng: Rng) {
     let mut process = ctx.rec.fresh_process();
-    let keys = workload.final_keys();
+    let keys = workload.final_keys(Duration::ZERO);
     let mut ops = 0;
     while !ctx.done(ops) {
         ops += 1;
@@ -413,7 +451,7 @@ async fn counter_worker(ctx: &Ctx, workload: Workload, mut rng: Rng) {
 
 async fn set_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
     let mut process = ctx.rec.fresh_process();
-    let keys = Workload::Set.final_keys();
+    let keys = Workload::Set.final_keys(Duration::ZERO);
     // Own acknowledged elements, each with its add's session token: the remove carries it, so
     // it observes the add wherever the add was taken (observed-remove, see checker::set).
     let mut added: Vec<(String, i64, Vec<u8>)> = Vec::new();
@@ -535,26 +573,45 @@ async fn session_worker(ctx: &Ctx, mut rng: Rng) {
 }
 
 /// After heal: wait until every node's replica of every key agrees (bounded by `limit`),
-/// then record one final read per node and key. Returns how long convergence took, or
-/// `None` if the replicas still disagreed at the limit.
-pub async fn final_phase(workload: Workload, ctx: &Ctx, limit: Duration) -> Option<Duration> {
-    let keys = workload.final_keys();
+/// then record one final read per node and key. Replicas agree when they read the same
+/// value and, for registers, the same version (a replica that applied an entry twice
+/// shows the right value under a wrong version). Returns how long convergence took, or
+/// the disagreement still seen at the limit.
+pub async fn final_phase(
+    workload: Workload,
+    ctx: &Ctx,
+    limit: Duration,
+) -> Result<Duration, String> {
+    let keys = workload.final_keys(ctx.rec.start().elapsed());
     let started = Instant::now();
-    let mut converged = None;
+    let mut outcome = Err("no round of reads completed".to_owned());
     while started.elapsed() < limit {
-        let mut agree = true;
+        let mut disagreement = None;
         for key in &keys {
-            let mut seen: Option<Value> = None;
+            let mut seen: Vec<(usize, Option<(Value, u64)>)> = Vec::new();
             for node in 1..=ctx.nodes {
-                match ctx.read(node, key, pb::Consistency::Serializable).await {
-                    Completion::Ok(v) if seen.as_ref().is_none_or(|s| *s == v) => seen = Some(v),
-                    _ => agree = false,
-                }
+                seen.push((node, ctx.replica_state(node, key).await));
+            }
+            let first = &seen[0].1;
+            if first.is_none() || seen.iter().any(|(_, s)| s != first) {
+                let views: Vec<String> = seen
+                    .iter()
+                    .map(|(n, s)| match s {
+                        Some((v, 0)) => format!("n{n} {v}"),
+                        Some((v, version)) => format!("n{n} {v} (version {version})"),
+                        None => format!("n{n} unreadable"),
+                    })
+                    .collect();
+                disagreement = Some(format!("{key}: {}", views.join(", ")));
+                break;
             }
         }
-        if agree {
-            converged = Some(started.elapsed());
-            break;
+        match disagreement {
+            None => {
+                outcome = Ok(started.elapsed());
+                break;
+            }
+            Some(d) => outcome = Err(d),
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -578,5 +635,5 @@ pub async fn final_phase(workload: Workload, ctx: &Ctx, limit: Duration) -> Opti
             .await;
         }
     }
-    converged
+    outcome
 }
