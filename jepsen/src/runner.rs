@@ -409,7 +409,7 @@ async fn drive(
             "after heal these node pairs still cannot connect: {mismatched:?}"
         )));
     }
-    let converged = if opts.workload.has_final_phase() {
+    let (converged, disagreement) = if opts.workload.has_final_phase() {
         let ctx = Ctx {
             deadline: Instant::now() + opts.converge_limit + Duration::from_secs(60),
             ..Ctx::clone_shallow(&ctx)
@@ -430,7 +430,6 @@ async fn drive(
     } else {
         (None, None)
     };
-    let (converged, disagreement) = converged;
     Ok((ready.as_secs_f64(), converged, crashes, disagreement))
 }
 

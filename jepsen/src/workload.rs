@@ -90,8 +90,8 @@ impl Workload {
     /// generation's keys, see `register_worker`).
     fn final_keys(self, run: Duration) -> Vec<String> {
         match self {
-            Workload::Register => (0..=run.as_secs() / 10)
-                .flat_map(|g| (0..4).map(move |k| format!("jr-{g}-{k}")))
+            Workload::Register => (0..=register_generation(run))
+                .flat_map(|g| (0..REGISTER_KEYS_PER_GENERATION).map(move |k| register_key(g, k)))
                 .collect(),
             Workload::Counter => (0..4).map(|k| format!("jc-{k}")).collect(),
             Workload::Bounded => (0..2).map(|k| format!("jb-{k}")).collect(),
@@ -320,6 +320,20 @@ pub async fn run(workload: Workload, ctx: Arc<Ctx>, concurrency: usize, rng: &mu
     }
 }
 
+/// Live register keys at a time; a new generation of them every
+/// `REGISTER_GENERATION_SECS`.
+const REGISTER_KEYS_PER_GENERATION: u64 = 4;
+const REGISTER_GENERATION_SECS: u64 = 10;
+
+/// The register generation at `elapsed` into the run.
+fn register_generation(elapsed: Duration) -> u64 {
+    elapsed.as_secs() / REGISTER_GENERATION_SECS
+}
+
+fn register_key(generation: u64, k: u64) -> String {
+    format!("jr-{generation}-{k}")
+}
+
 async fn register_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
     let mut process = ctx.rec.fresh_process();
     let mut last_seen: HashMap<String, i64> = HashMap::new();
@@ -329,8 +343,8 @@ async fn register_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
     while !ctx.done(ops) {
         ops += 1;
         // Fresh keys every 10 s keep each key's history small for the linearizability search.
-        let generation = start.elapsed().as_secs() / 10;
-        let key = format!("jr-{generation}-{}", rng.below(4));
+        let generation = register_generation(start.elapsed());
+        let key = register_key(generation, rng.below(REGISTER_KEYS_PER_GENERATION));
         let node = ctx.node(&mut rng);
         let dice = rng.below(10);
         if dice < 4 {
