@@ -309,6 +309,12 @@ impl Node {
                         return Err(Status::new(Code::from_i32(code), message));
                     }
                     Response::None => (true, 0),
+                    // `propose` hands each command its own answer.
+                    Response::Batch(_) => {
+                        return Err(Status::internal(
+                            "a write was answered for a whole entry, not for itself (a bug); its outcome is unknown",
+                        ));
+                    }
                 };
                 Ok(pb::WriteResponse {
                     path: pb::Path::Consensus as i32,
@@ -386,10 +392,13 @@ impl Node {
         got_down >= down && got_up >= up
     }
 
-    /// UNAVAILABLE (INTERNAL for a stopped group) with the leader hint.
+    /// UNAVAILABLE (INTERNAL for a stopped group, RESOURCE_EXHAUSTED for a full queue) with
+    /// the leader hint.
     pub(crate) fn unavailable(&self, e: ProposeError) -> Status {
         let code = match e {
             ProposeError::Fatal { .. } => Code::Internal,
+            ProposeError::Overloaded { .. } => Code::ResourceExhausted,
+            ProposeError::Invalid { .. } => Code::InvalidArgument,
             _ => Code::Unavailable,
         };
         // This node naming itself helps nobody: it just said it cannot serve.

@@ -366,11 +366,13 @@ impl Cluster {
         }
         if self.spec.faketime {
             // `ip netns exec` execs the node, so the node inherits these. Monotonic time stays
-            // real: the skew attacks wall clocks (HLC), not Raft's timers.
+            // real: the skew attacks wall clocks (HLC), not Raft's timers. libfaketime 0.9.10
+            // reads only the FAKETIME_-prefixed name; with the bare `DONT_FAKE_MONOTONIC`
+            // the monotonic clock stepped back with the wall clock, which no real machine does.
             cmd.env("LD_PRELOAD", LIBFAKETIME)
                 .env("FAKETIME_TIMESTAMP_FILE", self.clock_file(i))
                 .env("FAKETIME_NO_CACHE", "1")
-                .env("DONT_FAKE_MONOTONIC", "1");
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
         let log = OpenOptions::new()
             .create(true)
@@ -448,9 +450,13 @@ impl Cluster {
         if !self.spec.faketime {
             return Ok(());
         }
+        // Replaced by a rename, never rewritten in place: the node re-reads the file on every
+        // clock call and must never see it truncated or half written.
         let path = self.clock_file(i);
-        std::fs::write(&path, format!("{seconds:+.3}\n"))
-            .map_err(io(format!("writing {}", path.display())))
+        let next = path.with_extension("next");
+        std::fs::write(&next, format!("{seconds:+.3}\n"))
+            .map_err(io(format!("writing {}", next.display())))?;
+        std::fs::rename(&next, &path).map_err(io(format!("replacing {}", path.display())))
     }
 
     /// Apply a grudge: node `i + 1` drops every packet from the nodes in `grudge[i]`.
@@ -535,6 +541,40 @@ impl Cluster {
             }
         }
         wrong
+    }
+
+    /// Every thread's stack of node `i`, taken by gdb in batch mode: the one piece of
+    /// evidence a wedged node leaves. The node keeps running afterwards.
+    pub fn backtrace(&self, i: usize) -> Result<String, ClusterError> {
+        let pid = self
+            .pid(i)
+            .ok_or_else(|| ClusterError::Command {
+                command: format!("gdb on {}", node_name(i)),
+                stderr: "the node is not running".into(),
+            })?
+            .to_string();
+        if self.procs[i - 1].paused {
+            return Err(ClusterError::Command {
+                command: format!("gdb on {}", node_name(i)),
+                stderr: "the node is paused (SIGSTOP); resume it first".into(),
+            });
+        }
+        // `timeout` bounds a gdb that cannot attach (ptrace refused, node in D state).
+        sh(
+            "timeout",
+            &[
+                "120",
+                "gdb",
+                "-batch",
+                "-nx",
+                "-p",
+                &pid,
+                "-ex",
+                "set pagination off",
+                "-ex",
+                "thread apply all bt",
+            ],
+        )
     }
 
     /// Last lines of node `i`'s log, for error messages.

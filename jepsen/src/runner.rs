@@ -138,6 +138,51 @@ fn lock(c: &Mutex<Cluster>) -> std::sync::MutexGuard<'_, Cluster> {
     c.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Nodes that do not answer a status call with a leader for every group.
+async fn not_ready(clients: &Clients) -> Vec<usize> {
+    let mut out = Vec::new();
+    for node in 1..=clients.len() {
+        if !matches!(clients.status(node).await,
+            Ok(s) if !s.groups.is_empty() && s.groups.iter().all(|g| g.leader != 0))
+        {
+            out.push(node);
+        }
+    }
+    out
+}
+
+/// Save gdb backtraces of the nodes that are still not ready into the report directory,
+/// and return, per node, where they went (or why there is none).
+async fn save_backtraces(
+    cluster: &Arc<Mutex<Cluster>>,
+    clients: &Clients,
+    report: &Path,
+) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for node in not_ready(clients).await {
+        let cluster = cluster.clone();
+        let taken = tokio::task::spawn_blocking(move || lock(&cluster).backtrace(node))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        let path = report.join(format!("{}.backtrace.txt", node_name(node)));
+        let saved = taken.and_then(|text| {
+            std::fs::write(&path, text)
+                .map(|()| path.display().to_string())
+                .map_err(|e| format!("writing {}: {e}", path.display()))
+        });
+        match &saved {
+            Ok(p) => println!(
+                "   {} is not ready: its threads' stacks are in {p}",
+                node_name(node)
+            ),
+            Err(e) => println!("   {} is not ready; no backtrace: {e}", node_name(node)),
+        }
+        out.push(json!({"node": node_name(node), "backtrace": saved.unwrap_or_else(|e| e)}));
+    }
+    out
+}
+
 /// Wait until every node reports a leader for every group.
 async fn await_ready(
     cluster: &Arc<Mutex<Cluster>>,
@@ -155,14 +200,7 @@ async fn await_ready(
                 lock(cluster).log_tail(n, 20)
             )));
         }
-        let mut not_ready = Vec::new();
-        for node in 1..=clients.len() {
-            if !matches!(clients.status(node).await,
-                Ok(s) if !s.groups.is_empty() && s.groups.iter().all(|g| g.leader != 0))
-            {
-                not_ready.push(node);
-            }
-        }
+        let not_ready = not_ready(clients).await;
         let Some(&first) = not_ready.first() else {
             return Ok(started.elapsed());
         };
@@ -230,7 +268,7 @@ pub async fn run_test(opts: &TestOptions, stop: Arc<AtomicBool>) -> Result<TestO
             .map_err(|e| RunError::Run(e.to_string()))??,
     ));
     let clients = Clients::new(opts.nodes, opts.op_timeout);
-    let result = drive(opts, &cluster, &clients, &rec, stop, started).await;
+    let result = drive(opts, &cluster, &clients, &rec, stop, started, &dir).await;
     // Tear down before checking: the check wants the cores.
     {
         let mut c = lock(&cluster);
@@ -294,6 +332,7 @@ async fn drive(
     rec: &Arc<Recorder>,
     stop: Arc<AtomicBool>,
     started: Instant,
+    report: &Path,
 ) -> Result<Driven, RunError> {
     let ready = await_ready(cluster, clients, Duration::from_secs(90)).await?;
     println!(
@@ -388,6 +427,7 @@ async fn drive(
         tracing::error!(error = %e, "the cluster is not ready after heal");
         rec.nemesis("not_ready_after_heal", json!({"error": e.to_string()}));
         crashes.push(json!({"node": "cluster", "status": "not ready 60 s after heal", "log_tail": e.to_string()}));
+        crashes.extend(save_backtraces(cluster, clients, report).await);
         // Still read what the nodes that answer have: conservation is checked on those.
         if opts.workload.has_final_phase() {
             let ctx = Ctx {

@@ -687,21 +687,27 @@ impl Replica {
         })
     }
 
-    /// Apply a Raft-ordered command. `Err(Blocked)` means facts inside its frontier are not
-    /// applied here yet: nothing changed; deliver them and call again.
-    pub fn apply_command(&mut self, cmd: &Command) -> Result<Outcome, ReplicaError> {
+    /// The facts inside `cmd`'s frontier that this replica has not applied, as `(origin,
+    /// seq)`: empty when `apply_command` would not report `Blocked`. Applying commands on
+    /// other keys does not change the answer (a command touches its own key only).
+    pub fn missing_facts(&self, cmd: &Command) -> Vec<(NodeId, u64)> {
         let state = self.keys.get(cmd.key.as_slice()).map(|e| &e.state);
         // The frontier names facts on this key: the key holding them is what counts (after
         // a snapshot install it may hold facts beyond the version vector).
-        let missing: Vec<(NodeId, u64)> = cmd
-            .frontier
+        cmd.frontier
             .entries
             .iter()
             .filter(|e| {
                 self.vv.get(e.origin) < e.seq && state.is_none_or(|s| s.fact_seq(e.origin) < e.seq)
             })
             .map(|e| (e.origin, e.seq))
-            .collect();
+            .collect()
+    }
+
+    /// Apply a Raft-ordered command. `Err(Blocked)` means facts inside its frontier are not
+    /// applied here yet: nothing changed; deliver them and call again.
+    pub fn apply_command(&mut self, cmd: &Command) -> Result<Outcome, ReplicaError> {
+        let missing = self.missing_facts(cmd);
         if !missing.is_empty() {
             return Err(ReplicaError::Blocked {
                 key: crate::refusal::DisplayKey(&cmd.key).to_string(),

@@ -143,8 +143,8 @@ async fn await_leaders(nodes: &[&Node]) {
     panic!("groups did not elect leaders within 10 s");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_elect_forward_read_and_catch_up_from_a_snapshot() {
+/// Three nodes with elected leaders: their data directories, peer addresses and nodes.
+async fn three_nodes() -> (Vec<tempfile::TempDir>, Vec<SocketAddr>, Vec<Node>) {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut listeners = Vec::new();
     for _ in 0..3 {
@@ -163,6 +163,90 @@ async fn three_nodes_elect_forward_read_and_catch_up_from_a_snapshot() {
         n.consensus.initialize(&members).await.unwrap();
     }
     await_leaders(&nodes.iter().collect::<Vec<_>>()).await;
+    (dirs, addrs, nodes)
+}
+
+/// Entries in every data group's log on `node`.
+fn data_entries(node: &Node) -> u64 {
+    GroupMap::new(GROUPS)
+        .all()
+        .skip(1)
+        .map(|g| metric(node, g, |m| m.last_log_index.unwrap_or(0)))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_proposals_share_entries_and_each_gets_its_own_answer() {
+    let (_dirs, _addrs, nodes) = three_nodes().await;
+    // From every node (so most are forwarded), 300 puts at once: 100 distinct keys, each
+    // written three times by different nodes.
+    let before = data_entries(&nodes[0]);
+    let proposals = (0..300).map(|i| {
+        let n = &nodes[i % 3];
+        let key = format!("c{}", i % 100);
+        async move {
+            let answer = n
+                .consensus
+                .propose(put(&key, &format!("v{i}"), n.consensus.node()))
+                .await;
+            (key, answer)
+        }
+    });
+    let answers = futures::future::join_all(proposals).await;
+    let mut versions: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (key, answer) in answers {
+        match answer.unwrap().response {
+            Response::Done { version } => versions.entry(key).or_default().push(version),
+            other => panic!("put on {key} answered {other:?}"),
+        }
+    }
+    // Each put got its own answer: a key's three puts saw versions 1, 2 and 3.
+    for (key, mut v) in versions {
+        v.sort_unstable();
+        assert_eq!(v, [1, 2, 3], "versions answered for {key}");
+    }
+    // Every node has the same last value of every key.
+    for key in (0..100).map(|k| format!("c{k}")) {
+        let group = nodes[0].consensus.group_map().group_of(key.as_bytes());
+        let mut seen = Vec::new();
+        for n in &nodes {
+            n.consensus.read_barrier(group).await.unwrap();
+            seen.push(read(n, &key).expect("the key was written"));
+        }
+        assert!(seen.windows(2).all(|w| w[0] == w[1]), "{key}: {seen:?}");
+    }
+    // They shared entries: 300 commands took fewer than 300 entries.
+    let entries = data_entries(&nodes[0]) - before;
+    assert!(entries < 300, "300 concurrent puts took {entries} entries");
+
+    // A coalesced request must name distinct keys: refused before it is proposed, and the
+    // group keeps working.
+    let group = nodes[0].consensus.group_map().group_of(b"dup");
+    let twice =
+        calm_raft::consensus::Request::Commands(vec![put("dup", "a", 1), put("dup", "b", 1)]);
+    let refused = nodes[0]
+        .consensus
+        .propose_to(group, twice)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, calm_raft::consensus::ProposeError::Invalid { .. }),
+        "{refused:?}"
+    );
+    let after = nodes[0]
+        .consensus
+        .propose(put("dup", "c", 1))
+        .await
+        .unwrap();
+    assert_eq!(after.response, Response::Done { version: 1 });
+    for n in nodes {
+        stop(n).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_forward_read_and_catch_up_from_a_snapshot() {
+    let (dirs, addrs, mut nodes) = three_nodes().await;
 
     // Leaders spread: after balancing, each node leads some group.
     for _ in 0..50 {

@@ -70,6 +70,42 @@ impl GroupMap {
     }
 }
 
+/// Whether `request` may be ordered in `group`: commands in their keys' group (a request in
+/// the wrong group would stop that group when applied), rules in the metadata group, and a
+/// coalesced entry with at least one command and distinct keys (see `Request::Commands`).
+pub fn check_request(map: GroupMap, group: GroupId, request: &Request) -> Result<(), String> {
+    let wrong = |belongs: GroupId| {
+        Err(format!(
+            "this request belongs to group {belongs}, not group {group}; the peers disagree on the group count"
+        ))
+    };
+    match request {
+        Request::Command(cmd) if map.group_of(&cmd.key) != group => wrong(map.group_of(&cmd.key)),
+        Request::Command(_) => Ok(()),
+        Request::Commands(cmds) => {
+            let mut keys = std::collections::HashSet::new();
+            if cmds.is_empty() || !cmds.iter().all(|c| keys.insert(&c.key)) {
+                return Err(format!(
+                    "a coalesced proposal of {} commands must name at least one command and distinct keys",
+                    cmds.len()
+                ));
+            }
+            match cmds
+                .iter()
+                .map(|c| map.group_of(&c.key))
+                .find(|&g| g != group)
+            {
+                Some(other) => wrong(other),
+                None => Ok(()),
+            }
+        }
+        Request::InitRules { .. } | Request::SetRules { .. } if group != GroupMap::METADATA => {
+            wrong(GroupMap::METADATA)
+        }
+        Request::InitRules { .. } | Request::SetRules { .. } => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,17 @@
 //! answer "not leader"); after a timeout or a broken connection its outcome is unknown and
 //! the caller is told so (UNAVAILABLE), never silently retried: that could apply it twice.
 //!
+//! # Coalescing
+//!
+//! Concurrent commands of one group share a log entry (`Request::Commands`): a proposal
+//! joins its group's queue, and at most [`COALESCED_IN_FLIGHT_MAX`] flushes per group take
+//! what has queued up and propose it as one entry (forwarded as one RPC). Under load, the
+//! per-entry costs (openraft's bookkeeping, the forward RPC, replication framing, the
+//! apply's lock and position write) are paid once per entry instead of once per command; a
+//! lone client pays one task hop. Commands of one entry have distinct keys, the state
+//! machine's condition for applying them all at once; they commit, fail or time out
+//! together, and all get the entry's index.
+//!
 //! Linearizable reads use read-index: the leader confirms its leadership with a quorum and
 //! names the log index the read must observe; the reading node waits until its replica of
 //! the group has applied that index, then reads locally. Serializable reads skip all of
@@ -22,11 +33,24 @@ use super::wire::{
 use super::{ClientWriteError, GroupMap, Raft};
 use calm_kernel::command::Command;
 use openraft::SnapshotPolicy;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
+use tokio::sync::oneshot;
+
+/// Commands at most in one coalesced entry.
+pub const COALESCED_COMMANDS_MAX: usize = 128;
+/// Key and value bytes at most in one coalesced entry (a larger command goes alone): keeps
+/// an entry far below the WAL's batch limit.
+pub const COALESCED_BYTES_MAX: usize = 256 << 10;
+/// Coalesced entries of one group that this node has in flight at once. Two keep the
+/// group's pipeline busy while the next entry fills.
+pub const COALESCED_IN_FLIGHT_MAX: usize = 2;
+/// Commands at most waiting for one group's flush; beyond it a proposal is refused at once
+/// (UNAVAILABLE) instead of queueing without bound.
+pub const COALESCE_QUEUE_MAX: usize = 16_384;
 
 /// Timing and sizing of every group on a node.
 #[derive(Clone, Debug)]
@@ -150,6 +174,14 @@ pub enum ProposeError {
         group: GroupId,
         leader: Option<NodeId>,
     },
+    /// The request cannot be ordered in this group (`check_request`); nothing was proposed.
+    #[error("group {group} refused the proposal: {reason}")]
+    Invalid { group: GroupId, reason: String },
+    /// Too many commands wait for the group on this node; nothing was proposed.
+    #[error(
+        "{queued} writes already wait for group {group} on this node; nothing was applied: slow down or retry later"
+    )]
+    Overloaded { group: GroupId, queued: usize },
     #[error("group {group} stopped: {reason}; the node must be restarted")]
     Fatal { group: GroupId, reason: String },
 }
@@ -172,7 +204,9 @@ impl ProposeError {
             | ProposeError::Discarded { leader, .. } => *leader,
             ProposeError::LeaderUnreachable { leader, .. }
             | ProposeError::NotReached { leader, .. } => Some(*leader),
-            ProposeError::Fatal { .. } => None,
+            ProposeError::Fatal { .. }
+            | ProposeError::Overloaded { .. }
+            | ProposeError::Invalid { .. } => None,
         }
     }
 }
@@ -199,7 +233,54 @@ pub struct Proposed {
     pub index: u64,
 }
 
-/// The node's groups.
+type Reply = oneshot::Sender<Result<Proposed, ProposeError>>;
+
+/// One group's commands waiting to be proposed (see "Coalescing").
+#[derive(Default)]
+struct Waiting {
+    queue: VecDeque<(Command, Reply)>,
+    /// Flushes of this group running now (at most `COALESCED_IN_FLIGHT_MAX`).
+    flushing: usize,
+}
+
+/// Roughly the bytes `cmd` adds to an entry.
+fn command_bytes(cmd: &Command) -> usize {
+    use calm_kernel::command::CommandBody;
+    let payload = match &cmd.body {
+        CommandBody::RegisterPut { value } => value.len(),
+        CommandBody::RegisterCas { value, .. } => value.as_ref().map_or(0, Vec::len),
+        CommandBody::SetAdd { element } | CommandBody::SetRemove { element } => element.len(),
+        _ => 0,
+    };
+    64 + cmd.key.len() + payload + 16 * cmd.frontier.entries.len()
+}
+
+impl Waiting {
+    /// The next entry's commands: the queue's head, FIFO, until a limit or a key already
+    /// taken (which waits for the next entry, so per-key order is kept).
+    fn take(&mut self) -> Vec<(Command, Reply)> {
+        let mut taken: Vec<(Command, Reply)> = Vec::new();
+        let mut keys = HashSet::new();
+        let mut bytes = 0;
+        while let Some((cmd, _)) = self.queue.front() {
+            let size = command_bytes(cmd);
+            if !taken.is_empty()
+                && (taken.len() == COALESCED_COMMANDS_MAX
+                    || bytes + size > COALESCED_BYTES_MAX
+                    || keys.contains(&cmd.key))
+            {
+                break;
+            }
+            bytes += size;
+            keys.insert(cmd.key.clone());
+            taken.push(self.queue.pop_front().expect("front exists"));
+        }
+        taken
+    }
+}
+
+/// The node's groups. Cheap to clone (shared handles).
+#[derive(Clone)]
 pub struct Consensus {
     node: NodeId,
     map: GroupMap,
@@ -207,6 +288,8 @@ pub struct Consensus {
     peers: Arc<Peers>,
     local: SharedLocal,
     request_timeout: Duration,
+    /// Per group (index = group id), the proposals waiting to be coalesced.
+    waiting: Arc<[Mutex<Waiting>]>,
 }
 
 impl Consensus {
@@ -270,6 +353,7 @@ impl Consensus {
             peers,
             local,
             request_timeout: Duration::from_millis(options.request_timeout_ms),
+            waiting: map.all().map(|_| Mutex::default()).collect(),
         })
     }
 
@@ -364,9 +448,98 @@ impl Consensus {
     }
 
     /// Order `cmd` in its key's group and apply it; the answer is the state machine's.
+    /// Concurrent commands of a group may share a log entry (see "Coalescing").
     pub async fn propose(&self, cmd: Command) -> Result<Proposed, ProposeError> {
         let group = self.map.group_of(&cmd.key);
-        self.propose_to(group, Request::Command(cmd)).await
+        let (reply, answer) = oneshot::channel();
+        let flush = {
+            let mut waiting = self.waiting(group);
+            if waiting.queue.len() >= COALESCE_QUEUE_MAX {
+                return Err(ProposeError::Overloaded {
+                    group,
+                    queued: waiting.queue.len(),
+                });
+            }
+            waiting.queue.push_back((cmd, reply));
+            let flush = waiting.flushing < COALESCED_IN_FLIGHT_MAX;
+            waiting.flushing += usize::from(flush);
+            flush
+        };
+        if flush {
+            tokio::spawn(self.clone().flush(group));
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(ProposeError::Fatal {
+                group,
+                reason: "the proposal's flush ended without an answer (the node is stopping)"
+                    .into(),
+            })
+        })
+    }
+
+    fn waiting(&self, group: GroupId) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting[group as usize]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Propose `group`'s waiting commands, one entry at a time, until none wait.
+    async fn flush(self, group: GroupId) {
+        loop {
+            let taken = {
+                let mut waiting = self.waiting(group);
+                let taken = waiting.take();
+                if taken.is_empty() {
+                    waiting.flushing -= 1;
+                    return;
+                }
+                taken
+            };
+            let (mut cmds, replies): (Vec<Command>, Vec<Reply>) = taken.into_iter().unzip();
+            let count = cmds.len();
+            let request = if count == 1 {
+                Request::Command(cmds.pop().expect("one command"))
+            } else {
+                Request::Commands(cmds)
+            };
+            let answers = match self.propose_to(group, request).await {
+                Ok(Proposed {
+                    response, index, ..
+                }) => {
+                    let responses = match response {
+                        Response::Batch(responses) if count > 1 => responses,
+                        single if count == 1 => vec![single],
+                        other => vec![other],
+                    };
+                    if responses.len() == count {
+                        responses
+                            .into_iter()
+                            .map(|response| {
+                                Ok(Proposed {
+                                    response,
+                                    group,
+                                    index,
+                                })
+                            })
+                            .collect()
+                    } else {
+                        let e = ProposeError::Fatal {
+                            group,
+                            reason: format!(
+                                "entry {index} answered {} responses for {count} commands (a bug)",
+                                responses.len()
+                            ),
+                        };
+                        vec![Err(e); count]
+                    }
+                }
+                Err(e) => vec![Err(e); count],
+            };
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                // A caller that went away no longer wants the answer.
+                let _ = reply.send(answer);
+            }
+        }
     }
 
     /// Order `request` in `group` (commands go to their key's group, rules to the metadata
@@ -376,6 +549,9 @@ impl Consensus {
         group: GroupId,
         request: Request,
     ) -> Result<Proposed, ProposeError> {
+        if let Err(reason) = super::check_request(self.map, group, &request) {
+            return Err(ProposeError::Invalid { group, reason });
+        }
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         // Bounded: each retry follows a definite "not appended" answer.
         for _ in 0..8 {

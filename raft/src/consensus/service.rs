@@ -209,18 +209,8 @@ impl RaftPeer for PeerService {
         let msg = req.into_inner();
         let raft = self.handles.get(msg.group)?;
         let request: Request = wire::decode(&msg.payload).map_err(bad)?;
-        // A request in the wrong group would stop that group when applied: refuse it here.
         let map = super::GroupMap::new(self.handles.count() as u64 - 1);
-        let belongs = match &request {
-            Request::Command(cmd) => map.group_of(&cmd.key),
-            Request::InitRules { .. } | Request::SetRules { .. } => super::GroupMap::METADATA,
-        };
-        if belongs != msg.group {
-            return Err(bad(format!(
-                "this request belongs to group {belongs}, not group {}; the peers disagree on the group count",
-                msg.group
-            )));
-        }
+        super::check_request(map, msg.group, &request).map_err(bad)?;
         let answer = match raft.client_write(request).await {
             Ok(resp) => ProposeReply::Applied {
                 index: resp.log_id.index(),

@@ -270,31 +270,61 @@ impl GroupStateMachine {
         }
     }
 
-    /// Apply `cmd`, the entry at `log_id`. The key's new state and the group's applied
-    /// position change under one lock: a persist in between would store the effect without
-    /// the position, and a restart would apply the entry twice (a replica diverging on a
+    /// Apply `cmds`, the commands of the entry at `log_id`, in order. Their keys' new states
+    /// and the group's applied position change under one lock: a persist in between would
+    /// store an effect without the position (or the position without every effect), and a
+    /// restart would apply the entry twice or only in part (a replica diverging on a
     /// register's version, a strict counter counting twice).
-    async fn apply_command(&self, cmd: &Command, log_id: LogId) -> io::Result<Response> {
+    ///
+    /// The lock is taken only once every command's frontier is applied here; until then the
+    /// missing facts are fetched with the lock released.
+    async fn apply_commands(&self, cmds: &[Command], log_id: LogId) -> io::Result<Vec<Response>> {
         let position = AppliedPosition {
             log_id: Some(log_id),
             membership: self.membership.clone(),
             rules: self.rules.as_ref().map(rules_text),
         }
         .encode();
-        if self.groups.group_of(&cmd.key) != self.group {
-            return Err(io::Error::other(format!(
-                "group {} was asked to apply a command on key {} of group {}; the proposer routed it wrongly (a bug)",
-                self.group,
-                calm_kernel::refusal::DisplayKey(&cmd.key),
-                self.groups.group_of(&cmd.key)
-            )));
+        for (i, cmd) in cmds.iter().enumerate() {
+            if self.groups.group_of(&cmd.key) != self.group {
+                return Err(io::Error::other(format!(
+                    "group {} was asked to apply a command on key {} of group {}; the proposer routed it wrongly (a bug)",
+                    self.group,
+                    calm_kernel::refusal::DisplayKey(&cmd.key),
+                    self.groups.group_of(&cmd.key)
+                )));
+            }
+            // Distinct keys make one command's effect independent of the others' in the
+            // entry, which the all-at-once application below relies on.
+            if cmds[..i].iter().any(|c| c.key == cmd.key) {
+                return Err(io::Error::other(format!(
+                    "group {} was asked to apply an entry with two commands on key {}; proposers coalesce distinct keys only (a bug)",
+                    self.group,
+                    calm_kernel::refusal::DisplayKey(&cmd.key),
+                )));
+            }
         }
         loop {
             let missing = {
                 let mut local = lock_local(&self.local);
-                match local.replica_mut().apply_command(cmd) {
-                    Ok(outcome) => {
-                        local.set_group_applied(self.group, position);
+                let missing: Vec<(NodeId, u64)> = cmds
+                    .iter()
+                    .flat_map(|cmd| local.replica().missing_facts(cmd))
+                    .collect();
+                if missing.is_empty() {
+                    let mut responses = Vec::with_capacity(cmds.len());
+                    for cmd in cmds {
+                        let outcome = match local.replica_mut().apply_command(cmd) {
+                            Ok(outcome) => outcome,
+                            // Checked above under this lock, and commands touch their own
+                            // key only: a block here would apply the entry in part.
+                            Err(e @ ReplicaError::Blocked { .. }) => {
+                                return Err(io::Error::other(format!(
+                                    "a command blocked after its facts were checked, with earlier commands of its entry applied (a bug): {e}"
+                                )));
+                            }
+                            Err(e) => return Err(io::Error::other(e)),
+                        };
                         let message = match &outcome {
                             Outcome::Refused(r) => r.on_key(&cmd.key).to_string(),
                             _ => String::new(),
@@ -307,11 +337,12 @@ impl GroupStateMachine {
                         if let Response::Refused { message: m, .. } = &mut resp {
                             *m = message;
                         }
-                        return Ok(resp);
+                        responses.push(resp);
                     }
-                    Err(ReplicaError::Blocked { missing, .. }) => missing,
-                    Err(e) => return Err(io::Error::other(e)),
+                    local.set_group_applied(self.group, position);
+                    return Ok(responses);
                 }
+                missing
             };
             self.facts.fetch(self.group, &missing).await;
         }
@@ -392,7 +423,11 @@ impl RaftStateMachine<CalmRaft> for GroupStateMachine {
             let reply = match entry.payload {
                 EntryPayload::Blank => Response::None,
                 EntryPayload::Normal(Request::Command(cmd)) => {
-                    self.apply_command(&cmd, log_id).await?
+                    let mut responses = self.apply_commands(&[cmd], log_id).await?;
+                    responses.pop().expect("one answer per command")
+                }
+                EntryPayload::Normal(Request::Commands(cmds)) => {
+                    Response::Batch(self.apply_commands(&cmds, log_id).await?)
                 }
                 EntryPayload::Normal(Request::InitRules { toml }) => self.init_rules(&toml)?,
                 EntryPayload::Normal(Request::SetRules {

@@ -59,6 +59,11 @@ pub enum Request {
     /// Metadata group only: replace the rules in force, which must be at
     /// `expected_version` (see `RuleSet::replace`), with the rules file `toml`.
     SetRules { expected_version: u64, toml: String },
+    /// Several commands of one group in one entry, applied in order and all at once (no
+    /// persist in between). Their keys are distinct, which makes each command's effect the
+    /// same as if it had been its own entry. Concurrent proposals share an entry this way
+    /// (see `node.rs`, "Coalescing").
+    Commands(Vec<Command>),
 }
 
 impl fmt::Display for Request {
@@ -74,6 +79,7 @@ impl fmt::Display for Request {
             Request::SetRules {
                 expected_version, ..
             } => write!(f, "rules replacing version {expected_version}"),
+            Request::Commands(cmds) => write!(f, "{} commands", cmds.len()),
         }
     }
 }
@@ -93,6 +99,8 @@ pub enum Response {
     CasFailed { version: u64 },
     /// The command was refused; `code` is the gRPC status code to answer with.
     Refused { code: i32, message: String },
+    /// A `Request::Commands` entry: one answer per command, in order.
+    Batch(Vec<Response>),
 }
 
 #[cfg(test)]
@@ -131,6 +139,26 @@ mod tests {
                 expected_version: 3,
                 toml: rules_text(&rules),
             },
+            Request::Commands(vec![
+                Command {
+                    key: b"a".to_vec(),
+                    hlc: HlcTimestamp(8),
+                    proposer: 1,
+                    body: CommandBody::RegisterPut {
+                        value: b"v".to_vec(),
+                    },
+                    frontier: Default::default(),
+                    absorb: None,
+                },
+                Command {
+                    key: b"b".to_vec(),
+                    hlc: HlcTimestamp(9),
+                    proposer: 1,
+                    body: CommandBody::RegisterDelete,
+                    frontier: Default::default(),
+                    absorb: None,
+                },
+            ]),
         ];
         for r in requests {
             let bytes = postcard::to_stdvec(&r).unwrap();

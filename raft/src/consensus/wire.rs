@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 tonic::include_proto!("calm.internal.v1");
 
 /// Bumped whenever a payload's encoding changes incompatibly.
-pub const WIRE_FORMAT: u8 = 1;
+pub const WIRE_FORMAT: u8 = 2;
 
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     let mut out = vec![WIRE_FORMAT];
