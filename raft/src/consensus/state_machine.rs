@@ -5,7 +5,9 @@
 //! The kernel makes that true with one condition: a command applies only after the facts it
 //! observed (its frontier). When a replica lacks some, `apply_command` reports `Blocked` and
 //! this state machine waits for them through a [`FactSource`] (gossip pulls them) before
-//! applying, never skips: skipping would make the answer depend on delivery timing.
+//! applying, never skips: skipping would make the answer depend on delivery timing. An entry
+//! of several commands (`Request::Commands`, distinct keys) applies only once every one of
+//! them can, and then all at once, so no replica ever holds part of an entry.
 //!
 //! State lives in the node's [`LocalState`] (shared with the fast path and every other
 //! group). Applying updates memory only; the node persists dirty keys together with each
