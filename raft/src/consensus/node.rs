@@ -49,7 +49,7 @@ pub const COALESCED_BYTES_MAX: usize = 256 << 10;
 /// group's pipeline busy while the next entry fills.
 pub const COALESCED_IN_FLIGHT_MAX: usize = 2;
 /// Commands at most waiting for one group's flush; beyond it a proposal is refused at once
-/// (UNAVAILABLE) instead of queueing without bound.
+/// (`Overloaded`, RESOURCE_EXHAUSTED to clients) instead of queueing without bound.
 pub const COALESCE_QUEUE_MAX: usize = 16_384;
 
 /// Timing and sizing of every group on a node.
@@ -257,7 +257,8 @@ fn command_bytes(cmd: &Command) -> usize {
 
 impl Waiting {
     /// The next entry's commands: the queue's head, FIFO, until a limit or a key already
-    /// taken (which waits for the next entry, so per-key order is kept).
+    /// taken (an entry's keys are distinct; the second command on a key goes in a later
+    /// entry).
     fn take(&mut self) -> Vec<(Command, Reply)> {
         let mut taken: Vec<(Command, Reply)> = Vec::new();
         let mut keys = HashSet::new();
