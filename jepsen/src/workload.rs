@@ -10,7 +10,7 @@
 //! | register | `jr-<gen>-<k>`, 4 live keys, a new generation every 10 s | linearizable read, write (unique values), cas from the last value seen | linearizable |
 //! | counter | `jc-0..3` | add 1..=5, serializable read | counter |
 //! | bounded | `jb-0..1`, bounds [-10, 10] | add ±1..=3, serializable read | bounded |
-//! | set | `js-0..2` | set_add (unique), set_remove (an own acked element, with its add's session token), read_set | set |
+//! | set | `js-<g>-0..2` (a new generation every 30 s) | set_add (unique), set_remove (an own acked element, with its add's session token), read_set | set |
 //! | session | `jt-r-<p>-<n>` / `jt-c-<p>-<n>` | write or add at node A, causal read with its token at node B | session |
 
 use std::collections::HashMap;
@@ -95,7 +95,9 @@ impl Workload {
                 .collect(),
             Workload::Counter => (0..4).map(|k| format!("jc-{k}")).collect(),
             Workload::Bounded => (0..2).map(|k| format!("jb-{k}")).collect(),
-            Workload::Set => (0..3).map(|k| format!("js-{k}")).collect(),
+            Workload::Set => (0..=set_generation(run))
+                .flat_map(|g| (0..SET_KEYS_PER_GENERATION).map(move |k| set_key(g, k)))
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -463,9 +465,31 @@ async fn counter_worker(ctx: &Ctx, workload: Workload, mut rng: Rng) {
     }
 }
 
+/// Set keys per generation, and how long a generation lasts. Every read records the whole
+/// set, so one set per key for a whole run made the history grow with the square of its
+/// length: a 10-minute run on 3 keys wrote 3.6 GB, which the harness ran out of memory
+/// loading. Fresh keys every 30 s bound each set (about a thousand elements here).
+const SET_KEYS_PER_GENERATION: u64 = 3;
+const SET_GENERATION_SECS: u64 = 30;
+
+/// The set generation at `elapsed` into the run.
+fn set_generation(elapsed: Duration) -> u64 {
+    elapsed.as_secs() / SET_GENERATION_SECS
+}
+
+fn set_key(generation: u64, k: u64) -> String {
+    format!("js-{generation}-{k}")
+}
+
 async fn set_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
     let mut process = ctx.rec.fresh_process();
-    let keys = Workload::Set.final_keys(Duration::ZERO);
+    let start = ctx.rec.start();
+    let current_key = |rng: &mut Rng| {
+        set_key(
+            set_generation(start.elapsed()),
+            rng.below(SET_KEYS_PER_GENERATION),
+        )
+    };
     // Own acknowledged elements, each with its add's session token: the remove carries it, so
     // it observes the add wherever the add was taken (observed-remove, see checker::set).
     let mut added: Vec<(String, i64, Vec<u8>)> = Vec::new();
@@ -495,7 +519,7 @@ async fn set_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
         } else if dice < 8 {
             next += 1;
             let e = next as i64;
-            let key = rng.pick(&keys).clone();
+            let key = current_key(&mut rng);
             let token = std::sync::Mutex::new(Vec::new());
             let (_, c) = ctx
                 .op(
@@ -519,7 +543,7 @@ async fn set_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
                 added.push((key, e, token));
             }
         } else {
-            let key = rng.pick(&keys).clone();
+            let key = current_key(&mut rng);
             ctx.op(
                 &mut process,
                 F::ReadSet,
