@@ -90,14 +90,10 @@ impl Workload {
     /// generation's keys, see `register_worker`).
     fn final_keys(self, run: Duration) -> Vec<String> {
         match self {
-            Workload::Register => (0..=register_generation(run))
-                .flat_map(|g| (0..REGISTER_KEYS_PER_GENERATION).map(move |k| register_key(g, k)))
-                .collect(),
+            Workload::Register => REGISTER_KEYS.through(run),
             Workload::Counter => (0..4).map(|k| format!("jc-{k}")).collect(),
             Workload::Bounded => (0..2).map(|k| format!("jb-{k}")).collect(),
-            Workload::Set => (0..=set_generation(run))
-                .flat_map(|g| (0..SET_KEYS_PER_GENERATION).map(move |k| set_key(g, k)))
-                .collect(),
+            Workload::Set => SET_KEYS.through(run),
             _ => Vec::new(),
         }
     }
@@ -322,19 +318,43 @@ pub async fn run(workload: Workload, ctx: Arc<Ctx>, concurrency: usize, rng: &mu
     }
 }
 
-/// Live register keys at a time; a new generation of them every
-/// `REGISTER_GENERATION_SECS`.
-const REGISTER_KEYS_PER_GENERATION: u64 = 4;
-const REGISTER_GENERATION_SECS: u64 = 10;
-
-/// The register generation at `elapsed` into the run.
-fn register_generation(elapsed: Duration) -> u64 {
-    elapsed.as_secs() / REGISTER_GENERATION_SECS
+/// Keys replaced by fresh ones every `secs`: `<prefix>-<generation>-<k>`, `keys` at a time.
+/// Small per-key histories keep the register search cheap and set reads (which record the
+/// whole set) bounded.
+struct KeyGenerations {
+    prefix: &'static str,
+    keys: u64,
+    secs: u64,
 }
 
-fn register_key(generation: u64, k: u64) -> String {
-    format!("jr-{generation}-{k}")
+impl KeyGenerations {
+    fn generation(&self, elapsed: Duration) -> u64 {
+        elapsed.as_secs() / self.secs
+    }
+
+    fn key(&self, generation: u64, k: u64) -> String {
+        format!("{}-{generation}-{k}", self.prefix)
+    }
+
+    /// A random key of the generation current at `elapsed`.
+    fn current(&self, elapsed: Duration, rng: &mut Rng) -> String {
+        self.key(self.generation(elapsed), rng.below(self.keys))
+    }
+
+    /// Every key of every generation up to the one at `run`.
+    fn through(&self, run: Duration) -> Vec<String> {
+        (0..=self.generation(run))
+            .flat_map(|g| (0..self.keys).map(move |k| self.key(g, k)))
+            .collect()
+    }
 }
+
+/// Register keys: 4 live at a time, new every 10 s.
+const REGISTER_KEYS: KeyGenerations = KeyGenerations {
+    prefix: "jr",
+    keys: 4,
+    secs: 10,
+};
 
 async fn register_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
     let mut process = ctx.rec.fresh_process();
@@ -345,8 +365,7 @@ async fn register_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
     while !ctx.done(ops) {
         ops += 1;
         // Fresh keys every 10 s keep each key's history small for the linearizability search.
-        let generation = register_generation(start.elapsed());
-        let key = register_key(generation, rng.below(REGISTER_KEYS_PER_GENERATION));
+        let key = REGISTER_KEYS.current(start.elapsed(), &mut rng);
         let node = ctx.node(&mut rng);
         let dice = rng.below(10);
         if dice < 4 {
@@ -465,31 +484,19 @@ async fn counter_worker(ctx: &Ctx, workload: Workload, mut rng: Rng) {
     }
 }
 
-/// Set keys per generation, and how long a generation lasts. Every read records the whole
-/// set, so one set per key for a whole run made the history grow with the square of its
-/// length: a 10-minute run on 3 keys wrote 3.6 GB, which the harness ran out of memory
-/// loading. Fresh keys every 30 s bound each set (about a thousand elements here).
-const SET_KEYS_PER_GENERATION: u64 = 3;
-const SET_GENERATION_SECS: u64 = 30;
-
-/// The set generation at `elapsed` into the run.
-fn set_generation(elapsed: Duration) -> u64 {
-    elapsed.as_secs() / SET_GENERATION_SECS
-}
-
-fn set_key(generation: u64, k: u64) -> String {
-    format!("js-{generation}-{k}")
-}
+/// Set keys: 3 live at a time, new every 30 s. Every read records the whole set, so one set
+/// per key for a whole run made the history grow with the square of its length: a 10-minute
+/// run on 3 keys wrote 3.6 GB, which the harness ran out of memory loading. Fresh keys every
+/// 30 s bound each set (about a thousand elements here).
+const SET_KEYS: KeyGenerations = KeyGenerations {
+    prefix: "js",
+    keys: 3,
+    secs: 30,
+};
 
 async fn set_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
     let mut process = ctx.rec.fresh_process();
     let start = ctx.rec.start();
-    let current_key = |rng: &mut Rng| {
-        set_key(
-            set_generation(start.elapsed()),
-            rng.below(SET_KEYS_PER_GENERATION),
-        )
-    };
     // Own acknowledged elements, each with its add's session token: the remove carries it, so
     // it observes the add wherever the add was taken (observed-remove, see checker::set).
     let mut added: Vec<(String, i64, Vec<u8>)> = Vec::new();
@@ -519,7 +526,7 @@ async fn set_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
         } else if dice < 8 {
             next += 1;
             let e = next as i64;
-            let key = current_key(&mut rng);
+            let key = SET_KEYS.current(start.elapsed(), &mut rng);
             let token = std::sync::Mutex::new(Vec::new());
             let (_, c) = ctx
                 .op(
@@ -543,7 +550,7 @@ async fn set_worker(ctx: &Ctx, worker: u64, mut rng: Rng) {
                 added.push((key, e, token));
             }
         } else {
-            let key = current_key(&mut rng);
+            let key = SET_KEYS.current(start.elapsed(), &mut rng);
             ctx.op(
                 &mut process,
                 F::ReadSet,
@@ -674,4 +681,32 @@ pub async fn final_phase(
         }
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_generations_advance_with_time_and_the_final_phase_reads_them_all() {
+        let mut rng = Rng::new(7);
+        assert!(
+            REGISTER_KEYS
+                .current(Duration::from_secs(9), &mut rng)
+                .starts_with("jr-0-")
+        );
+        assert!(
+            SET_KEYS
+                .current(Duration::from_secs(65), &mut rng)
+                .starts_with("js-2-")
+        );
+        let all = SET_KEYS.through(Duration::from_secs(65));
+        assert_eq!(all.len(), 9);
+        assert_eq!(all.first().map(String::as_str), Some("js-0-0"));
+        assert_eq!(all.last().map(String::as_str), Some("js-2-2"));
+        assert_eq!(
+            Workload::Register.final_keys(Duration::from_secs(25)).len(),
+            12
+        );
+    }
 }
