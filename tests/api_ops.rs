@@ -490,15 +490,9 @@ async fn the_token_of_a_fast_path_add_covers_the_set_before_it_on_a_lagging_node
     }
     let c = Cluster::start(3, &[]).await;
     support::await_leaders_balanced(&c).await;
-    let mut key = None;
-    for i in 0..200 {
-        let k = format!("ryw:{i}");
-        if c.leader_of(1, &k).await.1 == 2 {
-            key = Some(k);
-            break;
-        }
-    }
-    let key = key.expect("a key whose group node 2 leads");
+    let key = c
+        .key_led_by(2, "ryw:", 200, "a key whose group node 2 leads")
+        .await;
     let (mut kv1, mut kv3) = (c.kv(1).await, c.kv(3).await);
     let w = step(&c, 1, &key, op::add(1)).await;
     check_everywhere(&c, &key, &w, Some(Kind::Counter(1))).await;

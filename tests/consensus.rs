@@ -374,15 +374,9 @@ async fn a_write_discarded_by_a_leader_change_is_unavailable_not_internal() {
     // Long enough for the isolated proposal to outlive the partition and the heal.
     let mut c = Cluster::start(3, &[("CALM_RAFT__REQUEST_TIMEOUT_MS", "20000")]).await;
     c.await_leaders_spread().await;
-    let mut key = None;
-    for i in 0..200 {
-        let k = format!("d{i}");
-        if c.leader_of(1, &k).await.1 == 3 {
-            key = Some(k);
-            break;
-        }
-    }
-    let key = key.expect("node 3 leads some data group");
+    let key = c
+        .key_led_by(3, "d", 200, "node 3 leads some data group")
+        .await;
     assert!(put_retrying(&c, 1, &key, "before").await);
 
     let partition = Partition::isolate(&c, &[3]);

@@ -118,15 +118,9 @@ async fn a_bounded_counter_never_leaves_its_bounds_while_partitioned() {
     let c = Cluster::start(3, &[]).await;
     support::await_leaders_balanced(&c).await;
     // A key whose group the majority side leads: its pool stays reachable there.
-    let mut key = None;
-    for i in 0..100 {
-        let k = format!("stock:p{i}");
-        if c.leader_of(1, &k).await.1 == 1 {
-            key = Some(k);
-            break;
-        }
-    }
-    let key = key.expect("a stock key led by node 1");
+    let key = c
+        .key_led_by(1, "stock:p", 100, "a stock key led by node 1")
+        .await;
     let key = key.as_str();
     let mut kv1 = c.kv(1).await;
     write(&mut kv1, key, op::set_value(START)).await.unwrap();

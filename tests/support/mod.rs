@@ -262,6 +262,18 @@ impl Cluster {
             .into_inner();
         (e.group, e.leader)
     }
+
+    /// The first of `prefix0`, `prefix1`, ... (up to `tries` keys) whose group node `leader`
+    /// leads, as node 1 sees it; panics naming `what` when there is none.
+    pub async fn key_led_by(&self, leader: u64, prefix: &str, tries: usize, what: &str) -> String {
+        for i in 0..tries {
+            let k = format!("{prefix}{i}");
+            if self.leader_of(1, &k).await.1 == leader {
+                return k;
+            }
+        }
+        panic!("no {what} among {tries} keys {prefix}0..: node {leader} leads no such group")
+    }
 }
 
 impl Drop for Cluster {
