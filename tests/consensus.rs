@@ -485,3 +485,69 @@ async fn a_restart_reapplies_groups_whose_entries_wait_on_each_other() {
         assert_eq!(elements(&v), Some(want), "{key} at the restarted node {z}");
     }
 }
+
+/// Leader balancing hands a group over only to a follower that answers and is caught up.
+/// openraft's transfer makes the leader stop heartbeats and writes until the target takes
+/// over, and a target that is cut off (or whose log is behind, which openraft then ignores)
+/// never does: each such transfer left the group without a working leader until an election
+/// timeout passed, and balancing asked again every round. Found by the fast-path remove test
+/// hanging after a heal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balancing_leaves_a_group_alone_while_its_preferred_leader_is_cut_off() {
+    if let Some(why) = support::partition_unsupported() {
+        eprintln!(
+            "skipping balancing_leaves_a_group_alone_while_its_preferred_leader_is_cut_off: {why}"
+        );
+        return;
+    }
+    let mut c = Cluster::start(3, &[]).await;
+    c.await_leaders_spread().await;
+    // A group node 2 leads because it is that group's preferred leader.
+    let key = c
+        .key_led_by(2, "b", 200, "node 2 leads some data group")
+        .await;
+    assert!(put_retrying(&c, 1, &key, "before").await);
+
+    let partition = Partition::isolate(&c, &[2]);
+    assert!(put_retrying(&c, 1, &key, "majority").await);
+    let (group, leader) = c.leader_of(1, &key).await;
+    assert!(
+        leader == 1 || leader == 3,
+        "majority leader of group {group}: {leader}"
+    );
+    let term =
+        |s: &calm::api::pb::StatusResponse| s.groups.iter().find(|g| g.id == group).map(|g| g.term);
+    let elected_in = term(&c.status(1).await.unwrap());
+    // Several balancing rounds (CALM_RAFT__BALANCE_LEADERS_INTERVAL_MS is 1 s in tests): the
+    // new leader keeps the group, in the same term, and serves every write.
+    let mut kv = c.kv(1).await;
+    for i in 0..16 {
+        let written = write(&mut kv, &key, put(&format!("w{i}"))).await;
+        assert!(
+            written.is_ok(),
+            "write {i} while node 2 is cut off: {written:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let s = c.status(1).await.unwrap();
+    assert_eq!(
+        term(&s),
+        elected_in,
+        "group {group} changed term while its preferred leader was cut off: {:?}",
+        s.groups
+    );
+    assert_eq!(c.leader_of(1, &key).await.1, leader);
+
+    // Back and caught up, node 2 gets its group again, with everything written meanwhile.
+    drop(partition);
+    let healed = Instant::now();
+    while c.leader_of(1, &key).await.1 != 2 {
+        assert!(
+            healed.elapsed() < support::READY_TIMEOUT,
+            "node 2 did not get group {group} back after the heal"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let expected = BTreeMap::from([(key.clone(), "w15".to_string())]);
+    assert_reads(&c, 2, &expected).await;
+}

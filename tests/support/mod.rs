@@ -61,6 +61,11 @@ pub fn test_env() -> Vec<(String, String)> {
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
+    .map(|(k, v)| match std::env::var("CALM_TEST_LOG") {
+        // Diagnosing a test: more of the nodes' logs (e.g. `CALM_TEST_LOG=debug`).
+        Ok(filter) if k == "CALM_LOG" => (k, filter),
+        _ => (k, v),
+    })
     .collect()
 }
 
@@ -282,8 +287,33 @@ impl Drop for Cluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A failing test's nodes are gone with their temp dir: keep the end of each node's
+        // log in the failure output, where CI shows it.
+        if std::thread::panicking() {
+            if std::env::var_os("CALM_TEST_KEEP_FAILED").is_some() {
+                self.dir.disable_cleanup(true);
+                eprintln!(
+                    "kept the failed cluster's directory: {}",
+                    self.dir.path().display()
+                );
+            }
+            for i in 1..=self.nodes.len() {
+                let log = self.log(i);
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(FAILED_LOG_LINES_MAX)..];
+                eprintln!(
+                    "--- node {i}'s log, last {} of {} lines ---\n{}",
+                    tail.len(),
+                    lines.len(),
+                    tail.join("\n")
+                );
+            }
+        }
     }
 }
+
+/// How much of each node's log a failing test prints.
+const FAILED_LOG_LINES_MAX: usize = 150;
 
 pub fn put(value: &str) -> pb::Op {
     pb::Op {

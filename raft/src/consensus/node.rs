@@ -211,6 +211,40 @@ impl ProposeError {
     }
 }
 
+/// A follower that acknowledged none of the leader's messages for this many heartbeat
+/// periods is not handed a group.
+pub const TRANSFER_ACKED_HEARTBEATS_MAX: u32 = 3;
+
+/// Whether follower `to` can take over the group whose leader's metrics are `m`: it
+/// acknowledged the leader within `acked_within` and holds the leader's whole log.
+///
+/// A transfer stops the leader's heartbeats and writes until the target is elected, and
+/// openraft's target ignores the transfer when its log is behind the leader's. Handed to a
+/// follower that is cut off or lagging, the group therefore had no working leader until an
+/// election timeout passed, and balancing asked again the next round (found by a test whose
+/// remove hung after a heal). A log that grows between this check and the transfer can still
+/// make the target ignore it: that costs one election timeout, and balancing is rare.
+fn can_take_over(
+    m: &openraft::RaftMetrics<super::types::CalmRaft>,
+    to: NodeId,
+    acked_within: Duration,
+) -> bool {
+    let acked = m
+        .heartbeat
+        .as_ref()
+        .and_then(|h| h.get(&to))
+        .cloned()
+        .flatten();
+    let matched = m
+        .replication
+        .as_ref()
+        .and_then(|r| r.get(&to))
+        .cloned()
+        .flatten();
+    acked.is_some_and(|at| openraft::Instant::elapsed(&*at) <= acked_within)
+        && matched.map(|l| l.index) == m.last_log_index
+}
+
 /// Whether a failed call certainly never reached the peer's group, so that retrying a
 /// proposal elsewhere cannot apply it twice: the connection could not be made (tonic reports
 /// the connector's error as UNAVAILABLE "... connect error ..."), or the peer's groups had not
@@ -289,6 +323,7 @@ pub struct Consensus {
     peers: Arc<Peers>,
     local: SharedLocal,
     request_timeout: Duration,
+    heartbeat: Duration,
     /// Per group (index = group id), the proposals waiting to be coalesced.
     waiting: Arc<[Mutex<Waiting>]>,
 }
@@ -354,6 +389,7 @@ impl Consensus {
             peers,
             local,
             request_timeout: Duration::from_millis(options.request_timeout_ms),
+            heartbeat: Duration::from_millis(options.heartbeat_ms),
             waiting: map.all().map(|_| Mutex::default()).collect(),
         })
     }
@@ -763,9 +799,11 @@ impl Consensus {
     }
 
     /// Spread leaders: the preferred leader of data group g is the (g mod n)-th voter, and
-    /// of group 0 the first. A node that leads a group it is not preferred for hands it over.
-    /// Returns how many transfers it asked for.
+    /// of group 0 the first. A node that leads a group it is not preferred for hands it over,
+    /// once the preferred node can take it (see [`can_take_over`]). Returns how many
+    /// transfers it asked for.
     pub async fn balance_leaders(&self) -> usize {
+        let acked_within = self.heartbeat * TRANSFER_ACKED_HEARTBEATS_MAX;
         let mut asked = 0;
         for (group, raft) in self.handles.all().iter().enumerate() {
             let preferred = {
@@ -778,9 +816,13 @@ impl Consensus {
                 if voters.is_empty() {
                     continue;
                 }
-                voters[group % voters.len()]
+                let preferred = voters[group % voters.len()];
+                if preferred == self.node || !can_take_over(&m, preferred, acked_within) {
+                    continue;
+                }
+                preferred
             };
-            if preferred != self.node && raft.trigger().transfer_leader(preferred).await.is_ok() {
+            if raft.trigger().transfer_leader(preferred).await.is_ok() {
                 asked += 1;
             }
         }
