@@ -14,6 +14,7 @@
 //!
 //! openraft's types stay in `types.rs`.
 
+pub mod batch;
 pub mod log_store;
 pub mod network;
 pub mod node;

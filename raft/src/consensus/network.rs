@@ -3,16 +3,18 @@
 //! openraft asks for a client per (group, target); all of them for one target share that
 //! target's tonic channel (one HTTP/2 connection, streams multiplexed), so a node with many
 //! groups still keeps one connection per peer. Messages name their group; the peer's
-//! [`PeerService`](super::service::PeerService) routes them.
+//! [`PeerService`](super::service::PeerService) routes them. Unary calls of all groups to
+//! one peer share `Batch` RPCs ([`super::batch`]); snapshots stream on their own.
 //!
 //! Errors: a peer that does not answer (connection refused, deadline passed, stopped process)
 //! is `Unreachable`, which makes openraft back off; anything else is a `Network` error.
 
+use super::batch::{Batcher, Lane};
 use super::types::{
     AppendEntriesRequest, AppendEntriesResponse, CalmRaft, GroupId, NodeId, Snapshot,
     SnapshotResponse, TransferLeaderRequest, Vote, VoteRequest, VoteResponse,
 };
-use super::wire::{self, GroupMessage, SnapshotChunk, raft_peer_client::RaftPeerClient};
+use super::wire::{self, PeerRpc, SnapshotChunk, raft_peer_client::RaftPeerClient};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::TransferLeaderResponse;
@@ -28,10 +30,12 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// How long a connection attempt to a peer may take before the call fails.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// The node's channels to its peers, one per peer, created lazily.
+/// The node's channels to its peers, one per peer, created lazily, and the batchers that
+/// carry every unary Raft call over them ([`super::batch`]).
 #[derive(Default)]
 pub struct Peers {
     channels: Mutex<HashMap<NodeId, (String, Channel)>>,
+    batchers: Mutex<HashMap<(NodeId, Lane), (String, Batcher)>>,
     local_ip: Option<IpAddr>,
 }
 
@@ -45,8 +49,23 @@ impl Peers {
     pub fn bound_to(ip: IpAddr) -> Arc<Peers> {
         Arc::new(Peers {
             channels: Mutex::default(),
+            batchers: Mutex::default(),
             local_ip: (!ip.is_unspecified()).then_some(ip),
         })
+    }
+
+    /// The queue of `lane` to `node` at `addr`: its unary calls are batched with the lane's
+    /// other calls that wait for that peer. A changed address replaces it.
+    pub fn batcher(&self, lane: Lane, node: NodeId, addr: &str) -> Result<Batcher, tonic::Status> {
+        let mut batchers = self.batchers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((known, batcher)) = batchers.get(&(node, lane))
+            && known == addr
+        {
+            return Ok(batcher.clone());
+        }
+        let batcher = Batcher::start(node, lane, self.client(node, addr)?);
+        batchers.insert((node, lane), (addr.to_string(), batcher.clone()));
+        Ok(batcher)
     }
 
     /// The client for `node` at `addr` (`host:port`). A changed address replaces the channel.
@@ -96,7 +115,8 @@ impl RaftNetworkFactory<CalmRaft> for GroupNetwork {
         PeerClient {
             group: self.group,
             target,
-            client: self.peers.client(target, &node.addr),
+            addr: node.addr.clone(),
+            peers: self.peers.clone(),
         }
     }
 }
@@ -105,7 +125,8 @@ impl RaftNetworkFactory<CalmRaft> for GroupNetwork {
 pub struct PeerClient {
     group: GroupId,
     target: NodeId,
-    client: Result<RaftPeerClient<Channel>, tonic::Status>,
+    addr: String,
+    peers: Arc<Peers>,
 }
 
 fn rpc_error(status: tonic::Status) -> RPCError<CalmRaft> {
@@ -117,24 +138,16 @@ fn rpc_error(status: tonic::Status) -> RPCError<CalmRaft> {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Rpc {
-    Append,
-    Vote,
-    PreVote,
-    TransferLeader,
-}
-
 impl PeerClient {
     fn client(&self) -> Result<RaftPeerClient<Channel>, RPCError<CalmRaft>> {
-        self.client
-            .clone()
+        self.peers
+            .client(self.target, &self.addr)
             .map_err(|s| RPCError::Unreachable(Unreachable::new(&s)))
     }
 
     async fn unary<Req, Resp>(
         &mut self,
-        rpc: Rpc,
+        rpc: PeerRpc,
         req: &Req,
         ttl: Duration,
     ) -> Result<Resp, RPCError<CalmRaft>>
@@ -142,20 +155,14 @@ impl PeerClient {
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
     {
-        let mut client = self.client()?;
-        let mut request = tonic::Request::new(GroupMessage {
-            group: self.group,
-            payload: wire::encode(req),
-        });
-        request.set_timeout(ttl);
-        let reply = match rpc {
-            Rpc::Append => client.append_entries(request).await,
-            Rpc::Vote => client.vote(request).await,
-            Rpc::PreVote => client.pre_vote(request).await,
-            Rpc::TransferLeader => client.transfer_leader(request).await,
-        }
-        .map_err(rpc_error)?;
-        wire::decode(&reply.into_inner().payload).map_err(|e| {
+        let reply = self
+            .peers
+            .batcher(Lane::Raft, self.target, &self.addr)
+            .map_err(rpc_error)?
+            .call(rpc, self.group, wire::encode(req), ttl)
+            .await
+            .map_err(rpc_error)?;
+        wire::decode(&reply).map_err(|e| {
             RPCError::Network(NetworkError::from_string(format!(
                 "group {} reply from node {}: {e}",
                 self.group, self.target
@@ -172,7 +179,8 @@ impl RaftNetworkV2<CalmRaft> for PeerClient {
         rpc: AppendEntriesRequest,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse, RPCError<CalmRaft>> {
-        self.unary(Rpc::Append, &rpc, option.hard_ttl()).await
+        self.unary(PeerRpc::AppendEntries, &rpc, option.hard_ttl())
+            .await
     }
 
     async fn vote(
@@ -180,7 +188,7 @@ impl RaftNetworkV2<CalmRaft> for PeerClient {
         rpc: VoteRequest,
         option: RPCOption,
     ) -> Result<VoteResponse, RPCError<CalmRaft>> {
-        self.unary(Rpc::Vote, &rpc, option.hard_ttl()).await
+        self.unary(PeerRpc::Vote, &rpc, option.hard_ttl()).await
     }
 
     async fn pre_vote(
@@ -188,7 +196,7 @@ impl RaftNetworkV2<CalmRaft> for PeerClient {
         rpc: VoteRequest,
         option: RPCOption,
     ) -> Result<VoteResponse, RPCError<CalmRaft>> {
-        self.unary(Rpc::PreVote, &rpc, option.hard_ttl()).await
+        self.unary(PeerRpc::PreVote, &rpc, option.hard_ttl()).await
     }
 
     async fn transfer_leader(
@@ -196,7 +204,7 @@ impl RaftNetworkV2<CalmRaft> for PeerClient {
         req: TransferLeaderRequest,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<CalmRaft>, RPCError<CalmRaft>> {
-        self.unary(Rpc::TransferLeader, &req, option.hard_ttl())
+        self.unary(PeerRpc::TransferLeader, &req, option.hard_ttl())
             .await
     }
 

@@ -22,14 +22,13 @@
 //! the group has applied that index, then reads locally. Serializable reads skip all of
 //! that and read the local replica.
 
+use super::batch::Lane;
 use super::network::{GroupNetwork, Peers};
 use super::service::{GroupHandles, PeerService};
 use super::state_machine::{FactSource, GroupStateMachine, SharedLocal, lock_local};
 use super::types::WatchReceiver;
 use super::types::{BasicNode, Config, GroupId, NodeId, ReadPolicy, Request, Response};
-use super::wire::{
-    self, GroupMessage, ProposeReply, ReadIndexReply, raft_peer_server::RaftPeerServer,
-};
+use super::wire::{self, PeerRpc, ProposeReply, ReadIndexReply, raft_peer_server::RaftPeerServer};
 use super::{ClientWriteError, GroupMap, Raft};
 use calm_kernel::command::Command;
 use openraft::SnapshotPolicy;
@@ -252,6 +251,7 @@ fn can_take_over(
 fn never_reached_the_group(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Unavailable
         && (status.message().contains("connect error")
+            || status.message().starts_with(super::batch::NOT_SENT)
             || status
                 .message()
                 .starts_with(super::service::GROUPS_STARTING))
@@ -629,21 +629,16 @@ impl Consensus {
                     }
                 }
             }
-            let mut client =
-                self.peers
-                    .client(leader, &addr)
-                    .map_err(|s| ProposeError::LeaderUnreachable {
-                        group,
-                        leader,
-                        reason: s.message().to_string(),
-                    })?;
-            let mut message = tonic::Request::new(GroupMessage {
-                group,
-                payload: wire::encode(&request),
-            });
-            message.set_timeout(remaining);
-            match client.propose(message).await {
-                Ok(reply) => match wire::decode::<ProposeReply>(&reply.into_inner().payload) {
+            let forwarded = match self.peers.batcher(Lane::Client, leader, &addr) {
+                Ok(batcher) => {
+                    batcher
+                        .call(PeerRpc::Propose, group, wire::encode(&request), remaining)
+                        .await
+                }
+                Err(status) => Err(status),
+            };
+            match forwarded {
+                Ok(reply) => match wire::decode::<ProposeReply>(&reply) {
                     Ok(ProposeReply::Applied { response, index }) => {
                         return Ok(Proposed {
                             response,
@@ -731,35 +726,29 @@ impl Consensus {
                     Ok(Err(_)) => return Err(self.no_leader(group)),
                 }
             } else {
-                let mut client = self.peers.client(leader, &addr).map_err(|s| {
-                    ProposeError::LeaderUnreachable {
-                        group,
-                        leader,
-                        reason: s.message().to_string(),
+                let asked = match self.peers.batcher(Lane::Client, leader, &addr) {
+                    Ok(batcher) => {
+                        batcher
+                            .call(PeerRpc::ReadIndex, group, Vec::new(), remaining)
+                            .await
                     }
-                })?;
-                let mut request = tonic::Request::new(GroupMessage {
-                    group,
-                    payload: Vec::new(),
-                });
-                request.set_timeout(remaining);
-                match client.read_index(request).await {
-                    Ok(reply) => {
-                        match wire::decode::<ReadIndexReply>(&reply.into_inner().payload) {
-                            Ok(ReadIndexReply::At { index }) => index,
-                            Ok(ReadIndexReply::NotLeader { .. }) => {
-                                self.await_leader_change(group, leader, deadline).await;
-                                continue;
-                            }
-                            Err(reason) => {
-                                return Err(ProposeError::LeaderUnreachable {
-                                    group,
-                                    leader,
-                                    reason,
-                                });
-                            }
+                    Err(status) => Err(status),
+                };
+                match asked {
+                    Ok(reply) => match wire::decode::<ReadIndexReply>(&reply) {
+                        Ok(ReadIndexReply::At { index }) => index,
+                        Ok(ReadIndexReply::NotLeader { .. }) => {
+                            self.await_leader_change(group, leader, deadline).await;
+                            continue;
                         }
-                    }
+                        Err(reason) => {
+                            return Err(ProposeError::LeaderUnreachable {
+                                group,
+                                leader,
+                                reason,
+                            });
+                        }
+                    },
                     // A read changes nothing: any failure may be retried at the next leader.
                     Err(status) => {
                         self.await_leader_change(group, leader, deadline).await;

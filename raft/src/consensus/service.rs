@@ -7,7 +7,8 @@
 use super::snapshot;
 use super::types::{GroupId, ReadPolicy, Request, Snapshot, SnapshotMeta, Vote};
 use super::wire::{
-    self, GroupMessage, ProposeReply, ReadIndexReply, SnapshotChunk, raft_peer_server::RaftPeer,
+    self, GroupMessage, PeerBatch, PeerBatchReply, PeerCall, PeerResult, PeerRpc, ProposeReply,
+    ReadIndexReply, SnapshotChunk, raft_peer_server::RaftPeer,
 };
 use super::{ClientWriteError, Raft};
 use std::sync::{Arc, OnceLock};
@@ -96,6 +97,41 @@ impl PeerService {
         let rpc = wire::decode(&msg.payload).map_err(bad)?;
         let resp = f(raft, rpc).await.map_err(raft_failed)?;
         reply(msg.group, &resp)
+    }
+}
+
+impl PeerService {
+    /// One call of a batch, answered like the unary RPC it names.
+    async fn batched(&self, call: PeerCall) -> PeerResult {
+        let answer = match (call.message, PeerRpc::try_from(call.rpc)) {
+            (None, _) => Err(Status::invalid_argument(
+                "a batched call without its message",
+            )),
+            (Some(m), Ok(PeerRpc::AppendEntries)) => self.append_entries(GrpcRequest::new(m)).await,
+            (Some(m), Ok(PeerRpc::Vote)) => self.vote(GrpcRequest::new(m)).await,
+            (Some(m), Ok(PeerRpc::PreVote)) => self.pre_vote(GrpcRequest::new(m)).await,
+            (Some(m), Ok(PeerRpc::TransferLeader)) => {
+                self.transfer_leader(GrpcRequest::new(m)).await
+            }
+            (Some(m), Ok(PeerRpc::Propose)) => self.propose(GrpcRequest::new(m)).await,
+            (Some(m), Ok(PeerRpc::ReadIndex)) => self.read_index(GrpcRequest::new(m)).await,
+            (Some(_), Ok(PeerRpc::Unspecified) | Err(_)) => Err(Status::invalid_argument(format!(
+                "unknown batched call kind {}; run the same calm version on every node",
+                call.rpc
+            ))),
+        };
+        match answer {
+            Ok(reply) => PeerResult {
+                payload: reply.into_inner().payload,
+                code: tonic::Code::Ok as i32,
+                message: String::new(),
+            },
+            Err(status) => PeerResult {
+                payload: Vec::new(),
+                code: status.code() as i32,
+                message: status.message().to_string(),
+            },
+        }
     }
 }
 
@@ -200,6 +236,22 @@ impl RaftPeer for PeerService {
             .await
             .map_err(raft_failed)?;
         reply(group, &resp)
+    }
+
+    async fn batch(
+        &self,
+        req: GrpcRequest<PeerBatch>,
+    ) -> Result<GrpcResponse<PeerBatchReply>, Status> {
+        let calls = req.into_inner().calls;
+        if calls.len() > super::batch::BATCH_CALLS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a batch of {} calls exceeds {}; run the same calm version on every node",
+                calls.len(),
+                super::batch::BATCH_CALLS_MAX
+            )));
+        }
+        let results = futures::future::join_all(calls.into_iter().map(|c| self.batched(c))).await;
+        Ok(GrpcResponse::new(PeerBatchReply { results }))
     }
 
     async fn propose(

@@ -1,0 +1,215 @@
+//! Multi-Raft batching: unary calls to a peer travel together in `Batch` RPCs.
+//!
+//! openraft replicates group by group, so a node with G groups sent each follower G
+//! AppendEntries RPCs per replication round, each its own HTTP/2 stream with HPACK headers,
+//! task wake-ups on both ends and a TCP write: the transport, not Raft or storage, was most of
+//! a replicated put's CPU (docs/benchmarks.md). A [`Batcher`] per peer and [`Lane`] queues the
+//! calls of every group; its sender takes the first queued call, lets every other task that is
+//! ready run (one yield, no timer), and sends that call with everything queued meanwhile. A
+//! lone call therefore leaves at once, and the calls that one event produces (the groups'
+//! replication tasks woken by one WAL flush, the flushes of many proposals) share a message.
+//! The peer runs a batch's calls concurrently and answers when all are done, each call with its
+//! own payload or status ([`super::service`]).
+//!
+//! Two lanes per peer, because a batch is answered when its slowest call is done: Raft
+//! messages (AppendEntries, votes, transfers) are answered once the peer's log write is
+//! durable, while forwarded proposals and read-index requests are answered only after a
+//! commit, which may itself wait for that replication.
+//!
+//! Every call keeps its own deadline: a caller stops waiting when it passes (DEADLINE_EXCEEDED,
+//! outcome unknown), and a call whose caller gave up before its batch left is not sent.
+
+use super::types::{GroupId, NodeId};
+use super::wire::{GroupMessage, PeerBatch, PeerCall, PeerRpc, raft_peer_client::RaftPeerClient};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// Calls at most in one batch (the peer refuses larger batches).
+pub const BATCH_CALLS_MAX: usize = 256;
+/// Payload bytes after which a batch takes no more calls (a larger call still goes, alone or
+/// last): keeps one batch far below the peer service's 64 MiB message limit.
+pub const BATCH_BYTES_MAX: usize = 4 << 20;
+/// Batches of one lane in flight to one peer at once. A bound, not a batching device: waiting
+/// for a free slot delays the calls of every group (measured slower with 2 slots).
+pub const BATCHES_IN_FLIGHT_MAX: usize = 64;
+/// Calls at most waiting in one lane for one peer; beyond it a call fails at once, unsent.
+pub const BATCH_QUEUE_MAX: usize = 8192;
+/// How the message of a call that was never sent begins (the peer cannot have seen it).
+pub const NOT_SENT: &str = "not sent to the peer";
+
+/// Which of a peer's two queues a call joins (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// AppendEntries, votes, leadership transfers.
+    Raft,
+    /// Forwarded proposals and read-index requests.
+    Client,
+}
+
+impl Lane {
+    fn name(self) -> &'static str {
+        match self {
+            Lane::Raft => "raft",
+            Lane::Client => "client",
+        }
+    }
+}
+
+struct Call {
+    rpc: PeerRpc,
+    message: GroupMessage,
+    ttl: Duration,
+    reply: oneshot::Sender<Result<Vec<u8>, Status>>,
+}
+
+/// One lane's queue to one peer. Cheap to clone; the sender task ends when every clone is gone.
+#[derive(Clone)]
+pub struct Batcher {
+    node: NodeId,
+    queue: mpsc::Sender<Call>,
+}
+
+impl Batcher {
+    /// Start the lane's sender over `client` (a clone of the peer's one channel). Needs a
+    /// tokio runtime.
+    pub fn start(node: NodeId, lane: Lane, client: RaftPeerClient<Channel>) -> Batcher {
+        let (queue, calls) = mpsc::channel(BATCH_QUEUE_MAX);
+        tokio::spawn(send_batches(lane, client, calls));
+        Batcher { node, queue }
+    }
+
+    /// One call: `payload` for `group`'s `rpc` on the peer; its reply payload, or the status
+    /// the peer (or the transport) failed it with. Waits at most `ttl`.
+    pub async fn call(
+        &self,
+        rpc: PeerRpc,
+        group: GroupId,
+        payload: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Vec<u8>, Status> {
+        let (reply, answer) = oneshot::channel();
+        let call = Call {
+            rpc,
+            message: GroupMessage { group, payload },
+            ttl,
+            reply,
+        };
+        self.queue.try_send(call).map_err(|e| {
+            Status::unavailable(match e {
+                mpsc::error::TrySendError::Full(_) => format!(
+                    "{NOT_SENT}: {BATCH_QUEUE_MAX} calls already wait for node {}; it is slow or the network is",
+                    self.node
+                ),
+                mpsc::error::TrySendError::Closed(_) => format!(
+                    "{NOT_SENT}: the sender to node {} stopped (this node is shutting down)",
+                    self.node
+                ),
+            })
+        })?;
+        match tokio::time::timeout(ttl, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Status::unavailable(format!(
+                "the batch carrying a call to node {} ended without its answer",
+                self.node
+            ))),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "node {} did not answer within {} ms",
+                self.node,
+                ttl.as_millis()
+            ))),
+        }
+    }
+}
+
+/// The lane's sender: takes the first waiting call once a slot is free, and with it whatever
+/// queued by the time the tasks ready now have run (bounded), as one batch.
+async fn send_batches(
+    lane: Lane,
+    client: RaftPeerClient<Channel>,
+    mut calls: mpsc::Receiver<Call>,
+) {
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_MAX));
+    while let Some(first) = calls.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        // Let every task that is ready now run first: tokio runs a task woken by another
+        // right after it (its LIFO slot), so without this the sender would take each call
+        // alone. The groups' replication tasks woken by one WAL flush queue theirs meanwhile.
+        tokio::task::yield_now().await;
+        let mut bytes = first.message.payload.len();
+        let mut batch = vec![first];
+        while batch.len() < BATCH_CALLS_MAX && bytes < BATCH_BYTES_MAX {
+            match calls.try_recv() {
+                Ok(call) => {
+                    bytes += call.message.payload.len();
+                    batch.push(call);
+                }
+                Err(_) => break,
+            }
+        }
+        let client = client.clone();
+        tokio::spawn(async move {
+            send(lane, client, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn send(lane: Lane, mut client: RaftPeerClient<Channel>, batch: Vec<Call>) {
+    // A caller that gave up already reported an unknown outcome; not sending is one.
+    let batch: Vec<Call> = batch.into_iter().filter(|c| !c.reply.is_closed()).collect();
+    let Some(ttl) = batch.iter().map(|c| c.ttl).max() else {
+        return;
+    };
+    let (replies, calls): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .map(|c| {
+            let call = PeerCall {
+                rpc: c.rpc as i32,
+                message: Some(c.message),
+            };
+            (c.reply, call)
+        })
+        .unzip();
+    let count = calls.len();
+    let lane = lane.name();
+    metrics::counter!("calm_peer_batches_total", "lane" => lane).increment(1);
+    metrics::counter!("calm_peer_batched_calls_total", "lane" => lane).increment(count as u64);
+    let mut request = tonic::Request::new(PeerBatch { calls });
+    request.set_timeout(ttl);
+    match client.batch(request).await {
+        Ok(reply) => {
+            let results = reply.into_inner().results;
+            if results.len() != count {
+                let status = Status::internal(format!(
+                    "the peer answered {} results for a batch of {count} calls (a bug)",
+                    results.len()
+                ));
+                for reply in replies {
+                    let _ = reply.send(Err(status.clone()));
+                }
+                return;
+            }
+            for (reply, result) in replies.into_iter().zip(results) {
+                let answer = if result.code == Code::Ok as i32 {
+                    Ok(result.payload)
+                } else {
+                    Err(Status::new(Code::from_i32(result.code), result.message))
+                };
+                let _ = reply.send(answer);
+            }
+        }
+        Err(status) => {
+            for reply in replies {
+                let _ = reply.send(Err(Status::new(
+                    status.code(),
+                    status.message().to_string(),
+                )));
+            }
+        }
+    }
+}
