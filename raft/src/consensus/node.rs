@@ -176,6 +176,12 @@ pub enum ProposeError {
     /// The request cannot be ordered in this group (`check_request`); nothing was proposed.
     #[error("group {group} refused the proposal: {reason}")]
     Invalid { group: GroupId, reason: String },
+    /// The command's request timeout passed while it waited behind earlier entries of its
+    /// group on this node; it was never proposed.
+    #[error(
+        "the write waited {waited_ms} ms behind earlier writes of group {group} on this node and was never proposed; nothing was applied: retry (the group is slow or has no leader)"
+    )]
+    Expired { group: GroupId, waited_ms: u64 },
     /// Too many commands wait for the group on this node; nothing was proposed.
     #[error(
         "{queued} writes already wait for group {group} on this node; nothing was applied: slow down or retry later"
@@ -205,6 +211,7 @@ impl ProposeError {
             | ProposeError::NotReached { leader, .. } => Some(*leader),
             ProposeError::Fatal { .. }
             | ProposeError::Overloaded { .. }
+            | ProposeError::Expired { .. }
             | ProposeError::Invalid { .. } => None,
         }
     }
@@ -269,10 +276,20 @@ pub struct Proposed {
 
 type Reply = oneshot::Sender<Result<Proposed, ProposeError>>;
 
+/// A command waiting for its group's flush.
+struct Queued {
+    cmd: Command,
+    reply: Reply,
+    /// When its caller's request timeout ends: the entry carrying it must be answered by the
+    /// earliest deadline among its commands.
+    deadline: tokio::time::Instant,
+    queued_at: tokio::time::Instant,
+}
+
 /// One group's commands waiting to be proposed (see "Coalescing").
 #[derive(Default)]
 struct Waiting {
-    queue: VecDeque<(Command, Reply)>,
+    queue: VecDeque<Queued>,
     /// Flushes of this group running now (at most `COALESCED_IN_FLIGHT_MAX`).
     flushing: usize,
 }
@@ -292,22 +309,32 @@ fn command_bytes(cmd: &Command) -> usize {
 impl Waiting {
     /// The next entry's commands: the queue's head, FIFO, until a limit or a key already
     /// taken (an entry's keys are distinct; the second command on a key goes in a later
-    /// entry).
-    fn take(&mut self) -> Vec<(Command, Reply)> {
-        let mut taken: Vec<(Command, Reply)> = Vec::new();
+    /// entry). A command whose caller went away is dropped unproposed (that caller already
+    /// reported an unknown outcome), and one whose deadline passed while it waited is answered
+    /// `Expired`: it was never proposed.
+    fn take(&mut self, group: GroupId, now: tokio::time::Instant) -> Vec<Queued> {
+        let mut taken: Vec<Queued> = Vec::new();
         let mut keys = HashSet::new();
         let mut bytes = 0;
-        while let Some((cmd, _)) = self.queue.front() {
-            let size = command_bytes(cmd);
+        while let Some(q) = self.queue.front() {
+            if q.reply.is_closed() || q.deadline <= now {
+                let q = self.queue.pop_front().expect("front exists");
+                let waited_ms = now.saturating_duration_since(q.queued_at).as_millis() as u64;
+                let _ = q
+                    .reply
+                    .send(Err(ProposeError::Expired { group, waited_ms }));
+                continue;
+            }
+            let size = command_bytes(&q.cmd);
             if !taken.is_empty()
                 && (taken.len() == COALESCED_COMMANDS_MAX
                     || bytes + size > COALESCED_BYTES_MAX
-                    || keys.contains(&cmd.key))
+                    || keys.contains(&q.cmd.key))
             {
                 break;
             }
             bytes += size;
-            keys.insert(cmd.key.clone());
+            keys.insert(q.cmd.key.clone());
             taken.push(self.queue.pop_front().expect("front exists"));
         }
         taken
@@ -497,7 +524,13 @@ impl Consensus {
                     queued: waiting.queue.len(),
                 });
             }
-            waiting.queue.push_back((cmd, reply));
+            let queued_at = tokio::time::Instant::now();
+            waiting.queue.push_back(Queued {
+                cmd,
+                reply,
+                deadline: queued_at + self.request_timeout,
+                queued_at,
+            });
             let flush = waiting.flushing < COALESCED_IN_FLIGHT_MAX;
             waiting.flushing += usize::from(flush);
             flush
@@ -525,21 +558,27 @@ impl Consensus {
         loop {
             let taken = {
                 let mut waiting = self.waiting(group);
-                let taken = waiting.take();
+                let taken = waiting.take(group, tokio::time::Instant::now());
                 if taken.is_empty() {
                     waiting.flushing -= 1;
                     return;
                 }
                 taken
             };
-            let (mut cmds, replies): (Vec<Command>, Vec<Reply>) = taken.into_iter().unzip();
+            let deadline = taken
+                .iter()
+                .map(|q| q.deadline)
+                .min()
+                .expect("a flush takes at least one command");
+            let (mut cmds, replies): (Vec<Command>, Vec<Reply>) =
+                taken.into_iter().map(|q| (q.cmd, q.reply)).unzip();
             let count = cmds.len();
             let request = if count == 1 {
                 Request::Command(cmds.pop().expect("one command"))
             } else {
                 Request::Commands(cmds)
             };
-            let answers = match self.propose_to(group, request).await {
+            let answers = match self.propose_by(group, request, deadline).await {
                 Ok(Proposed {
                     response, index, ..
                 }) => {
@@ -586,10 +625,20 @@ impl Consensus {
         group: GroupId,
         request: Request,
     ) -> Result<Proposed, ProposeError> {
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        self.propose_by(group, request, deadline).await
+    }
+
+    /// [`Consensus::propose_to`], answered by `deadline`.
+    async fn propose_by(
+        &self,
+        group: GroupId,
+        request: Request,
+        deadline: tokio::time::Instant,
+    ) -> Result<Proposed, ProposeError> {
         if let Err(reason) = super::check_request(self.map, group, &request) {
             return Err(ProposeError::Invalid { group, reason });
         }
-        let deadline = tokio::time::Instant::now() + self.request_timeout;
         // Bounded: each retry follows a definite "not appended" answer.
         for _ in 0..8 {
             let Some((leader, addr)) = self.await_leader(group, deadline).await else {
@@ -836,5 +885,73 @@ impl Consensus {
                 tracing::warn!(error = %e, "a Raft group did not stop cleanly");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use calm_kernel::HlcTimestamp;
+    use calm_kernel::command::CommandBody;
+
+    fn queued(
+        key: &str,
+        deadline: tokio::time::Instant,
+    ) -> (Queued, oneshot::Receiver<Result<Proposed, ProposeError>>) {
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command {
+            key: key.as_bytes().to_vec(),
+            hlc: HlcTimestamp(1),
+            proposer: 1,
+            body: CommandBody::RegisterPut { value: vec![0; 8] },
+            frontier: Default::default(),
+            absorb: None,
+        };
+        let queued_at = deadline - Duration::from_secs(5);
+        (
+            Queued {
+                cmd,
+                reply,
+                deadline,
+                queued_at,
+            },
+            answer,
+        )
+    }
+
+    #[tokio::test]
+    async fn take_answers_expired_commands_skips_abandoned_ones_and_keeps_keys_distinct() {
+        let now = tokio::time::Instant::now();
+        let later = now + Duration::from_secs(1);
+        let mut waiting = Waiting::default();
+        let (a, mut a_answer) = queued("a", later);
+        let (expired, mut expired_answer) = queued("b", now);
+        let (abandoned, abandoned_answer) = queued("c", later);
+        drop(abandoned_answer);
+        let (b, _b_answer) = queued("b", later);
+        let (a_again, _a_again_answer) = queued("a", later);
+        for q in [a, expired, abandoned, b, a_again] {
+            waiting.queue.push_back(q);
+        }
+
+        let keys = |taken: &[Queued]| -> Vec<Vec<u8>> {
+            taken.iter().map(|q| q.cmd.key.clone()).collect()
+        };
+        let first = waiting.take(3, now);
+        assert_eq!(keys(&first), [b"a".to_vec(), b"b".to_vec()]);
+        match expired_answer.try_recv() {
+            Ok(Err(ProposeError::Expired {
+                group: 3,
+                waited_ms: 5000,
+            })) => {}
+            other => panic!("the expired command's answer: {other:?}"),
+        }
+        assert!(
+            a_answer.try_recv().is_err(),
+            "a taken command is answered by its flush"
+        );
+        // The second command on "a" waits for the next entry.
+        assert_eq!(keys(&waiting.take(3, now)), [b"a".to_vec()]);
+        assert!(waiting.take(3, now).is_empty());
     }
 }
