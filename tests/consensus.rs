@@ -500,12 +500,26 @@ async fn balancing_leaves_a_group_alone_while_its_preferred_leader_is_cut_off() 
         );
         return;
     }
-    let mut c = Cluster::start(3, &[]).await;
-    c.await_leaders_spread().await;
-    // A group node 2 leads because it is that group's preferred leader.
-    let key = c
-        .key_led_by(2, "b", 200, "node 2 leads some data group")
-        .await;
+    let c = Cluster::start(3, &[]).await;
+    // Balancing makes voter `g mod 3` (of the sorted ids) the leader of data group g: node 2
+    // is preferred for groups 1 and 4. A key of such a group, once node 2 leads it.
+    let mut key = None;
+    for i in 0..200 {
+        let k = format!("b{i}");
+        if c.leader_of(1, &k).await.0 % 3 == 1 {
+            key = Some(k);
+            break;
+        }
+    }
+    let key = key.expect("among 200 keys one falls in group 1 or 4");
+    let started = Instant::now();
+    while c.leader_of(1, &key).await.1 != 2 {
+        assert!(
+            started.elapsed() < support::READY_TIMEOUT,
+            "balancing did not hand node 2 its preferred group"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(put_retrying(&c, 1, &key, "before").await);
 
     let partition = Partition::isolate(&c, &[2]);

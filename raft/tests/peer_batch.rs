@@ -91,6 +91,18 @@ impl RaftPeer for Peer {
     }
 }
 
+/// A [`Peer`] holding each batch for `hold`, served on a loopback port, and a Raft-lane
+/// batcher to it.
+async fn peer_holding(hold: Duration) -> (Peer, Batcher, tokio::task::JoinHandle<()>) {
+    let peer = Peer(Arc::new(Counts {
+        hold,
+        ..Counts::default()
+    }));
+    let (addr, server) = serve(peer.clone()).await;
+    let batcher = Batcher::start(2, Lane::Raft, client(&addr.to_string()));
+    (peer, batcher, server)
+}
+
 async fn serve(peer: Peer) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -115,12 +127,7 @@ fn client(addr: &str) -> RaftPeerClient<tonic::transport::Channel> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_calls_of_many_groups_share_batches_and_each_gets_its_own_answer() {
-    let peer = Peer(Arc::new(Counts {
-        hold: Duration::from_millis(20),
-        ..Counts::default()
-    }));
-    let (addr, server) = serve(peer.clone()).await;
-    let batcher = Batcher::start(2, Lane::Raft, client(&addr.to_string()));
+    let (peer, batcher, server) = peer_holding(Duration::from_millis(20)).await;
 
     let calls = 600u64;
     let answers = futures::future::join_all((0..calls).map(|i| {
@@ -179,12 +186,7 @@ async fn concurrent_calls_of_many_groups_share_batches_and_each_gets_its_own_ans
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_keeps_its_own_deadline() {
-    let peer = Peer(Arc::new(Counts {
-        hold: Duration::from_millis(500),
-        ..Counts::default()
-    }));
-    let (addr, server) = serve(peer.clone()).await;
-    let batcher = Batcher::start(2, Lane::Raft, client(&addr.to_string()));
+    let (_peer, batcher, server) = peer_holding(Duration::from_millis(500)).await;
     let (short, long) = tokio::join!(
         batcher.call(PeerRpc::AppendEntries, 1, vec![], Duration::from_millis(50)),
         batcher.call(PeerRpc::AppendEntries, 2, vec![], Duration::from_secs(10)),
