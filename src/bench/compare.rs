@@ -410,6 +410,7 @@ async fn drive(
         report: Report {
             ops: latencies_us.len() as u64 * ops_per_call,
             errors,
+            first_error: None,
             elapsed,
             latencies_us,
             ops_per_call,
@@ -908,6 +909,7 @@ mod tests {
         let r = Report {
             ops: 2,
             errors: 0,
+            first_error: None,
             elapsed: Duration::from_secs(1),
             latencies_us: vec![100, 300],
             ops_per_call: 1,

@@ -48,6 +48,8 @@ pub const CONCURRENCY_MAX: u64 = 1024;
 pub struct Report {
     pub ops: u64,
     pub errors: u64,
+    /// The first failed call's error, to say what went wrong.
+    pub first_error: Option<String>,
     pub elapsed: Duration,
     /// Per call, in microseconds, sorted.
     pub latencies_us: Vec<u64>,
@@ -218,6 +220,7 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
             let mut kv = KvClient::new(connect(&ep).await?);
             let mut latencies = Vec::with_capacity(per_client as usize);
             let mut errors = 0u64;
+            let mut first_error = None;
             let mut cas_version = 1;
             for n in 0..per_client {
                 if started.elapsed() > o.duration {
@@ -226,18 +229,30 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
                 let t = Instant::now();
                 match one_call(&mut kv, &o, client, n, &mut cas_version).await {
                     Ok(()) => latencies.push(t.elapsed().as_micros() as u64),
-                    Err(_) => errors += 1,
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| {
+                            format!(
+                                "{:?} after {} ms: {}",
+                                e.code(),
+                                t.elapsed().as_millis(),
+                                e.message()
+                            )
+                        });
+                    }
                 }
             }
-            anyhow::Ok((latencies, errors))
+            anyhow::Ok((latencies, errors, first_error))
         }));
     }
     let mut latencies_us = Vec::new();
     let mut errors = 0;
+    let mut first_error = None;
     for t in tasks {
-        let (l, e) = t.await??;
+        let (l, e, f) = t.await??;
         latencies_us.extend(l);
         errors += e;
+        first_error = first_error.or(f);
     }
     let elapsed = started.elapsed();
     latencies_us.sort_unstable();
@@ -249,6 +264,7 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
     Ok(Report {
         ops: latencies_us.len() as u64 * ops_per_call,
         errors,
+        first_error,
         elapsed,
         latencies_us,
         ops_per_call,
@@ -264,7 +280,7 @@ pub fn print(workload: Workload, o_concurrency: u64, r: &Report, json_out: bool)
                 "workload": name, "concurrency": o_concurrency, "ops": r.ops, "errors": r.errors,
                 "seconds": r.elapsed.as_secs_f64(), "ops_per_sec": r.ops_per_sec(),
                 "p50_us": r.percentile_us(0.5), "p99_us": r.percentile_us(0.99),
-                "ops_per_call": r.ops_per_call,
+                "ops_per_call": r.ops_per_call, "first_error": r.first_error,
             })
         );
     } else {
@@ -277,5 +293,8 @@ pub fn print(workload: Workload, o_concurrency: u64, r: &Report, json_out: bool)
             r.errors,
             r.elapsed.as_secs_f64()
         );
+        if let Some(e) = &r.first_error {
+            println!("       first error: {e}");
+        }
     }
 }
