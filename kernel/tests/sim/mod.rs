@@ -241,6 +241,11 @@ impl Cluster {
         for &(origin, up_to) in missing {
             let have = self.replicas[node].version_vector().get(origin);
             assert!(have < up_to, "Blocked names only facts not applied");
+        }
+        for &(origin, up_to) in missing {
+            // Delivering one origin's facts can apply another origin's that waited on them,
+            // so a later entry may be covered by now.
+            let have = self.replicas[node].version_vector().get(origin);
             for seq in have + 1..=up_to {
                 let encoded = self.archive[&(origin, seq)].clone();
                 let (fact, _) = decode_fact(&encoded).unwrap();
