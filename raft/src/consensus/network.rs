@@ -116,6 +116,7 @@ impl RaftNetworkFactory<CalmRaft> for GroupNetwork {
             group: self.group,
             target,
             addr: node.addr.clone(),
+            batcher: self.peers.batcher(Lane::Raft, target, &node.addr),
             peers: self.peers.clone(),
         }
     }
@@ -126,6 +127,9 @@ pub struct PeerClient {
     group: GroupId,
     target: NodeId,
     addr: String,
+    /// The Raft lane to `target`, shared with the node's other groups (openraft makes a new
+    /// client when a member's address changes).
+    batcher: Result<Batcher, tonic::Status>,
     peers: Arc<Peers>,
 }
 
@@ -156,9 +160,9 @@ impl PeerClient {
         Resp: serde::de::DeserializeOwned,
     {
         let reply = self
-            .peers
-            .batcher(Lane::Raft, self.target, &self.addr)
-            .map_err(rpc_error)?
+            .batcher
+            .as_ref()
+            .map_err(|s| rpc_error(s.clone()))?
             .call(rpc, self.group, wire::encode(req), ttl)
             .await
             .map_err(rpc_error)?;
