@@ -10,9 +10,9 @@
 //! reach a member that forwards them to the leader (calm's groups have leaders on every
 //! node; etcd has one leader).
 
-use super::Report;
 use super::cluster::{self, CALL_TIMEOUT, Cluster};
 use super::etcd;
+use super::{Report, describe_error};
 use crate::api::pb;
 use anyhow::{Context, Result, bail};
 use comfy_table::{Table, presets};
@@ -379,6 +379,7 @@ async fn drive(
             let started = Instant::now();
             let mut latencies = Vec::with_capacity(per_task as usize);
             let mut errors = 0u64;
+            let mut first_error = None;
             for n in 0..per_task {
                 if started.elapsed() > duration {
                     break;
@@ -387,21 +388,25 @@ async fn drive(
                 let t = Instant::now();
                 match conn.call(w, task, n, &mut st).await {
                     Ok(()) => latencies.push(t.elapsed().as_micros() as u64),
-                    Err(_) => errors += 1,
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| describe_error(&e, t.elapsed()));
+                    }
                 }
             }
-            anyhow::Ok((latencies, errors, st.retries))
+            anyhow::Ok((latencies, errors, first_error, st.retries))
         }));
     }
     start.wait().await;
     let started = Instant::now();
     let mut latencies_us = Vec::new();
-    let (mut errors, mut retries) = (0, 0);
+    let (mut errors, mut retries, mut first_error) = (0, 0, None);
     for t in tasks {
-        let (l, e, r) = t.await??;
+        let (l, e, f, r) = t.await??;
         latencies_us.extend(l);
         errors += e;
         retries += r;
+        first_error = first_error.or(f);
     }
     let elapsed = started.elapsed();
     latencies_us.sort_unstable();
@@ -410,7 +415,7 @@ async fn drive(
         report: Report {
             ops: latencies_us.len() as u64 * ops_per_call,
             errors,
-            first_error: None,
+            first_error,
             elapsed,
             latencies_us,
             ops_per_call,
@@ -747,7 +752,10 @@ impl Metric {
 fn notes(system: &str, o: &Outcome) -> Option<String> {
     let mut parts = Vec::new();
     if o.report.errors > 0 {
-        parts.push(format!("{} errors", o.report.errors));
+        match &o.report.first_error {
+            Some(first) => parts.push(format!("{} errors (first: {first})", o.report.errors)),
+            None => parts.push(format!("{} errors", o.report.errors)),
+        }
     }
     if o.retries > 0 {
         parts.push(format!("{} CAS retries", o.retries));

@@ -231,14 +231,7 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
                     Ok(()) => latencies.push(t.elapsed().as_micros() as u64),
                     Err(e) => {
                         errors += 1;
-                        first_error.get_or_insert_with(|| {
-                            format!(
-                                "{:?} after {} ms: {}",
-                                e.code(),
-                                t.elapsed().as_millis(),
-                                e.message()
-                            )
-                        });
+                        first_error.get_or_insert_with(|| describe_error(&e, t.elapsed()));
                     }
                 }
             }
@@ -269,6 +262,16 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
         latencies_us,
         ops_per_call,
     })
+}
+
+/// A failed call for a report: its code, how long it took, and its message.
+pub fn describe_error(e: &tonic::Status, after: Duration) -> String {
+    format!(
+        "{:?} after {} ms: {}",
+        e.code(),
+        after.as_millis(),
+        e.message()
+    )
 }
 
 pub fn print(workload: Workload, o_concurrency: u64, r: &Report, json_out: bool) {

@@ -98,9 +98,7 @@ impl PeerService {
         let resp = f(raft, rpc).await.map_err(raft_failed)?;
         reply(msg.group, &resp)
     }
-}
 
-impl PeerService {
     /// One call of a batch, answered like the unary RPC it names.
     async fn batched(&self, call: PeerCall) -> PeerResult {
         let answer = match (call.message, PeerRpc::try_from(call.rpc)) {
