@@ -151,6 +151,60 @@ async fn not_ready(clients: &Clients) -> Vec<usize> {
     out
 }
 
+/// Save every node's `Admin.Status` and Prometheus metrics into the report directory
+/// (`nI.status.txt`, `nI.metrics.txt`): what a run that did not converge or get ready
+/// leaves to diagnose it with (version vectors, applied indexes, blocked fetches, gossip
+/// exchange outcomes). A node that does not answer gets the error in its file.
+async fn save_diagnostics(clients: &Clients, report: &Path) {
+    for node in 1..=clients.len() {
+        let status = match clients.status(node).await {
+            Ok(s) => format!("{s:#?}\n"),
+            Err(e) => format!("Admin.Status failed: {e:?}\n"),
+        };
+        let metrics = match http_get(crate::cluster::node_ip(node), "/metrics").await {
+            Ok(text) => text,
+            Err(e) => format!("GET /metrics failed: {e}\n"),
+        };
+        for (what, text) in [("status", status), ("metrics", metrics)] {
+            let path = report.join(format!("{}.{what}.txt", node_name(node)));
+            if let Err(e) = std::fs::write(&path, text) {
+                println!("   cannot write {}: {e}", path.display());
+            }
+        }
+    }
+    println!(
+        "   every node's status and metrics are in {}/nI.{{status,metrics}}.txt",
+        report.display()
+    );
+}
+
+/// A bounded HTTP/1.0 GET of `path` from a node's HTTP port; the body.
+async fn http_get(ip: std::net::Ipv4Addr, path: &str) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const RESPONSE_BYTES_MAX: u64 = 16 << 20;
+    let fetch = async {
+        let mut stream = tokio::net::TcpStream::connect((ip, crate::cluster::HTTP_PORT)).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+            .await?;
+        let mut raw = Vec::new();
+        stream
+            .take(RESPONSE_BYTES_MAX)
+            .read_to_end(&mut raw)
+            .await?;
+        std::io::Result::Ok(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .map_err(|_| "no answer within 5 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw);
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map_or(text.as_ref(), |(_, body)| body)
+        .to_string())
+}
+
 /// Save gdb backtraces of the nodes that are still not ready into the report directory,
 /// and return, per node, where they went (or why there is none).
 async fn save_backtraces(
@@ -427,6 +481,7 @@ async fn drive(
         tracing::error!(error = %e, "the cluster is not ready after heal");
         rec.nemesis("not_ready_after_heal", json!({"error": e.to_string()}));
         crashes.push(json!({"node": "cluster", "status": "not ready 60 s after heal", "log_tail": e.to_string()}));
+        save_diagnostics(clients, report).await;
         crashes.extend(save_backtraces(cluster, clients, report).await);
         // Still read what the nodes that answer have: conservation is checked on those.
         if opts.workload.has_final_phase() {
@@ -464,6 +519,7 @@ async fn drive(
                     "   replicas did NOT converge within {:?} after heal ({disagreement})",
                     opts.converge_limit
                 );
+                save_diagnostics(clients, report).await;
                 (None, Some(disagreement))
             }
         }

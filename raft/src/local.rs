@@ -39,14 +39,14 @@ use crate::checkpoint::{CHECKPOINTS_KEPT_DEFAULT, CheckpointError, Checkpoints};
 use crate::consensus::RaftLogs;
 use crate::consensus::state_machine::decode_applied;
 use crate::store::{AppliedMeta, StateStore, StoreError};
-use crate::wal::{AppendTicket, Wal, WalError, WalOptions, WalRecord, WalRecordKind};
+use crate::wal::{AppendTicket, Wal, WalError, WalIo, WalOptions, WalRecord, WalRecordKind};
 use calm_kernel::fact::{FactRef, decode_fact};
 use calm_kernel::rules::CompiledRules;
 use calm_kernel::{
     Admitted, Delivered, FactError, FactId, HlcTimestamp, KeyState, NodeId, Op, RefusedOp, Replica,
     ReplicaError, VersionVector,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
@@ -234,6 +234,10 @@ pub struct LocalState {
     checkpointed_vv: VersionVector,
     /// Every own fact up to this sequence is durable in the WAL (see `own_facts_barrier`).
     own_durable_seq: u64,
+    /// Own facts whose WAL batch was not yet durable when last looked at, in sequence order,
+    /// as `(seq, append_no)`: the archive must not hand them to peers (see `archived_facts`).
+    /// Bounded by the WAL's queue, since durable ones leave it at every admission.
+    own_in_flight: VecDeque<(u64, u64)>,
 }
 
 impl LocalState {
@@ -244,7 +248,28 @@ impl LocalState {
         rules: CompiledRules,
         options: LocalOptions,
     ) -> Result<(LocalState, RecoveryReport), LocalError> {
-        let dir = dir.as_ref();
+        LocalState::open_inner(dir.as_ref(), node, rules, options, None)
+    }
+
+    /// Like [`open`](Self::open) with a caller-supplied WAL I/O backend (tests hold or fail
+    /// its fdatasyncs).
+    pub fn open_with_wal_io(
+        dir: impl AsRef<Path>,
+        node: NodeId,
+        rules: CompiledRules,
+        options: LocalOptions,
+        io: Box<dyn WalIo>,
+    ) -> Result<(LocalState, RecoveryReport), LocalError> {
+        LocalState::open_inner(dir.as_ref(), node, rules, options, Some(io))
+    }
+
+    fn open_inner(
+        dir: &Path,
+        node: NodeId,
+        rules: CompiledRules,
+        options: LocalOptions,
+        io: Option<Box<dyn WalIo>>,
+    ) -> Result<(LocalState, RecoveryReport), LocalError> {
         let mut report = RecoveryReport::default();
         let checkpoints = Checkpoints::open(dir.join("checkpoints"), options.checkpoints_kept)?;
         let state_dir = dir.join("state");
@@ -274,7 +299,10 @@ impl LocalState {
                 open_store(&state_dir)?
             }
         };
-        let wal = Arc::new(Wal::open(dir.join("wal"), options.wal)?);
+        let wal = Arc::new(match io {
+            Some(io) => Wal::open_with_io(dir.join("wal"), options.wal, io)?,
+            None => Wal::open(dir.join("wal"), options.wal)?,
+        });
         let raft_logs = Arc::new(RaftLogs::new(wal.clone()));
         let mut replica = Replica::restore(node, rules, meta.vv.clone(), keys);
         let mut unarchived = BTreeMap::new();
@@ -337,6 +365,7 @@ impl LocalState {
             checkpointed_vv,
             // Recovery reads only durable facts: all of them are.
             own_durable_seq: replica_own_seq,
+            own_in_flight: VecDeque::new(),
         };
         Ok((state, report))
     }
@@ -398,6 +427,7 @@ impl LocalState {
         let ticket = self.wal.append(&[WalRecord::facts(encoded.clone())])?;
         if let Admitted::Local { id, .. } = admitted {
             self.unarchived.insert((id.origin, id.seq), encoded.clone());
+            self.note_own_fact(id.seq, &ticket);
         }
         Ok(Ok(LocalAdmit {
             admitted,
@@ -415,7 +445,7 @@ impl LocalState {
     /// sequence it covers, for [`LocalState::own_facts_durable_through`].
     pub fn own_facts_barrier(&mut self) -> Result<Option<(AppendTicket, u64)>, LocalError> {
         let seq = self.replica.version_vector().get(self.replica.node());
-        if seq <= self.own_durable_seq {
+        if seq <= self.own_durable_seq.max(self.own_durable_now()) {
             return Ok(None);
         }
         // An empty facts record: durable only once every batch before it is.
@@ -426,6 +456,35 @@ impl LocalState {
     /// A barrier from [`LocalState::own_facts_barrier`] is durable.
     pub fn own_facts_durable_through(&mut self, seq: u64) {
         self.own_durable_seq = self.own_durable_seq.max(seq);
+        while self.own_in_flight.front().is_some_and(|&(s, _)| s <= seq) {
+            self.own_in_flight.pop_front();
+        }
+    }
+
+    /// Remember own fact `seq`, appended with `ticket`, until its batch is durable; forget
+    /// the ones before it that are durable by now.
+    fn note_own_fact(&mut self, seq: u64, ticket: &AppendTicket) {
+        while let Some(&(done, append_no)) = self.own_in_flight.front() {
+            if !self.wal.is_durable(append_no) {
+                break;
+            }
+            self.own_durable_seq = self.own_durable_seq.max(done);
+            self.own_in_flight.pop_front();
+        }
+        debug_assert!(self.own_in_flight.back().is_none_or(|&(s, _)| s < seq));
+        self.own_in_flight.push_back((seq, ticket.append_no()));
+    }
+
+    /// The highest own sequence up to which every own fact is durable right now.
+    fn own_durable_now(&self) -> u64 {
+        match self
+            .own_in_flight
+            .iter()
+            .find(|&&(_, append_no)| !self.wal.is_durable(append_no))
+        {
+            Some(&(seq, _)) => seq - 1,
+            None => self.replica.version_vector().get(self.replica.node()),
+        }
     }
 
     /// Give `amount` of this node's escrow rights on `key` to node `to` (see
@@ -445,6 +504,7 @@ impl LocalState {
         assert!(!encoded.is_empty(), "a transfer is a fact");
         let durable = self.wal.append(&[WalRecord::facts(encoded.clone())])?;
         self.unarchived.insert((id.origin, id.seq), encoded.clone());
+        self.note_own_fact(id.seq, &durable);
         Ok(Ok(LocalTransfer {
             id,
             durable,
@@ -513,6 +573,13 @@ impl LocalState {
     /// encoded back to back: at most `bytes_max` bytes, or the first fact alone if it is
     /// larger (so a pull always progresses). Facts this node never had or already pruned
     /// are absent: the result may have gaps and may end before `to_seq`.
+    ///
+    /// Own facts whose WAL batch is not durable yet are absent too. A peer holding one
+    /// would keep it through this node's crash, while this node, recovering without it,
+    /// would issue its sequence number again for another fact: two facts with one id,
+    /// and every replica that had the first ignoring the second as a duplicate (found by
+    /// Jepsen: counters that never converged). Pushes wait for durability for the same
+    /// reason.
     pub fn archived_facts(
         &self,
         origin: NodeId,
@@ -521,6 +588,11 @@ impl LocalState {
         bytes_max: usize,
     ) -> Result<Vec<u8>, LocalError> {
         let mut out = Vec::new();
+        let to_seq = if origin == self.replica.node() {
+            to_seq.min(self.own_durable_now())
+        } else {
+            to_seq
+        };
         if from_seq > to_seq {
             return Ok(out);
         }

@@ -136,6 +136,10 @@ fn response(outcome: Outcome, version: u64) -> Response {
     }
 }
 
+/// How long an apply may wait for facts its commands observed before each warning: a
+/// group stalled on facts nobody delivers must be visible at the default log level.
+pub const BLOCKED_APPLY_WARN_AFTER: Duration = Duration::from_secs(5);
+
 const FAILED_PRECONDITION: i32 = 9;
 const INVALID_ARGUMENT: i32 = 3;
 
@@ -306,6 +310,8 @@ impl GroupStateMachine {
                 )));
             }
         }
+        let blocked_since = std::time::Instant::now();
+        let mut next_warning = BLOCKED_APPLY_WARN_AFTER;
         loop {
             let missing = {
                 let mut local = lock_local(&self.local);
@@ -346,6 +352,19 @@ impl GroupStateMachine {
                 }
                 missing
             };
+            let waited = blocked_since.elapsed();
+            if waited >= next_warning {
+                let vv = lock_local(&self.local).replica().version_vector().clone();
+                tracing::warn!(
+                    group = self.group,
+                    index = log_id.index(),
+                    waited_s = waited.as_secs(),
+                    ?missing,
+                    have = ?vv,
+                    "applying an entry waits for facts its commands observed and this node lacks; no peer delivered them yet"
+                );
+                next_warning = waited + BLOCKED_APPLY_WARN_AFTER * 2;
+            }
             self.facts.fetch(self.group, &missing).await;
         }
     }

@@ -368,7 +368,7 @@ impl Wal {
         // Encode and hash on the caller's thread: this is the expensive part of framing.
         let encoded = format::encode_body(records);
         assert_eq!(encoded.frame_bytes(), frame_bytes);
-        let (ticket, resolver) = ticket::ticket();
+        let (mut ticket, resolver) = ticket::ticket();
         let mut queue = self.shared.lock_queue();
         loop {
             match &queue.status {
@@ -403,12 +403,19 @@ impl Wal {
         }
         queue.queued_records += records.len();
         queue.queued_bytes += frame_bytes;
-        queue.pending.push_back(PendingBatch { encoded, resolver });
+        queue.appended += 1;
+        let append_no = queue.appended;
+        queue.pending.push_back(PendingBatch {
+            encoded,
+            resolver,
+            append_no,
+        });
         let wake_writer = queue.writer_waiting;
         drop(queue);
         if wake_writer {
             self.shared.work_ready.notify_one();
         }
+        ticket.append_no = append_no;
         Ok(ticket)
     }
 
@@ -441,6 +448,15 @@ impl Wal {
     /// LSN of the oldest batch still kept (or that the next batch will get, if none is).
     pub fn oldest_lsn(&self) -> u64 {
         self.shared.lock_index().segments[0].first_lsn
+    }
+
+    /// Whether the batch with append number `append_no` ([`AppendTicket::append_no`]) is
+    /// durable, without waiting or holding its ticket.
+    pub fn is_durable(&self, append_no: u64) -> bool {
+        self.shared
+            .durable_appends
+            .load(std::sync::atomic::Ordering::Acquire)
+            >= append_no
     }
 
     /// LSN the next durable batch will get: every batch below it is durable.

@@ -95,6 +95,7 @@ pub(crate) fn ticket() -> (AppendTicket, Resolver) {
     (
         AppendTicket {
             slot: Arc::clone(&slot),
+            append_no: 0,
         },
         Resolver { slot },
     )
@@ -107,9 +108,17 @@ pub(crate) fn ticket() -> (AppendTicket, Resolver) {
 #[must_use = "an append is acknowledged only once its ticket resolves"]
 pub struct AppendTicket {
     slot: Arc<TicketSlot>,
+    /// The batch's place in append order, for [`Wal::is_durable`](super::Wal::is_durable).
+    pub(crate) append_no: u64,
 }
 
 impl AppendTicket {
+    /// The batch's place in append order (1 for the first batch this WAL handle queued):
+    /// [`Wal::is_durable`](super::Wal::is_durable) says whether it is durable yet.
+    pub fn append_no(&self) -> u64 {
+        self.append_no
+    }
+
     /// Run `f` with the outcome once the batch is durable or failed: on the WAL's acker
     /// thread, or right here if that already happened. It saves an async task's wake-up
     /// per append (openraft's flush callbacks need no task). `f` must be quick and must not

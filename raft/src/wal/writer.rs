@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
 
 use super::error::WalError;
@@ -41,10 +41,14 @@ pub(crate) enum Status {
 pub(crate) struct PendingBatch {
     pub encoded: EncodedBody,
     pub resolver: Resolver,
+    /// Its place in append order (see `Shared::durable_appends`).
+    pub append_no: u64,
 }
 
 pub(crate) struct Queue {
     pub pending: VecDeque<PendingBatch>,
+    /// Batches ever queued: the next batch's `append_no` is this plus one.
+    pub appended: u64,
     pub queued_records: usize,
     pub queued_bytes: usize,
     pub status: Status,
@@ -65,6 +69,10 @@ pub(crate) struct Shared {
     pub index: Mutex<SegmentIndex>,
     /// Groups handed to the acker thread and not yet resolved.
     pub acks_in_flight: AtomicUsize,
+    /// Every batch with `append_no` at or below this is durable. Batches are written in
+    /// append order, so this is a watermark; it is set once a group's fdatasync returned,
+    /// before its tickets resolve.
+    pub durable_appends: AtomicU64,
 }
 
 impl Shared {
@@ -72,6 +80,7 @@ impl Shared {
         Shared {
             queue: Mutex::new(Queue {
                 pending: VecDeque::new(),
+                appended: 0,
                 queued_records: 0,
                 queued_bytes: 0,
                 status: Status::Open,
@@ -82,6 +91,7 @@ impl Shared {
             space_ready: Condvar::new(),
             index: Mutex::new(index),
             acks_in_flight: AtomicUsize::new(0),
+            durable_appends: AtomicU64::new(0),
         }
     }
 
@@ -178,6 +188,15 @@ impl Writer {
             match self.commit_group() {
                 Ok(()) => {
                     assert_eq!(self.group.len(), self.positions.len());
+                    let last = self.group.last().expect("a committed group is not empty");
+                    let before = self.shared.durable_appends.load(Ordering::Acquire);
+                    assert!(
+                        last.append_no > before,
+                        "WAL groups are durable in append order"
+                    );
+                    self.shared
+                        .durable_appends
+                        .store(last.append_no, Ordering::Release);
                     let durable: Vec<_> = self
                         .group
                         .drain(..)
