@@ -13,6 +13,12 @@
 //! Every refusal carries the gRPC code of DESIGN.md section 10 and a message saying what to
 //! do; UNAVAILABLE answers name the last known leader in the message and in the
 //! `calm-leader` (client address) and `calm-leader-id` response metadata.
+//!
+//! Leader hints on success. A consensus-path write or a linearizable get that this node
+//! served for a group another node leads (it forwarded the proposal, or asked the leader
+//! for a read index) carries the same two metadata entries: a client that sends such
+//! requests to the leader itself saves that peer round trip (`crate::route`). Requests
+//! served by the leader, and fast-path ones, carry none.
 
 use crate::node::{Node, fatal, lock};
 use crate::token::SessionToken;
@@ -46,9 +52,21 @@ pub const BATCH_OPS_MAX: usize = 10_000;
 /// Largest request or response message on the client API.
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 
-/// Metadata key naming the last known leader's client address on UNAVAILABLE.
+/// Metadata key naming the last known leader's client address (on UNAVAILABLE, and on a
+/// success this node served by forwarding).
 pub const LEADER_METADATA: &str = "calm-leader";
+/// Metadata key naming that leader's node id.
 pub const LEADER_ID_METADATA: &str = "calm-leader-id";
+
+/// Put the leader hint on `md`.
+fn insert_leader_hint(md: &mut tonic::metadata::MetadataMap, leader: u64, addr: &str) {
+    if let Ok(v) = addr.parse() {
+        md.insert(LEADER_METADATA, v);
+    }
+    if let Ok(v) = leader.to_string().parse() {
+        md.insert(LEADER_ID_METADATA, v);
+    }
+}
 
 fn invalid(message: impl Into<String>) -> Status {
     Status::invalid_argument(message)
@@ -424,15 +442,23 @@ impl Node {
         };
         let mut status = Status::new(code, message);
         if let (Some(l), Some(a)) = (leader, addr) {
-            let md = status.metadata_mut();
-            if let Ok(v) = a.parse() {
-                md.insert(LEADER_METADATA, v);
-            }
-            if let Ok(v) = l.to_string().parse() {
-                md.insert(LEADER_ID_METADATA, v);
-            }
+            insert_leader_hint(status.metadata_mut(), l, a);
         }
         status
+    }
+
+    /// `response` with the leader hint when another node leads `key`'s group (see the
+    /// module doc, "Leader hints on success").
+    fn hinted<T>(&self, key: &[u8], response: T) -> tonic::Response<T> {
+        let mut response = tonic::Response::new(response);
+        let group = self.consensus.group_map().group_of(key);
+        let leader = self.consensus.leader_id(group);
+        if let Some(l) = leader.filter(|&l| l != self.id())
+            && let Some(addr) = self.client_addr_of(l)
+        {
+            insert_leader_hint(response.metadata_mut(), l, addr);
+        }
+        response
     }
 
     /// Wait (bounded) until this node applied what `token` names for `group`.
@@ -559,10 +585,12 @@ impl Kv for KvService {
     ) -> Result<tonic::Response<pb::WriteResponse>, Status> {
         let req = request.into_inner();
         let op = req.op.and_then(|o| o.kind);
-        self.node
-            .write(&req.key, op, &req.token)
-            .await
-            .map(tonic::Response::new)
+        let response = self.node.write(&req.key, op, &req.token).await?;
+        Ok(if response.path == pb::Path::Consensus as i32 {
+            self.node.hinted(&req.key, response)
+        } else {
+            tonic::Response::new(response)
+        })
     }
 
     /// Ops of one key are admitted and proposed in request order; different keys proceed
@@ -648,10 +676,13 @@ impl Kv for KvService {
                 req.consistency
             ))
         })?;
-        self.node
-            .get(&req.key, consistency, &req.token)
-            .await
-            .map(tonic::Response::new)
+        let response = self.node.get(&req.key, consistency, &req.token).await?;
+        Ok(match consistency {
+            pb::Consistency::Unspecified | pb::Consistency::Linearizable => {
+                self.node.hinted(&req.key, response)
+            }
+            _ => tonic::Response::new(response),
+        })
     }
 }
 

@@ -12,4 +12,5 @@ pub mod faults;
 pub mod gossip;
 pub mod http;
 pub mod node;
+pub mod route;
 pub mod token;

@@ -196,6 +196,10 @@ enum Command {
         /// Ops per call for `batch`.
         #[arg(long, default_value_t = 100)]
         batch: u64,
+        /// Where each call goes: `leader` sends it to its key's group leader (calm's
+        /// leader-aware client); `spread` to the client's own node, which forwards.
+        #[arg(long, value_enum, default_value_t = calm::bench::Route::Leader)]
+        route: calm::bench::Route,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -245,6 +249,10 @@ enum BenchCommand {
         /// Systems to run, in this order.
         #[arg(long, value_enum, value_delimiter = ',', default_values_t = [calm::bench::compare::System::Calm, calm::bench::compare::System::Etcd])]
         systems: Vec<calm::bench::compare::System>,
+        /// Where calls go: `leader` to the member leading the key (calm's leader-aware
+        /// client; etcd's leader), `spread` round-robin over the members, which forward.
+        #[arg(long, value_enum, default_value_t = calm::bench::Route::Leader)]
+        route: calm::bench::Route,
         /// Workloads to run, in this order (default: all).
         #[arg(long, value_enum, value_delimiter = ',')]
         workloads: Vec<calm::bench::compare::Workload>,
@@ -567,6 +575,7 @@ async fn run(command: Command) -> Result<()> {
             seconds,
             keys,
             batch,
+            route,
             client,
         } => {
             let workload = workload.context("name a workload, or `compare`")?;
@@ -574,6 +583,7 @@ async fn run(command: Command) -> Result<()> {
                 &client.endpoints,
                 calm::bench::BenchOptions {
                     workload,
+                    route,
                     ops,
                     concurrency,
                     duration: std::time::Duration::from_secs(seconds),
@@ -619,6 +629,7 @@ async fn bench_compare(command: BenchCommand) -> Result<()> {
     use calm::bench::compare;
     let BenchCommand::Compare {
         systems,
+        route,
         workloads,
         seconds,
         scale,
@@ -635,6 +646,7 @@ async fn bench_compare(command: BenchCommand) -> Result<()> {
     }
     let options = compare::CompareOptions {
         systems,
+        route,
         workloads: if workloads.is_empty() {
             compare::ALL_WORKLOADS.to_vec()
         } else {

@@ -565,3 +565,112 @@ async fn balancing_leaves_a_group_alone_while_its_preferred_leader_is_cut_off() 
     let expected = BTreeMap::from([(key.clone(), "w15".to_string())]);
     assert_reads(&c, 2, &expected).await;
 }
+
+/// The leader id a response or refusal names in its metadata, if any.
+fn leader_hint(md: &tonic::metadata::MetadataMap) -> Option<u64> {
+    md.get(calm::api::LEADER_ID_METADATA)
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
+/// A consensus-path write or linearizable read that a node served for a group another node
+/// leads names that leader; what the leader served, serializable reads and fast-path writes
+/// name none. The leader-aware client sends each key to its group's leader from the layout,
+/// and corrects a stale layout from the first hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_request_names_the_leader_and_the_router_goes_there() {
+    use calm::api::pb;
+    let mut c = Cluster::start(3, &[]).await;
+    c.await_leaders_spread().await;
+    let key = c.key_led_by(2, "route", 200, "key led by node 2").await;
+    let put_req = |value: &str| pb::WriteRequest {
+        key: key.clone().into_bytes(),
+        op: Some(put(value)),
+        token: Vec::new(),
+    };
+    let get_req = |consistency: Consistency| pb::GetRequest {
+        key: key.clone().into_bytes(),
+        consistency: consistency as i32,
+        token: Vec::new(),
+    };
+
+    let r = c.kv(1).await.write(put_req("a")).await.unwrap();
+    assert_eq!(leader_hint(r.metadata()), Some(2), "{:?}", r.metadata());
+    assert_eq!(
+        r.metadata().get(calm::api::LEADER_METADATA).unwrap(),
+        c.nodes[1].client.to_string().as_str()
+    );
+    let r = c.kv(2).await.write(put_req("b")).await.unwrap();
+    assert_eq!(leader_hint(r.metadata()), None, "the leader served it");
+    let r = c
+        .kv(3)
+        .await
+        .get(get_req(Consistency::Linearizable))
+        .await
+        .unwrap();
+    assert_eq!(leader_hint(r.metadata()), Some(2));
+    assert_eq!(
+        register(&r.into_inner().value.and_then(|v| v.kind)),
+        Some("b".into())
+    );
+    let r = c
+        .kv(3)
+        .await
+        .get(get_req(Consistency::Serializable))
+        .await
+        .unwrap();
+    assert_eq!(
+        leader_hint(r.metadata()),
+        None,
+        "a local read forwards nothing"
+    );
+    let add = pb::WriteRequest {
+        key: b"n-route".to_vec(),
+        op: Some(op::add(1)),
+        token: Vec::new(),
+    };
+    // The first add creates the counter, through Raft; the second is a fast-path fact.
+    c.kv(1).await.write(add.clone()).await.unwrap();
+    let r = c.kv(1).await.write(add).await.unwrap();
+    assert_eq!(r.get_ref().path, pb::Path::Fast as i32);
+    assert_eq!(
+        leader_hint(r.metadata()),
+        None,
+        "the fast path forwards nothing"
+    );
+
+    // The router reads the layout from node 1 and goes to node 2 itself.
+    let endpoints = [c.nodes[0].client.to_string()];
+    let mut router = calm::route::Router::connect(&endpoints).await.unwrap();
+    assert_eq!(router.leader_of(key.as_bytes()), 2);
+    let r = router.write(put_req("c")).await.unwrap();
+    assert_eq!(
+        leader_hint(r.metadata()),
+        None,
+        "the router went to the leader"
+    );
+    let r = router
+        .get(get_req(Consistency::Linearizable))
+        .await
+        .unwrap();
+    assert_eq!(leader_hint(r.metadata()), None);
+    assert_eq!(
+        register(&r.into_inner().value.and_then(|v| v.kind)),
+        Some("c".into())
+    );
+
+    // A stale layout (node 3 named as the leader) costs one forward, then is corrected.
+    let mut status = c.status(1).await.unwrap();
+    let (group, _) = c.leader_of(1, &key).await;
+    status.groups[group as usize].leader = 3;
+    let mut router = calm::route::Router::from_status(&status, c.channel(1).await).unwrap();
+    assert_eq!(router.leader_of(key.as_bytes()), 3);
+    let r = router.write(put_req("d")).await.unwrap();
+    assert_eq!(leader_hint(r.metadata()), Some(2), "node 3 forwarded");
+    assert_eq!(
+        router.leader_of(key.as_bytes()),
+        2,
+        "the router learned the hint"
+    );
+    let r = router.write(put_req("e")).await.unwrap();
+    assert_eq!(leader_hint(r.metadata()), None);
+}

@@ -5,15 +5,23 @@
 //! (N tasks, each with one call in flight, bounded in calls and time), the partition and
 //! convergence measurement, and the table. Clusters come from [`super::cluster`].
 //!
-//! Both systems get the same client model: each task holds one connection to every member
-//! and sends call n to member (task + n) mod 3, so on either system about two calls in three
-//! reach a member that forwards them to the leader (calm's groups have leaders on every
-//! node; etcd has one leader).
+//! Both systems get the same client model, chosen with `--route`:
+//! - `leader` (the default): each call goes to the member that leads its key, so no member
+//!   forwards. calm's tasks use its leader-aware client (`crate::route`: each key to its
+//!   group's leader, learned from `Admin.Status`); etcd's tasks send everything to etcd's
+//!   one leader (from `Maintenance.Status`).
+//! - `spread`: each task holds one connection to every member and sends call n to member
+//!   (task + n) mod 3, so on either system about two calls in three reach a member that
+//!   forwards them to the leader (calm's groups have leaders on every node; etcd has one).
+//!
+//! Batch calls span groups, so calm's go to one member in either model (the task's first,
+//! or (task + n) mod 3).
 
 use super::cluster::{self, CALL_TIMEOUT, Cluster};
 use super::etcd;
-use super::{Report, describe_error};
+use super::{Report, Route, describe_error};
 use crate::api::pb;
+use crate::route::{Router, layout};
 use anyhow::{Context, Result, bail};
 use comfy_table::{Table, presets};
 use std::net::SocketAddr;
@@ -21,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
-type CalmKv = pb::kv_client::KvClient<Channel>;
+type CalmKv = Router;
 type EtcdKv = etcd::KvClient<Channel>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -92,6 +100,8 @@ impl Workload {
 
 pub struct CompareOptions {
     pub systems: Vec<System>,
+    /// Where calls go (module doc).
+    pub route: Route,
     pub workloads: Vec<Workload>,
     /// Time bound of each workload.
     pub seconds: u64,
@@ -133,18 +143,81 @@ enum Conn {
     Etcd(EtcdKv),
 }
 
-async fn connect(system: System, addr: SocketAddr) -> Result<Conn> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+async fn channel(addr: SocketAddr) -> Result<Channel> {
+    Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(CALL_TIMEOUT)
         .tcp_nodelay(true)
         .connect()
         .await
-        .with_context(|| format!("cannot connect to {addr}"))?;
+        .with_context(|| format!("cannot connect to {addr}"))
+}
+
+/// A connection to the member at `addr` (calm: unrouted, so the member forwards).
+async fn connect(system: System, addr: SocketAddr) -> Result<Conn> {
+    let channel = channel(addr).await?;
     Ok(match system {
-        System::Calm => Conn::Calm(CalmKv::new(channel)),
+        System::Calm => Conn::Calm(Router::unrouted(channel)),
         System::Etcd => Conn::Etcd(EtcdKv::new(channel)),
     })
+}
+
+/// Where a leader-routed task of `system` connects: calm's layout (every task builds its
+/// own router from it), or the address of etcd's leader.
+enum Layout {
+    Calm(pb::StatusResponse, SocketAddr),
+    Etcd(SocketAddr),
+}
+
+async fn leader_layout(system: System, endpoints: &[SocketAddr]) -> Result<Layout> {
+    match system {
+        System::Calm => Ok(Layout::Calm(
+            layout(channel(endpoints[0]).await?).await?,
+            endpoints[0],
+        )),
+        System::Etcd => {
+            let mut leader = None;
+            let mut ids = Vec::new();
+            for &e in endpoints {
+                let s = etcd::MaintenanceClient::new(channel(e).await?)
+                    .status(etcd::pb::StatusRequest {})
+                    .await
+                    .with_context(|| format!("etcd member {e}: Maintenance.Status"))?
+                    .into_inner();
+                leader = leader.or(Some(s.leader)).filter(|&l| l != 0);
+                ids.push((s.header.map_or(0, |h| h.member_id), e));
+            }
+            let leader = leader.context("no etcd member names a leader")?;
+            ids.iter()
+                .find(|(id, _)| *id == leader)
+                .map(|&(_, e)| Layout::Etcd(e))
+                .with_context(|| format!("etcd's leader {leader:x} is none of {endpoints:?}"))
+        }
+    }
+}
+
+/// A task's connections: one per member (`spread`), or the one leader-routed client.
+async fn task_conns(
+    system: System,
+    endpoints: &[SocketAddr],
+    layout: Option<&Layout>,
+) -> Result<Vec<Conn>> {
+    let mut conns = Vec::new();
+    match layout {
+        None => {
+            for &e in endpoints {
+                conns.push(connect(system, e).await?);
+            }
+        }
+        Some(Layout::Calm(status, first)) => {
+            conns.push(Conn::Calm(Router::from_status(
+                status,
+                channel(*first).await?,
+            )?));
+        }
+        Some(Layout::Etcd(leader)) => conns.push(connect(System::Etcd, *leader).await?),
+    }
+    Ok(conns)
 }
 
 fn write(key: Vec<u8>, kind: pb::op::Kind) -> pb::WriteRequest {
@@ -348,6 +421,7 @@ struct Outcome {
 async fn drive(
     system: System,
     endpoints: &[SocketAddr],
+    layout: Option<Arc<Layout>>,
     w: Workload,
     calls: u64,
     concurrency: u64,
@@ -360,12 +434,10 @@ async fn drive(
     for task in 0..concurrency {
         let endpoints = endpoints.to_vec();
         let start = start.clone();
+        let layout = layout.clone();
         tasks.push(tokio::spawn(async move {
             let setup = async {
-                let mut conns = Vec::new();
-                for &e in &endpoints {
-                    conns.push(connect(system, e).await?);
-                }
+                let mut conns = task_conns(system, &endpoints, layout.as_deref()).await?;
                 let mut st = TaskState::default();
                 if w == Workload::Cas {
                     st.cas = conns[0].cas_start(task).await?;
@@ -384,7 +456,8 @@ async fn drive(
                 if started.elapsed() > duration {
                     break;
                 }
-                let conn = &mut conns[((task + n) % endpoints.len() as u64) as usize];
+                let count = conns.len() as u64;
+                let conn = &mut conns[((task + n) % count) as usize];
                 let t = Instant::now();
                 match conn.call(w, task, n, &mut st).await {
                     Ok(()) => latencies.push(t.elapsed().as_micros() as u64),
@@ -609,9 +682,15 @@ async fn run_system(system: System, c: &Cluster, o: &CompareOptions) -> Result<R
         let (calls, concurrency, _) = w.load();
         let calls = ((calls as f64 * o.scale).ceil() as u64).max(concurrency);
         eprintln!("bench: {system:?} {}", w.label());
+        // Read per workload: leader balancing may still move leaders after start-up.
+        let layout = match o.route {
+            Route::Leader => Some(Arc::new(leader_layout(system, &endpoints).await?)),
+            Route::Spread => None,
+        };
         let outcome = drive(
             system,
             &endpoints,
+            layout,
             w,
             calls,
             concurrency,
@@ -663,12 +742,16 @@ pub async fn run(calm_exe: &std::path::Path, o: CompareOptions) -> Result<()> {
         }
     }
     println!(
-        "calm bench compare: 3 calm nodes vs 3 {} members on loopback, {} cores, load average {} before, {} after; 16-byte keys, 64-byte values, {} s per workload",
+        "calm bench compare: 3 calm nodes vs 3 {} members on loopback, {} cores, load average {} before, {} after; 16-byte keys, 64-byte values, {} s per workload; calls routed {}",
         etcd_version.unwrap_or_else(|| "etcd".into()),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         load_before,
         loadavg(),
         o.seconds,
+        match o.route {
+            Route::Leader => "to the leader",
+            Route::Spread => "round-robin over the members",
+        },
     );
     println!(
         "{}",

@@ -1,5 +1,5 @@
-//! The etcd side of `calm bench compare`: the generated client of etcd's v3 KV service
-//! (proto/etcd/rpc.proto) and the requests the workloads send, built by pure functions so
+//! The etcd side of `calm bench compare`: the generated clients of etcd's v3 KV and
+//! Maintenance services (proto/etcd/rpc.proto) and the requests the workloads send, built by pure functions so
 //! they can be tested without an etcd.
 
 pub mod pb {
@@ -9,6 +9,7 @@ pub mod pb {
 
 use pb::compare::{CompareResult, CompareTarget, TargetUnion};
 pub use pb::kv_client::KvClient;
+pub use pb::maintenance_client::MaintenanceClient;
 use pb::request_op::Request;
 
 /// A Range of one key; `serializable: false` is a linearizable read (etcd's default).

@@ -11,8 +11,8 @@ pub mod compare;
 pub mod etcd;
 
 use crate::api::pb;
-use crate::api::pb::kv_client::KvClient;
 use crate::client::connect;
+use crate::route::{Router, layout};
 use anyhow::{Result, bail};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -33,8 +33,20 @@ pub enum Workload {
     Batch,
 }
 
+/// Where a bench client sends each call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Route {
+    /// To the leader of the key's group (calm's leader-aware client, `crate::route`);
+    /// batches to the client's own node.
+    Leader,
+    /// To the client's own node, which forwards what it does not lead (a plain gRPC
+    /// client). Clients are spread over the endpoints.
+    Spread,
+}
+
 pub struct BenchOptions {
     pub workload: Workload,
+    pub route: Route,
     pub ops: u64,
     pub concurrency: u64,
     pub duration: Duration,
@@ -98,7 +110,7 @@ fn write(key: Vec<u8>, kind: pb::op::Kind) -> pb::WriteRequest {
 /// Versions of the CAS keys as each client last saw them (one key per client, so CAS
 /// contention measures the path, not conflicts).
 async fn one_call(
-    kv: &mut KvClient<tonic::transport::Channel>,
+    kv: &mut Router,
     o: &BenchOptions,
     client: u64,
     n: u64,
@@ -171,7 +183,7 @@ async fn one_call(
 
 /// Create the keys the workload needs (so the measured ops are not key creations).
 async fn prepare(endpoints: &[String], o: &BenchOptions) -> Result<()> {
-    let mut kv = KvClient::new(connect(endpoints).await?);
+    let mut kv = Router::unrouted(connect(endpoints).await?);
     let chunk = 500;
     let mut i = 0;
     let total = match o.workload {
@@ -207,6 +219,12 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
         bail!("--keys must be at least 1");
     }
     prepare(endpoints, &o).await?;
+    let status = match o.route {
+        Route::Leader => Some(std::sync::Arc::new(
+            layout(connect(endpoints).await?).await?,
+        )),
+        Route::Spread => None,
+    };
     // CAS keys were just written once: version 1.
     let o = std::sync::Arc::new(o);
     let started = Instant::now();
@@ -216,8 +234,13 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
         // Spread clients over the endpoints, each on its own connection.
         let ep = vec![endpoints[client as usize % endpoints.len()].clone()];
         let o = o.clone();
+        let status = status.clone();
         tasks.push(tokio::spawn(async move {
-            let mut kv = KvClient::new(connect(&ep).await?);
+            let channel = connect(&ep).await?;
+            let mut kv = match &status {
+                Some(status) => Router::from_status(status, channel)?,
+                None => Router::unrouted(channel),
+            };
             let mut latencies = Vec::with_capacity(per_client as usize);
             let mut errors = 0u64;
             let mut first_error = None;

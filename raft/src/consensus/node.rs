@@ -461,6 +461,11 @@ impl Consensus {
         Ok(())
     }
 
+    /// The leader of `group` as this node knows it (no allocation: for per-request hints).
+    pub fn leader_id(&self, group: GroupId) -> Option<NodeId> {
+        self.raft(group).metrics().borrow_watched().current_leader
+    }
+
     /// The leader of `group` as this node knows it, with its peer address.
     pub fn leader_of(&self, group: GroupId) -> Option<(NodeId, String)> {
         let metrics = self.raft(group).metrics();
