@@ -232,11 +232,11 @@ pub struct LocalState {
     unarchived: BTreeMap<(NodeId, u64), Vec<u8>>,
     /// What the oldest kept checkpoint covers (see `checkpointed_vv`).
     checkpointed_vv: VersionVector,
-    /// Every own fact up to this sequence is durable in the WAL (see `own_facts_barrier`).
-    own_durable_seq: u64,
-    /// Own facts whose WAL batch was not yet durable when last looked at, in sequence order,
-    /// as `(seq, append_no)`: the archive must not hand them to peers (see `archived_facts`).
-    /// Bounded by the WAL's queue, since durable ones leave it at every admission.
+    /// Own facts whose WAL batch was not yet known durable, in sequence order, as `(seq,
+    /// append_no)`; every own fact not listed is durable (recovery reads only durable ones).
+    /// The archive must not hand them to peers (see `archived_facts`), and a Raft command
+    /// observing them waits (see `own_facts_barrier`). Bounded by the WAL's queue, since
+    /// durable ones leave it at every admission.
     own_in_flight: VecDeque<(u64, u64)>,
 }
 
@@ -352,7 +352,6 @@ impl LocalState {
             .finish_recovery(&applied)
             .map_err(LocalError::RaftLog)?;
         let checkpointed_vv = oldest_checkpoint_vv(&checkpoints);
-        let replica_own_seq = replica.version_vector().get(node);
         let state = LocalState {
             replica,
             wal,
@@ -363,8 +362,6 @@ impl LocalState {
             raft_logs,
             unarchived,
             checkpointed_vv,
-            // Recovery reads only durable facts: all of them are.
-            own_durable_seq: replica_own_seq,
             own_in_flight: VecDeque::new(),
         };
         Ok((state, report))
@@ -445,7 +442,7 @@ impl LocalState {
     /// sequence it covers, for [`LocalState::own_facts_durable_through`].
     pub fn own_facts_barrier(&mut self) -> Result<Option<(AppendTicket, u64)>, LocalError> {
         let seq = self.replica.version_vector().get(self.replica.node());
-        if seq <= self.own_durable_seq.max(self.own_durable_now()) {
+        if seq <= self.own_durable_now() {
             return Ok(None);
         }
         // An empty facts record: durable only once every batch before it is.
@@ -455,7 +452,6 @@ impl LocalState {
 
     /// A barrier from [`LocalState::own_facts_barrier`] is durable.
     pub fn own_facts_durable_through(&mut self, seq: u64) {
-        self.own_durable_seq = self.own_durable_seq.max(seq);
         while self.own_in_flight.front().is_some_and(|&(s, _)| s <= seq) {
             self.own_in_flight.pop_front();
         }
@@ -464,11 +460,10 @@ impl LocalState {
     /// Remember own fact `seq`, appended with `ticket`, until its batch is durable; forget
     /// the ones before it that are durable by now.
     fn note_own_fact(&mut self, seq: u64, ticket: &AppendTicket) {
-        while let Some(&(done, append_no)) = self.own_in_flight.front() {
+        while let Some(&(_, append_no)) = self.own_in_flight.front() {
             if !self.wal.is_durable(append_no) {
                 break;
             }
-            self.own_durable_seq = self.own_durable_seq.max(done);
             self.own_in_flight.pop_front();
         }
         debug_assert!(self.own_in_flight.back().is_none_or(|&(s, _)| s < seq));
