@@ -740,14 +740,17 @@ impl Gossip {
         Ok(())
     }
 
-    /// Pull from `link`'s peer, chunk by chunk, what this node lacks of `target`; stops when
-    /// nothing is missing, the peer has nothing more, a chunk applied nothing (its facts
-    /// wait for something else here) or after `PULLS_PER_ROUND_MAX` chunks. Returns the
-    /// number of facts applied.
+    /// Pull from `link`'s peer, chunk by chunk, what this node lacks of `target` (neither
+    /// applied nor waiting here: `Replica::wanted_from`); stops when nothing is missing, the
+    /// peer has nothing more, a chunk brought nothing new or after `PULLS_PER_ROUND_MAX`
+    /// chunks. Returns the number of new facts accepted (applied or waiting).
     async fn pull_until(&self, link: &Link, target: &VersionVector) -> Result<u64, GossipError> {
-        let mut applied = 0;
+        let mut accepted = 0;
         for _ in 0..PULLS_PER_ROUND_MAX {
-            let missing = self.local_vv().await?.missing_from(target);
+            let target = target.clone();
+            let missing = self
+                .with_local(move |local| Ok(local.replica().wanted_from(&target)))
+                .await?;
             if missing.is_empty() {
                 break;
             }
@@ -771,12 +774,13 @@ impl Gossip {
                 break;
             }
             let (report, _) = self.accept(batch.facts, "pull").await?;
-            applied += report.applied;
-            if report.applied == 0 {
+            let new = report.applied + report.buffered;
+            accepted += new;
+            if new == 0 {
                 break;
             }
         }
-        Ok(applied)
+        Ok(accepted)
     }
 
     // --- escrow ----------------------------------------------------------------------------
@@ -1025,12 +1029,19 @@ impl FactSource for Gossip {
     /// blocked on facts nobody reachable has does not spin).
     fn fetch<'a>(&'a self, group: GroupId, missing: &'a [(NodeId, u64)]) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let target: VersionVector = missing.iter().copied().collect();
+            let named: VersionVector = missing.iter().copied().collect();
             let deadline = tokio::time::Instant::now() + FETCH_WAIT_MAX;
-            for i in self.fetch_order(&target) {
+            for i in self.fetch_order(&named) {
                 let link = &self.links[i];
+                // Everything the peer is known to have, too: a named fact may already wait
+                // here for another origin's fact (an escrow spend for a transfer), which
+                // only a wider pull brings.
+                let mut target = self.known_vv(link.id);
+                for (origin, seq) in named.iter() {
+                    target.raise(origin, seq);
+                }
                 match tokio::time::timeout_at(deadline, self.pull_until(link, &target)).await {
-                    Ok(Ok(applied)) if applied > 0 => {
+                    Ok(Ok(accepted)) if accepted > 0 => {
                         metrics::counter!("calm_gossip_fetches_total", "outcome" => "delivered")
                             .increment(1);
                         return;

@@ -6,6 +6,8 @@
 //!   `smembers`, `status`, `explain`, `rules get`, `checkpoint`) against any node;
 //! - offline rules tools (`rules check`, `rules explain --rules FILE`, `rules example`).
 
+mod debug;
+
 use anyhow::{Context, Result, bail};
 use calm::api::pb;
 use calm::client::{self, Output};
@@ -207,6 +209,12 @@ enum Command {
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
+    },
+    /// Look inside a stopped node's data directory (read-only): the store's position, key
+    /// states, facts in the archive and the WAL, Raft entries.
+    Debug {
+        #[command(subcommand)]
+        command: debug::DebugCommand,
     },
 }
 
@@ -433,6 +441,7 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Debug { command } => debug::run(command),
         command => tokio::runtime::Runtime::new()
             .context("cannot start the async runtime")
             .and_then(|rt| rt.block_on(run(command))),
@@ -451,6 +460,7 @@ async fn run(command: Command) -> Result<()> {
     use pb::op::Kind;
     match command {
         Command::Serve(_) => unreachable!("serve builds its own runtime"),
+        Command::Debug { .. } => unreachable!("debug needs no runtime"),
         Command::Dev {
             nodes,
             data_dir,

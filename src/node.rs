@@ -265,6 +265,9 @@ impl Node {
             node = id,
             replayed_batches = report.replayed_batches,
             replayed_facts = report.replayed_facts,
+            redelivered_facts = report.redelivered_facts,
+            waiting_facts = local.replica().pending_facts(),
+            waiting_own_facts = local.replica().own_pending_facts(),
             replayed_raft_records = report.replayed_raft_records,
             wal = local.wal().backend_name(),
             "recovered"

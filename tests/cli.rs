@@ -64,3 +64,57 @@ bounds = { min = 0, max = 10 }
     assert!(!ok);
     assert!(err.contains("not a valid rules file"), "{err}");
 }
+
+#[test]
+fn debug_reads_a_stopped_nodes_data_directory() {
+    use calm_kernel::rules::RuleSet;
+    use calm_kernel::{HlcTimestamp, Mode, Op};
+    use calm_raft::local::{LocalOptions, LocalState};
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let rules = RuleSet::new(Mode::Hybrid).compile().unwrap();
+        let (mut local, _) =
+            LocalState::open(dir.path(), 7, rules, LocalOptions::default()).unwrap();
+        let replica = local.replica_mut();
+        let create = replica
+            .prepare_command(b"hits", &Op::CounterAdd { delta: 0 }, HlcTimestamp(1))
+            .unwrap();
+        replica.apply_command(&create).unwrap();
+        for delta in [5, 6] {
+            let admit = local
+                .admit(b"hits", &Op::CounterAdd { delta }, HlcTimestamp(10))
+                .unwrap()
+                .expect("admitted");
+            admit.durable.unwrap().wait().unwrap();
+        }
+        local.persist_durable().unwrap();
+    }
+    let data = dir.path().to_str().unwrap();
+    let (ok, out, err) = calm(&["debug", "meta", data]);
+    assert!(ok, "{err}");
+    assert!(out.contains("vv 7:2"), "{out}");
+    assert!(out.contains("keys 1"), "{out}");
+    let (ok, out, err) = calm(&["debug", "facts", data, "--origin", "7", "--from", "2"]);
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "once from the archive, once from the WAL: {out}"
+    );
+    assert!(
+        lines[0].starts_with("archive (7, 2) CounterAdd key hits arg 6"),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with("wal@") && lines[1].contains("(7, 2)"),
+        "{out}"
+    );
+    let (ok, out, err) = calm(&["debug", "key", data, "hits"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Counter"), "{out}");
+    let empty = tempfile::tempdir().unwrap();
+    let (ok, _, err) = calm(&["debug", "meta", empty.path().to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("not a calm data directory"), "{err}");
+}

@@ -8,8 +8,8 @@
 use calm::gossip::{Gossip, GossipOptions};
 use calm_kernel::clock::Hlc;
 use calm_kernel::fact::decode_facts;
-use calm_kernel::rules::RuleSet;
-use calm_kernel::{HlcTimestamp, Mode, NodeId, Op, Value, VersionVector};
+use calm_kernel::rules::{Rule, RuleSet};
+use calm_kernel::{Bounds, HlcTimestamp, Mode, NodeId, Op, Value, VersionVector};
 use calm_raft::consensus::network::Peers;
 use calm_raft::consensus::{FactSource, SharedLocal};
 use calm_raft::local::{LocalOptions, LocalState};
@@ -200,7 +200,7 @@ impl Cluster {
         for (i, listener) in listeners.into_iter().enumerate() {
             let id = i as u64 + 1;
             let dir = tempfile::tempdir().unwrap();
-            let rules = RuleSet::new(Mode::Hybrid).compile().unwrap();
+            let rules = rules();
             let (local, _) =
                 LocalState::open(dir.path(), id, rules, local_options(checkpoints_kept)).unwrap();
             let local: SharedLocal = Arc::new(Mutex::new(local));
@@ -307,6 +307,17 @@ impl Cluster {
             self.nodes[i].gossip.peer_views()
         );
     }
+}
+
+/// Every key hybrid; `stock:*` bounded counters.
+fn rules() -> calm_kernel::rules::CompiledRules {
+    RuleSet {
+        version: 1,
+        rules: vec![Rule::new("stock:*", Mode::Hybrid).bounded(Bounds::new(0, 1_000_000).unwrap())],
+        default_mode: Mode::Hybrid,
+    }
+    .compile()
+    .unwrap()
 }
 
 fn keys(n: usize) -> Vec<Vec<u8>> {
@@ -488,6 +499,81 @@ async fn fetch_brings_named_facts_from_any_peer_that_has_them() {
         .await
         .expect("a fetch returns after a bounded wait");
     assert_eq!(node3.vv().get(1), 40);
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_entropy_pulls_past_facts_already_waiting_here() {
+    // Node 3 holds a run of node 1's escrow spends, more than one pull brings, waiting for
+    // the transfer from node 2 that funded them. Pulls that ask for the waiting run again
+    // bring only duplicates and stop before reaching node 2's range: node 3 never
+    // converged (Jepsen finding 9, where every origin's next fact waited so).
+    const SPENDS: i64 = 25_000;
+    // Facts of a power-of-two size fill a pull batch exactly, so a peer's answer holds node
+    // 1's waiting facts and nothing of node 2's range after them.
+    let fact_bytes = (calm_kernel::fact::FACT_HEADER_BYTES + b"stock:1".len()).next_power_of_two();
+    let key_string = format!(
+        "stock:{}",
+        "x".repeat(fact_bytes - calm_kernel::fact::FACT_HEADER_BYTES - "stock:".len())
+    );
+    let key = key_string.as_bytes();
+    let mut cluster = Cluster::new(fast_options(), 2).await;
+    let grant = lock(&cluster.nodes[1].local)
+        .replica()
+        .prepare_grant(key, 0, SPENDS, HlcTimestamp(1))
+        .unwrap();
+    for node in &cluster.nodes {
+        lock(&node.local)
+            .replica_mut()
+            .apply_command(&grant)
+            .unwrap();
+    }
+    let to_node1 = lock(&cluster.nodes[1].local)
+        .transfer(key, 1, -SPENDS, HlcTimestamp(2))
+        .unwrap()
+        .expect("node 2 holds the rights it gives");
+    to_node1.durable.await.unwrap();
+    lock(&cluster.nodes[0].local)
+        .deliver(&to_node1.fact)
+        .unwrap();
+    let mut spends = Vec::new();
+    let mut last = None;
+    for i in 0..SPENDS {
+        let admit = lock(&cluster.nodes[0].local)
+            .admit(
+                key,
+                &Op::BoundedAdd { delta: 1 },
+                HlcTimestamp(10 + i as u64),
+            )
+            .unwrap()
+            .expect("node 1 spends the transferred rights");
+        spends.extend_from_slice(&admit.fact);
+        last = admit.durable;
+    }
+    last.expect("spends are facts").await.unwrap();
+    assert!(
+        spends.len() > calm::gossip::PULL_BATCH_BYTES_MAX,
+        "the waiting run must fill more than one pull to show anything"
+    );
+    // Node 2 has them too, so both peers answer a pull with node 1's range first.
+    let report = lock(&cluster.nodes[1].local).deliver(&spends).unwrap();
+    assert_eq!(report.applied, SPENDS as u64);
+    let report = lock(&cluster.nodes[2].local).deliver(&spends).unwrap();
+    assert_eq!(report.buffered, SPENDS as u64, "all wait for the transfer");
+    cluster.run_gossip();
+    let node3 = &cluster.nodes[2];
+    for _ in 0..POLLS_MAX {
+        if node3.vv().get(1) == SPENDS as u64 && node3.vv().get(2) == 1 {
+            break;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+    assert_eq!(
+        (node3.vv().get(1), node3.vv().get(2)),
+        (SPENDS as u64, 1),
+        "node 3 pulled the transfer and applied the spends ({} still waiting)",
+        lock(&node3.local).replica().pending_facts()
+    );
     cluster.stop().await;
 }
 

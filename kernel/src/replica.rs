@@ -435,6 +435,30 @@ impl Replica {
         }
     }
 
+    /// For each origin where this replica lacks facts of `target`, the range `(origin, from,
+    /// to)` it should pull: like [`VersionVector::missing_from`], but starting after the run
+    /// of facts already waiting here right after the version vector. Asking for those again
+    /// would bring only duplicates, and a pull that brings nothing new stops, so the fact
+    /// they wait for (often another origin's) was never asked for: found by Jepsen, a
+    /// restarted node whose every origin's next fact waited on a transfer it never pulled.
+    pub fn wanted_from(&self, target: &VersionVector) -> Vec<(NodeId, u64, u64)> {
+        target
+            .iter()
+            .filter_map(|(origin, to)| {
+                let mut from = self.vv.get(origin) + 1;
+                if !self.pending.is_empty() {
+                    for (&(o, seq), _) in self.pending.range((origin, from)..) {
+                        if o != origin || seq != from {
+                            break;
+                        }
+                        from += 1;
+                    }
+                }
+                (from <= to).then_some((origin, from, to))
+            })
+            .collect()
+    }
+
     /// Facts of this node still waiting here (only possible while recovery re-applies them).
     pub fn own_pending_facts(&self) -> usize {
         own_pending(&self.pending, self.node)

@@ -1,6 +1,7 @@
 //! calm-raft: the durable and ordered path of a calm node.
 pub mod checkpoint;
 pub mod consensus;
+pub mod inspect;
 pub mod local;
 pub mod store;
 pub mod wal;

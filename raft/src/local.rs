@@ -73,6 +73,13 @@ pub enum LocalError {
         "the state store at {path} is unusable ({reason}) and no checkpoint verifies; restore the data directory from a backup"
     )]
     NoState { path: PathBuf, reason: String },
+    #[error(
+        "the state store's fact archive holds a fact that does not decode ({source}); move the store aside and restart to rebuild it from the newest checkpoint"
+    )]
+    BadArchivedFact {
+        #[source]
+        source: FactError,
+    },
     #[error("Raft log recovery: {0}")]
     RaftLog(#[source] std::io::Error),
     #[error("cannot move the damaged state store {path} aside: {source}")]
@@ -106,6 +113,9 @@ pub struct RecoveryReport {
     pub replayed_batches: u64,
     /// Facts applied by replay (the rest were already in the store).
     pub replayed_facts: u64,
+    /// Facts the store's archive held beyond its version vector (waiting for earlier facts,
+    /// their key or escrow rights when it was written), delivered again before replay.
+    pub redelivered_facts: u64,
     /// Raft records fed to the groups' log index.
     pub replayed_raft_records: u64,
 }
@@ -305,6 +315,22 @@ impl LocalState {
         });
         let raft_logs = Arc::new(RaftLogs::new(wal.clone()));
         let mut replica = Replica::restore(node, rules, meta.vv.clone(), keys);
+        // Facts that were waiting when the store was written (accepted and archived, not
+        // applicable yet) come before the store's LSN, where replay does not look: deliver
+        // them from the archive first. Without this a restart forgot them, the node's own
+        // ones included, and a Raft entry that observed them waited forever (Jepsen finding
+        // 9: a restarted node never finished starting its groups). They are bounded by what
+        // the replica's wait buffer held then.
+        let mut waiting = Vec::new();
+        store.archived_beyond(&meta.vv, |encoded| waiting.push(encoded.to_vec()))?;
+        for encoded in &waiting {
+            let (fact, _) =
+                decode_fact(encoded).map_err(|source| LocalError::BadArchivedFact { source })?;
+            report.redelivered_facts += 1;
+            if let Delivered::Applied { unblocked } = replica.deliver(&fact)? {
+                report.replayed_facts += 1 + unblocked as u64;
+            }
+        }
         let mut unarchived = BTreeMap::new();
         report.replay_from_lsn = meta.wal_lsn;
         // Raft records are needed from the oldest segment; facts only from the store's LSN.

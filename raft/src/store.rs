@@ -104,6 +104,20 @@ impl StateStore {
         Ok(StateStore { db, path })
     }
 
+    /// Open an existing store for reading only (nothing is written, not even RocksDB's own
+    /// files), e.g. a stopped node's, for `calm debug`.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<StateStore, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let mut options = Options::default();
+        options.set_paranoid_checks(true);
+        let db = DB::open_cf_for_read_only(&options, &path, [CF_KEYS, CF_META, CF_FACTS], false)
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(StateStore { db, path })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -245,6 +259,49 @@ impl StateStore {
             };
             if o != origin || seq > to_seq || !sink(seq, value) {
                 break;
+            }
+            it.next();
+        }
+        it.status().map_err(self.io())
+    }
+
+    /// Every archived fact beyond `vv` (seq above `vv`'s entry for its origin), in (origin,
+    /// seq) order, each handed to `sink` as its encoding. These are the facts a persist found
+    /// waiting in the replica (accepted, not yet applicable): recovery delivers them again,
+    /// since WAL replay starts after them. One seek per origin, so the applied facts below
+    /// `vv` are skipped, not read.
+    pub fn archived_beyond(
+        &self,
+        vv: &VersionVector,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<(), StoreError> {
+        let facts_cf = self
+            .db
+            .cf_handle(CF_FACTS)
+            .expect("opened with this family");
+        let mut it = self.db.raw_iterator_cf(&facts_cf);
+        it.seek_to_first();
+        while it.valid() {
+            let Some(key) = it.key() else { break };
+            let Some((origin, seq)) = parse_fact_key(key) else {
+                return Err(StoreError::Archive {
+                    path: self.path.clone(),
+                    reason: format!("key {key:02x?} is not 16 bytes"),
+                });
+            };
+            let floor = vv.get(origin);
+            if seq <= floor {
+                match floor.checked_add(1) {
+                    Some(next) => it.seek(fact_key(origin, next)),
+                    None => match origin.checked_add(1) {
+                        Some(o) => it.seek(fact_key(o, 0)),
+                        None => break,
+                    },
+                }
+                continue;
+            }
+            if let Some(value) = it.value() {
+                sink(value);
             }
             it.next();
         }

@@ -569,6 +569,40 @@ const _: () = {
     send_sync::<AppendTicket>();
 };
 
+/// Reads every durable batch of the WAL in `dir` without opening it: no lock, no repair,
+/// nothing written, so it is safe on a copy or on a stopped node's directory (`calm debug`).
+/// Segments are verified as [`Wal::open`] does; a torn tail of the last segment ends the read
+/// instead of being cut off, and damage anywhere else is an error.
+pub fn read_dir_readonly(
+    dir: impl AsRef<Path>,
+    options: &WalOptions,
+) -> Result<WalReader, WalError> {
+    let dir = dir.as_ref();
+    let mut metas: Vec<segment::SegmentMeta> = Vec::new();
+    let listed = segment::list_segments(dir)?;
+    for (index, (segment_id, path)) in listed.iter().enumerate() {
+        let is_last = index + 1 == listed.len();
+        let bytes = recovery::read_segment(path)?;
+        let expected = metas.last().map(|m| recovery::ChainPoint {
+            next_lsn: m.next_lsn,
+            chain: m.end_chain,
+        });
+        match recovery::scan_segment(
+            path,
+            *segment_id,
+            &bytes,
+            expected,
+            is_last,
+            options.group_bytes_max as usize,
+        )? {
+            recovery::SegmentScan::Valid { meta, .. } => metas.push(meta),
+            recovery::SegmentScan::InterruptedCreation { .. } => break,
+        }
+    }
+    let from_lsn = metas.first().map_or(1, |m| m.first_lsn);
+    Ok(WalReader::new(from_lsn, metas))
+}
+
 /// Takes an exclusive, non-blocking flock on the directory's lock file; the kernel drops it
 /// when the process dies, so a crashed node never leaves a stale lock.
 fn lock_dir(dir: &Path) -> Result<File, WalError> {
