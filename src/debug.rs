@@ -78,23 +78,19 @@ pub fn run(command: DebugCommand) -> Result<()> {
             let data = open(&data_dir)?;
             let key = key.map(String::into_bytes);
             let on_key = |f: &Fact| key.as_ref().is_none_or(|k| *k == f.key);
-            let mut rows = 0;
-            for fact in data.archived_facts(origin, from, to)? {
-                if on_key(&fact) {
-                    println!("{}", fact_line(FactSource::Archive, &fact));
-                    rows += 1;
-                }
+            let archived = data.archived_facts(origin, from, to)?;
+            for fact in archived.iter().filter(|f| on_key(f)) {
+                println!("{}", fact_line(FactSource::Archive, fact));
             }
             let in_wal = data.wal_facts(|f| {
                 f.id.origin == origin
                     && (from..=to).contains(&f.id.seq)
                     && key.as_ref().is_none_or(|k| k.as_slice() == f.key)
             })?;
-            rows += in_wal.len();
             for (lsn, fact) in &in_wal {
                 println!("{}", fact_line(FactSource::Wal { lsn: *lsn }, fact));
             }
-            if rows >= INSPECT_ROWS_MAX {
+            if archived.len() == INSPECT_ROWS_MAX || in_wal.len() == INSPECT_ROWS_MAX {
                 eprintln!(
                     "calm: showing at most {INSPECT_ROWS_MAX} facts per source; narrow --from/--to"
                 );

@@ -11,7 +11,7 @@ use crate::consensus::state_machine::decode_applied;
 use crate::consensus::types::{Entry, EntryPayload, GroupId, LogId};
 use crate::store::{AppliedMeta, StateStore, StoreError};
 use crate::wal::{self, WalError, WalOptions, WalRecordKind};
-use calm_kernel::fact::{Fact, FactError, FactRef, decode_fact};
+use calm_kernel::fact::{Fact, FactError, FactRef, decode_fact, decode_facts};
 use calm_kernel::{KeyState, NodeId};
 use openraft::entry::RaftEntry;
 use std::collections::BTreeMap;
@@ -121,7 +121,7 @@ impl DataDir {
 
     /// How many keys the store holds.
     pub fn key_count(&self) -> Result<usize, InspectError> {
-        Ok(self.store.load()?.len())
+        Ok(self.store.key_count()?)
     }
 
     /// A key's stored state.
@@ -167,11 +167,8 @@ impl DataDir {
                 .iter()
                 .filter(|r| r.kind == WalRecordKind::Facts)
             {
-                let mut buf = record.payload.as_slice();
-                while !buf.is_empty() {
-                    let (fact, used) =
-                        decode_fact(buf).map_err(|source| InspectError::BadFact { lsn, source })?;
-                    buf = &buf[used..];
+                for fact in decode_facts(&record.payload) {
+                    let fact = fact.map_err(|source| InspectError::BadFact { lsn, source })?;
                     if keep(&fact) {
                         out.push((lsn, fact.to_owned()));
                         if out.len() == INSPECT_ROWS_MAX {

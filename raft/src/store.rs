@@ -178,6 +178,17 @@ impl StateStore {
         }
     }
 
+    /// How many keys the store holds (their states are not decoded).
+    pub fn key_count(&self) -> Result<usize, StoreError> {
+        let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");
+        let mut count = 0;
+        for item in self.db.iterator_cf(&keys_cf, IteratorMode::Start) {
+            item.map_err(self.io())?;
+            count += 1;
+        }
+        Ok(count)
+    }
+
     /// Every stored key state, in key order.
     pub fn load(&self) -> Result<Vec<(Vec<u8>, KeyState)>, StoreError> {
         let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");
