@@ -25,11 +25,11 @@ use crate::token::SessionToken;
 use calm_kernel::fact::{KEY_BYTES_MAX, PAYLOAD_BYTES_MAX};
 use calm_kernel::refusal::Refusal;
 use calm_kernel::{
-    Admitted, Bounds, CasExpect, Command, FactId, KeyState, Op, RefusedOp, StatusCode, Value,
-    ValueType,
+    Admitted, Bounds, CasExpect, Command, FactId, KeyState, Op, RefusedOp, Replica, StatusCode,
+    Value, ValueType,
 };
 use calm_raft::consensus::{ProposeError, Response};
-use calm_raft::local::LocalAdmit;
+use calm_raft::local::{FastAdmit, LocalAdmit};
 use calm_raft::wal::AppendTicket;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -110,6 +110,9 @@ fn refused(r: RefusedOp) -> Status {
     Status::new(status_code(r.refusal.status()), r.message)
 }
 
+/// A Batch's ops on one key, in call order: (index in the call, op, session token).
+type KeyOps = Vec<(usize, Option<pb::op::Kind>, Vec<u8>)>;
+
 /// A write admitted and waiting for its durability or its Raft round.
 enum Pending {
     Fast {
@@ -129,18 +132,17 @@ enum Pending {
 /// The kernel op for a client op on `key`: counter ops apply to bounded counters too (the
 /// key's type, or else its rule's type, decides), and a rule's type is enforced on creation.
 fn kernel_op(node: &Node, key: &[u8], op: Option<pb::op::Kind>) -> Result<Op, Status> {
+    kernel_op_on(lock(&node.local).replica(), key, op)
+}
+
+/// [`kernel_op`] against a replica the caller has locked.
+fn kernel_op_on(replica: &Replica, key: &[u8], op: Option<pb::op::Kind>) -> Result<Op, Status> {
     use pb::op::Kind;
     let op = op.ok_or_else(|| {
         invalid("the request has no op; set exactly one of put, delete, cas, add, set_value, set_bounds, raise, set_max, set_add, set_remove")
     })?;
-    let (existing, rule_type) = {
-        let local = lock(&node.local);
-        let replica = local.replica();
-        (
-            replica.key_state(key).map(KeyState::value_type),
-            replica.rules().resolve(key).value_type,
-        )
-    };
+    let existing = replica.key_state(key).map(KeyState::value_type);
+    let rule_type = replica.rules().resolve(key).value_type;
     let bounded = existing.or(rule_type) == Some(ValueType::BoundedCounter);
     let op = match op {
         Kind::Put(p) => {
@@ -276,6 +278,90 @@ impl Node {
         }
     }
 
+    /// Phase one of a Batch: admit each key's leading fast-path ops (up to its first op
+    /// that carries a session token, needs consensus or is refused) under one lock, their
+    /// facts appended to the WAL together. An op that does not parse is answered in `done`
+    /// and its key goes on, as in `write`. Returns the admitted facts with their op's index
+    /// and group, the ticket that makes all of them durable, and each key's remaining ops.
+    #[allow(clippy::type_complexity)]
+    fn admit_leading_fast(
+        &self,
+        by_key: BTreeMap<Vec<u8>, KeyOps>,
+        done: &mut Vec<(usize, Result<pb::WriteResponse, Status>)>,
+    ) -> (
+        Vec<(usize, FastAdmit, u64)>,
+        Option<AppendTicket>,
+        Vec<(Vec<u8>, KeyOps)>,
+    ) {
+        let group_map = self.consensus.group_map();
+        let mut fast = Vec::new();
+        let mut rest = Vec::new();
+        let mut local = lock(&self.local);
+        let mut batch = local.fast_batch();
+        for (key, mut ops) in by_key {
+            if let Err(e) = check_key(&key) {
+                done.extend(ops.into_iter().map(|(i, _, _)| (i, Err(e.clone()))));
+                continue;
+            }
+            let group = group_map.group_of(&key);
+            let mut taken = 0;
+            for (i, raw, token) in &ops {
+                if !token.is_empty() {
+                    break;
+                }
+                match kernel_op_on(batch.replica(), &key, raw.clone()) {
+                    Err(e) => done.push((*i, Err(e))),
+                    Ok(op) => {
+                        if matches!(
+                            op,
+                            Op::BoundedAdd { .. }
+                                | Op::BoundedSet { .. }
+                                | Op::BoundedSetBounds { .. }
+                        ) {
+                            self.refills.request(&key);
+                        }
+                        match batch.admit(&key, &op, self.hlc.now()) {
+                            Ok(Some(admitted)) => fast.push((*i, admitted, group)),
+                            Ok(None) => break,
+                            Err(e) => fatal("appending a fact to the WAL", &e),
+                        }
+                    }
+                }
+                taken += 1;
+            }
+            if taken < ops.len() {
+                ops.drain(..taken);
+                rest.push((key, ops));
+            }
+        }
+        let durable = batch
+            .finish()
+            .unwrap_or_else(|e| fatal("appending a batch's facts to the WAL", &e));
+        (fast, durable, rest)
+    }
+
+    /// The answer to a fast-path write of fact `id` in `group`, once it is durable.
+    fn fast_response(&self, id: FactId, escrow: bool, group: u64) -> pb::WriteResponse {
+        pb::WriteResponse {
+            path: if escrow {
+                pb::Path::Escrow
+            } else {
+                pb::Path::Fast
+            } as i32,
+            succeeded: true,
+            version: 0,
+            token: {
+                // The fact lands on top of whatever Raft writes this node already
+                // acknowledged or applied in the key's group: a reader of the token must see
+                // those too.
+                let mut token = SessionToken::of_fact(id);
+                let index = self.issue_index(group, self.applied_index(group));
+                token.merge(&SessionToken::of_entry(group, index));
+                token.encode()
+            },
+        }
+    }
+
     async fn finish(&self, pending: Pending) -> Result<pb::WriteResponse, Status> {
         match pending {
             Pending::Fast {
@@ -291,24 +377,7 @@ impl Node {
                 self.gossip.publish(fact);
                 metrics::counter!("calm_writes_total", "path" => if escrow { "escrow" } else { "fast" })
                     .increment(1);
-                Ok(pb::WriteResponse {
-                    path: if escrow {
-                        pb::Path::Escrow
-                    } else {
-                        pb::Path::Fast
-                    } as i32,
-                    succeeded: true,
-                    version: 0,
-                    token: {
-                        // The fact lands on top of whatever Raft writes this node already
-                        // acknowledged or applied in the key's group: a reader of the token
-                        // must see those too.
-                        let mut token = SessionToken::of_fact(id);
-                        let index = self.issue_index(group, self.applied_index(group));
-                        token.merge(&SessionToken::of_entry(group, index));
-                        token.encode()
-                    },
-                })
+                Ok(self.fast_response(id, escrow, group))
             }
             Pending::Consensus { cmd, barrier } => {
                 self.own_facts_durable(barrier).await;
@@ -606,7 +675,6 @@ impl Kv for KvService {
                 ops.len()
             )));
         }
-        type KeyOps = Vec<(usize, Option<pb::op::Kind>, Vec<u8>)>;
         let mut by_key: BTreeMap<Vec<u8>, KeyOps> = BTreeMap::new();
         for (i, op) in ops.into_iter().enumerate() {
             by_key
@@ -615,7 +683,27 @@ impl Kv for KvService {
                 .push((i, op.op.and_then(|o| o.kind), op.token));
         }
         let node = &self.node;
-        let per_key = by_key.into_iter().map(|(key, ops)| async move {
+        let mut results = Vec::with_capacity(by_key.len());
+        let (admitted, durable, rest) = node.admit_leading_fast(by_key, &mut results);
+        let fast = async {
+            if let Some(durable) = durable
+                && let Err(e) = durable.await
+            {
+                fatal("making a batch's facts durable", &e);
+            }
+            node.gossip
+                .publish_many(admitted.iter().map(|(_, f, _)| f.fact.as_slice()));
+            let escrow = admitted.iter().filter(|(_, f, _)| f.escrow).count() as u64;
+            metrics::counter!("calm_writes_total", "path" => "escrow").increment(escrow);
+            metrics::counter!("calm_writes_total", "path" => "fast")
+                .increment(admitted.len() as u64 - escrow);
+            admitted
+                .iter()
+                .map(|(i, f, group)| (*i, Ok(node.fast_response(f.id, f.escrow, *group))))
+                .collect::<Vec<_>>()
+        };
+        // The rest of each key, in order, one op at a time (as `write` would).
+        let per_key = rest.into_iter().map(|(key, ops)| async move {
             let mut done = Vec::with_capacity(ops.len());
             let mut fast = Vec::new();
             for (i, op, token) in ops {
@@ -646,12 +734,9 @@ impl Kv for KvService {
             }
             done
         });
-        let mut results: Vec<(usize, Result<pb::WriteResponse, Status>)> =
-            futures::future::join_all(per_key)
-                .await
-                .into_iter()
-                .flatten()
-                .collect();
+        let (fast, rest) = tokio::join!(fast, futures::future::join_all(per_key));
+        results.extend(fast);
+        results.extend(rest.into_iter().flatten());
         results.sort_unstable_by_key(|(i, _)| *i);
         let results = results
             .into_iter()

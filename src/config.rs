@@ -8,6 +8,7 @@
 //!
 //! Environment variables nest with `__`: `CALM_RAFT__HEARTBEAT_MS=50`.
 
+use crate::gossip::GossipOptions;
 use calm_kernel::NodeId;
 use calm_raft::consensus::{ConsensusOptions, DATA_GROUPS_MAX};
 use figment::Figment;
@@ -25,6 +26,10 @@ pub enum ConfigError {
     #[error("configuration: {0}")]
     Invalid(String),
 }
+
+/// Beyond these, facts would take longer to spread than anyone tolerates; a typo, surely.
+const GOSSIP_PUSH_INTERVAL_MS_MAX: u64 = 1_000;
+const GOSSIP_ANTI_ENTROPY_INTERVAL_MS_MAX: u64 = 60_000;
 
 fn invalid(message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid(message.into())
@@ -134,6 +139,39 @@ impl Default for StorageConfig {
     }
 }
 
+/// Fact gossip timing (may differ per node).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GossipConfig {
+    /// Batching window of pushes: a peer's push task waits this long after the first fact
+    /// it has queued before sending, so facts admitted meanwhile share one RPC and one WAL
+    /// append on the receiver. 0 sends at once. Longer windows cost receivers less CPU and
+    /// delay convergence by as much.
+    pub push_interval_ms: u64,
+    /// Period of the anti-entropy round with each peer (repairs what pushes missed).
+    pub anti_entropy_interval_ms: u64,
+}
+
+impl Default for GossipConfig {
+    fn default() -> GossipConfig {
+        let g = GossipOptions::default();
+        GossipConfig {
+            push_interval_ms: g.push_interval_ms,
+            anti_entropy_interval_ms: g.anti_entropy_interval_ms,
+        }
+    }
+}
+
+impl GossipConfig {
+    pub fn gossip_options(&self) -> GossipOptions {
+        GossipOptions {
+            push_interval_ms: self.push_interval_ms,
+            anti_entropy_interval_ms: self.anti_entropy_interval_ms,
+            ..GossipOptions::default()
+        }
+    }
+}
+
 /// A node's whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeConfig {
@@ -159,6 +197,8 @@ pub struct NodeConfig {
     pub raft: RaftConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub gossip: GossipConfig,
 }
 
 /// What flags may override (all optional).
@@ -272,6 +312,15 @@ impl NodeConfig {
                 "storage.persist_interval_ms and storage.checkpoint_interval_s must be > 0",
             ));
         }
+        if self.gossip.push_interval_ms > GOSSIP_PUSH_INTERVAL_MS_MAX
+            || !(1..=GOSSIP_ANTI_ENTROPY_INTERVAL_MS_MAX)
+                .contains(&self.gossip.anti_entropy_interval_ms)
+        {
+            return Err(invalid(format!(
+                "gossip timing: need push_interval_ms ({}) <= {GOSSIP_PUSH_INTERVAL_MS_MAX} and 1 <= anti_entropy_interval_ms ({}) <= {GOSSIP_ANTI_ENTROPY_INTERVAL_MS_MAX}",
+                self.gossip.push_interval_ms, self.gossip.anti_entropy_interval_ms
+            )));
+        }
         if !["auto", "io_uring", "pwrite"].contains(&self.storage.wal_backend.as_str()) {
             return Err(invalid(format!(
                 "storage.wal_backend = '{}': use auto, io_uring or pwrite",
@@ -325,6 +374,26 @@ mod tests {
         let c = NodeConfig::load(Some(&path), overrides()).unwrap();
         assert_eq!(c.id, 1, "the flag wins over the file");
         assert_eq!(c.raft.heartbeat_ms, 40, "the file wins over defaults");
+    }
+
+    #[test]
+    fn gossip_timing_comes_from_the_file_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calm.toml");
+        std::fs::write(&path, "[gossip]\npush_interval_ms = 10\n").unwrap();
+        let c = NodeConfig::load(Some(&path), overrides()).unwrap();
+        let g = c.gossip.gossip_options();
+        assert_eq!(g.push_interval_ms, 10);
+        assert_eq!(
+            g.anti_entropy_interval_ms,
+            GossipOptions::default().anti_entropy_interval_ms,
+            "unset fields keep their defaults"
+        );
+        std::fs::write(&path, "[gossip]\nanti_entropy_interval_ms = 0\n").unwrap();
+        let e = NodeConfig::load(Some(&path), overrides())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("anti_entropy_interval_ms (0)"), "{e}");
     }
 
     #[test]

@@ -368,30 +368,46 @@ impl Gossip {
     /// only once the fact is durable. Never blocks: a peer whose queue is full or that is
     /// unreachable misses it (counted), and anti-entropy brings it later.
     pub fn publish(&self, fact: Vec<u8>) {
-        if !self.options.push_enabled || fact.is_empty() || self.links.is_empty() {
+        self.publish_many(std::iter::once(fact.as_slice()));
+    }
+
+    /// [`publish`](Self::publish) for many facts, each peer's queue locked once.
+    pub fn publish_many<'a>(&self, facts: impl IntoIterator<Item = &'a [u8]>) {
+        if !self.options.push_enabled || self.links.is_empty() {
             return;
         }
-        let fact: Arc<[u8]> = fact.into();
+        let facts: Vec<Arc<[u8]>> = facts
+            .into_iter()
+            .filter(|f| !f.is_empty())
+            .map(Arc::from)
+            .collect();
+        if facts.is_empty() {
+            return;
+        }
         for link in &self.links {
-            let refused = {
+            let (mut unreachable, mut full) = (0u64, 0u64);
+            {
                 let mut queue = lock(&link.queue);
-                if !queue.reachable {
-                    Some("peer_unreachable")
-                } else if queue.facts.len() >= PUSH_QUEUE_FACTS_MAX
-                    || queue.bytes + fact.len() > PUSH_QUEUE_BYTES_MAX
-                {
-                    Some("queue_full")
-                } else {
-                    queue.bytes += fact.len();
-                    queue.facts.push_back(fact.clone());
-                    None
+                for fact in &facts {
+                    if !queue.reachable {
+                        unreachable += 1;
+                    } else if queue.facts.len() >= PUSH_QUEUE_FACTS_MAX
+                        || queue.bytes + fact.len() > PUSH_QUEUE_BYTES_MAX
+                    {
+                        full += 1;
+                    } else {
+                        queue.bytes += fact.len();
+                        queue.facts.push_back(fact.clone());
+                    }
                 }
-            };
-            match refused {
-                None => link.wake.notify_one(),
-                Some(reason) => {
+            }
+            if unreachable + full < facts.len() as u64 {
+                link.wake.notify_one();
+            }
+            for (reason, n) in [("peer_unreachable", unreachable), ("queue_full", full)] {
+                if n > 0 {
                     metrics::counter!("calm_gossip_push_dropped_total", "reason" => reason)
-                        .increment(1)
+                        .increment(n);
                 }
             }
         }

@@ -14,7 +14,7 @@
 //! recovery rebuilds from what is durable; it never keeps acknowledging.
 
 use crate::config::NodeConfig;
-use crate::gossip::{Gossip, GossipOptions};
+use crate::gossip::Gossip;
 use calm_kernel::clock::Hlc;
 use calm_kernel::rules::{CompiledRules, RuleSet};
 use calm_kernel::{NodeId, VersionVector};
@@ -285,7 +285,7 @@ impl Node {
                 .iter()
                 .map(|m| (m.id, m.peer.clone()))
                 .collect(),
-            GossipOptions::default(),
+            config.gossip.gossip_options(),
         );
 
         let handles = GroupHandles::new();

@@ -395,6 +395,80 @@ async fn batches_and_causal_tokens_handed_between_nodes() {
     check_everywhere(&c, "batch:max", &last(14), max(9)).await;
     check_everywhere(&c, "stock:batch", &last(14), None).await;
 
+    // --- A Batch on keys that exist: each key's leading fast-path ops are admitted together
+    // (one WAL append); from a key's first op that needs consensus or carries a token, the
+    // rest of that key runs op by op, in order. A refused op does not stop its key.
+    let token = ok(14).token;
+    let ops: Vec<(&str, pb::Op, Vec<u8>)> = vec![
+        ("batch:ctr", op::add(10), vec![]),
+        ("batch:set", op::sadd("g"), vec![]),
+        ("batch:ctr", op::set_value(100), vec![]),
+        ("batch:ctr", op::add(5), vec![]),
+        ("batch:max", op::raise(20), vec![]),
+        ("batch:max", op::sadd("wrong type"), vec![]),
+        ("batch:max", op::raise(30), vec![]),
+        ("batch:set", op::srem("f"), vec![]),
+        ("batch:set", op::sadd("h"), vec![]),
+        ("batch:max", op::raise(40), token),
+    ];
+    let request = pb::BatchRequest {
+        ops: ops
+            .iter()
+            .map(|(k, o, t)| pb::WriteRequest {
+                key: k.as_bytes().to_vec(),
+                op: Some(o.clone()),
+                token: t.clone(),
+            })
+            .collect(),
+    };
+    let results = c
+        .kv(2)
+        .await
+        .batch(request)
+        .await
+        .expect("the batch call succeeds")
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), ops.len(), "{results:?}");
+    let ok = |i: usize| match &results[i].result {
+        Some(R::Ok(r)) => {
+            assert!(r.succeeded, "op {i} ({:?}): {r:?}", ops[i]);
+            r.clone()
+        }
+        other => panic!("op {i} ({:?}) failed: {other:?}", ops[i]),
+    };
+    let paths: Vec<Option<Path>> = (0..ops.len())
+        .map(|i| (i != 5).then(|| Path::try_from(ok(i).path).unwrap()))
+        .collect();
+    use Path::{Consensus, Fast};
+    assert_eq!(
+        paths,
+        [
+            Some(Fast),
+            Some(Fast),
+            Some(Consensus),
+            Some(Fast),
+            Some(Fast),
+            None,
+            Some(Fast),
+            Some(Consensus),
+            Some(Fast),
+            Some(Fast),
+        ]
+    );
+    match &results[5].result {
+        Some(R::Error(e)) => assert_eq!(e.code, Code::FailedPrecondition as i32, "{e:?}"),
+        other => panic!("a set add on a max key must fail: {other:?}"),
+    }
+    let last = |i: usize| Written {
+        via: 2,
+        response: ok(i),
+        ordered: false,
+    };
+    check_everywhere(&c, "batch:ctr", &last(3), Some(Kind::Counter(105))).await;
+    check_everywhere(&c, "batch:set", &last(8), set(&["g", "h"])).await;
+    check_everywhere(&c, "batch:max", &last(9), max(40)).await;
+
     // --- Read-your-writes across nodes: a fast-path add on node 1, read CAUSAL on node 3
     // with its token, then on node 2 with the token node 3's read returned (monotonic).
     let k = "causal:ctr";

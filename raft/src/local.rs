@@ -138,6 +138,106 @@ pub struct LocalTransfer {
     pub fact: Vec<u8>,
 }
 
+/// Fast-path admissions that share WAL appends (from [`LocalState::fast_batch`]).
+///
+/// Each admitted fact is applied at once, like [`LocalState::admit`]; its bytes are
+/// appended when the payload would outgrow one WAL record and at [`FastBatch::finish`].
+/// Nothing else sees the replica meanwhile (the batch borrows the state), so the WAL gets
+/// the facts in the order they were applied, as with single admissions. Dropping the batch
+/// unfinished appends the rest too: an applied fact always reaches the WAL.
+#[must_use = "facts are appended and made durable through `finish`"]
+pub struct FastBatch<'a> {
+    local: &'a mut LocalState,
+    /// Encoded facts not appended yet, back to back.
+    payload: Vec<u8>,
+    /// Sequence numbers of the own facts in `payload`, in order.
+    own_seqs: Vec<u64>,
+    /// The last append's ticket: it resolves only once every earlier append is durable.
+    durable: Option<AppendTicket>,
+}
+
+/// A fact a [`FastBatch`] admitted.
+pub struct FastAdmit {
+    pub id: FactId,
+    /// Spent from this node's escrow rights (a bounded counter).
+    pub escrow: bool,
+    /// The fact's encoding, for gossip once the batch is durable.
+    pub fact: Vec<u8>,
+}
+
+impl FastBatch<'_> {
+    pub fn replica(&self) -> &Replica {
+        &self.local.replica
+    }
+
+    /// Admit `op` if the kernel takes it on the fast path. `Ok(None)`: it did not (it
+    /// needs consensus or is refused), nothing changed, and the caller admits it alone
+    /// with [`LocalState::admit`]. An `Err` is fatal, as for `admit`.
+    pub fn admit(
+        &mut self,
+        key: &[u8],
+        op: &Op,
+        hlc: HlcTimestamp,
+    ) -> Result<Option<FastAdmit>, LocalError> {
+        let mut encoded = Vec::new();
+        let Ok(Admitted::Local { id, escrow }) =
+            self.local.replica.admit(key, op, hlc, &mut encoded)
+        else {
+            // Classification and refusal change nothing in the replica.
+            debug_assert!(encoded.is_empty());
+            return Ok(None);
+        };
+        assert!(!encoded.is_empty(), "a fast-path admission is a fact");
+        assert_eq!(
+            id.origin,
+            self.local.replica.node(),
+            "an admitted fact is own"
+        );
+        if self.payload.len() + encoded.len() > self.local.wal.record_payload_bytes_max() {
+            self.append()?;
+        }
+        self.payload.extend_from_slice(&encoded);
+        self.own_seqs.push(id.seq);
+        self.local
+            .unarchived
+            .insert((id.origin, id.seq), encoded.clone());
+        Ok(Some(FastAdmit {
+            id,
+            escrow,
+            fact: encoded,
+        }))
+    }
+
+    /// Append what is left. The ticket resolves once every fact of the batch is durable
+    /// (`None`: none was admitted); only then may clients be told and peers sent them.
+    pub fn finish(mut self) -> Result<Option<AppendTicket>, LocalError> {
+        self.append()?;
+        Ok(self.durable.take())
+    }
+
+    fn append(&mut self) -> Result<(), LocalError> {
+        if self.payload.is_empty() {
+            return Ok(());
+        }
+        let payload = std::mem::take(&mut self.payload);
+        let ticket = self.local.wal.append(&[WalRecord::facts(payload)])?;
+        for seq in self.own_seqs.drain(..) {
+            self.local.note_own_fact(seq, &ticket);
+        }
+        self.durable = Some(ticket);
+        Ok(())
+    }
+}
+
+impl Drop for FastBatch<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.append() {
+            // Applied in memory, never to be durable: as fatal as a failed fsync.
+            panic!("appending a batch's facts to the WAL failed: {e}");
+        }
+    }
+}
+
 /// A persist captured by [`LocalState::begin_persist`], to finish without the state.
 #[must_use = "a captured persist writes nothing until `write`"]
 pub struct PersistJob {
@@ -457,6 +557,18 @@ impl LocalState {
             durable: Some(ticket),
             fact: encoded,
         }))
+    }
+
+    /// Start admitting many ops' fast-path facts under this one borrow, appended to the WAL
+    /// together (a client Batch): one append, one fsync wait and one ticket instead of one
+    /// per op. See [`FastBatch`].
+    pub fn fast_batch(&mut self) -> FastBatch<'_> {
+        FastBatch {
+            local: self,
+            payload: Vec::new(),
+            own_seqs: Vec::new(),
+            durable: None,
+        }
     }
 
     /// What to await before proposing a Raft command prepared from this replica now: the

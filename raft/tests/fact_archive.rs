@@ -5,7 +5,7 @@ use calm_kernel::fact::decode_facts;
 use calm_kernel::rules::RuleSet;
 use calm_kernel::{Admitted, HlcTimestamp, Mode, NodeId, Op, Value, VersionVector};
 use calm_raft::local::{LocalError, LocalOptions, LocalState};
-use calm_raft::wal::WalOptions;
+use calm_raft::wal::{WalOptions, WalRecord};
 use std::path::Path;
 
 const KEY: &[u8] = b"hits";
@@ -209,6 +209,82 @@ fn a_large_delivery_is_split_over_wal_records() {
     let n1 = open(d1.path(), 1);
     assert_eq!(n1.replica().version_vector().get(2), 500);
     assert_eq!(counter(&n1), 500);
+}
+
+#[test]
+fn a_fast_batch_appends_its_facts_together_and_they_replay_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n1 = open(dir.path(), 1);
+    create_key(&mut n1);
+    n1.checkpoint().unwrap();
+    let before = n1
+        .wal()
+        .append(&[WalRecord::facts(Vec::new())])
+        .unwrap()
+        .append_no();
+    let mut batch = n1.fast_batch();
+    let mut fact_bytes = 0;
+    for i in 0..500u64 {
+        let admitted = batch
+            .admit(KEY, &Op::CounterAdd { delta: 1 }, HlcTimestamp(10 + i))
+            .unwrap()
+            .expect("a hybrid counter add is admitted on the fast path");
+        assert_eq!(admitted.id.seq, i + 1, "own facts are numbered in order");
+        fact_bytes += admitted.fact.len();
+    }
+    // A counter set needs consensus: the batch leaves it alone and changes nothing.
+    assert!(
+        batch
+            .admit(KEY, &Op::CounterSet { value: 7 }, HlcTimestamp(600))
+            .unwrap()
+            .is_none()
+    );
+    let durable = batch.finish().unwrap().expect("facts were admitted");
+    let appends = durable.append_no() - before;
+    durable.wait().unwrap();
+    let record_max = n1.wal().record_payload_bytes_max();
+    assert!(
+        fact_bytes > 4 * record_max,
+        "the test must span several records"
+    );
+    assert!(
+        appends <= fact_bytes.div_ceil(record_max / 2) as u64,
+        "{appends} appends for {fact_bytes} bytes of facts: the batch did not share appends"
+    );
+    assert_eq!(counter(&n1), 500);
+    assert_eq!(archived(&n1, 1, 1, 500), seqs(1, 1..=500));
+
+    // A batch dropped unfinished still appends what it admitted.
+    let mut batch = n1.fast_batch();
+    for i in 0..3u64 {
+        batch
+            .admit(KEY, &Op::CounterAdd { delta: 1 }, HlcTimestamp(700 + i))
+            .unwrap()
+            .unwrap();
+    }
+    drop(batch);
+    let (barrier, seq) = n1
+        .own_facts_barrier()
+        .unwrap()
+        .expect("3 facts are in flight");
+    assert_eq!(seq, 503);
+    barrier.wait().unwrap();
+
+    // No persist: only the WAL has them.
+    drop(n1);
+    let rules = RuleSet::new(Mode::Hybrid).compile().unwrap();
+    let (mut n1, report) = LocalState::open(dir.path(), 1, rules, options()).unwrap();
+    assert_eq!(report.replayed_facts, 503);
+    assert_eq!(counter(&n1), 503);
+    assert_eq!(archived(&n1, 1, 1, 503), seqs(1, 1..=503));
+    let next = n1
+        .admit(KEY, &Op::CounterAdd { delta: 1 }, HlcTimestamp(800))
+        .unwrap()
+        .unwrap();
+    match next.admitted {
+        Admitted::Local { id, .. } => assert_eq!(id.seq, 504, "no sequence number reused"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
