@@ -49,6 +49,8 @@ use pb::kv_server::{Kv, KvServer};
 
 /// Most ops in one Batch call.
 pub const BATCH_OPS_MAX: usize = 10_000;
+/// Most fast-path ops of a Batch admitted in one hold of the state lock (~2 µs each).
+const BATCH_OPS_PER_LOCK_MAX: usize = 1_000;
 /// Largest request or response message on the client API.
 pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 
@@ -279,8 +281,9 @@ impl Node {
     }
 
     /// Phase one of a Batch: admit each key's leading fast-path ops (up to its first op
-    /// that carries a session token, needs consensus or is refused) under one lock, their
-    /// facts appended to the WAL together. An op that does not parse is answered in `done`
+    /// that carries a session token, needs consensus or is refused) under the state lock,
+    /// released every `BATCH_OPS_PER_LOCK_MAX` admissions, their facts appended to the WAL
+    /// together. An op that does not parse is answered in `done`
     /// and its key goes on, as in `write`. Returns the admitted facts with their op's index
     /// and group, the ticket that makes all of them durable, and each key's remaining ops.
     #[allow(clippy::type_complexity)]
@@ -296,8 +299,10 @@ impl Node {
         let group_map = self.consensus.group_map();
         let mut fast = Vec::new();
         let mut rest = Vec::new();
+        let mut durable = None;
         let mut local = lock(&self.local);
         let mut batch = local.fast_batch();
+        let mut admitted_in_hold = 0;
         for (key, mut ops) in by_key {
             if let Err(e) = check_key(&key) {
                 done.extend(ops.into_iter().map(|(i, _, _)| (i, Err(e.clone()))));
@@ -325,9 +330,22 @@ impl Node {
                             Ok(None) => break,
                             Err(e) => fatal("appending a fact to the WAL", &e),
                         }
+                        admitted_in_hold += 1;
                     }
                 }
                 taken += 1;
+                if admitted_in_hold == BATCH_OPS_PER_LOCK_MAX {
+                    // Let Raft applies and other clients in between (WAL batches are durable
+                    // in order, so the last ticket still covers every fact of the call).
+                    durable = batch
+                        .finish()
+                        .unwrap_or_else(|e| fatal("appending a batch's facts to the WAL", &e))
+                        .or(durable);
+                    drop(local);
+                    local = lock(&self.local);
+                    batch = local.fast_batch();
+                    admitted_in_hold = 0;
+                }
             }
             if taken < ops.len() {
                 ops.drain(..taken);
@@ -336,7 +354,8 @@ impl Node {
         }
         let durable = batch
             .finish()
-            .unwrap_or_else(|e| fatal("appending a batch's facts to the WAL", &e));
+            .unwrap_or_else(|e| fatal("appending a batch's facts to the WAL", &e))
+            .or(durable);
         (fast, durable, rest)
     }
 

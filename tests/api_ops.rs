@@ -136,6 +136,30 @@ async fn check_everywhere(c: &Cluster, key: &str, w: &Written, expected: Option<
     }
 }
 
+/// One Batch call of `(key, op, token)` through node `via`; the call itself must succeed.
+async fn batch<'a>(
+    c: &Cluster,
+    via: usize,
+    ops: impl Iterator<Item = (&'a str, &'a pb::Op, &'a [u8])>,
+) -> Vec<pb::BatchResult> {
+    let request = pb::BatchRequest {
+        ops: ops
+            .map(|(key, op, token)| pb::WriteRequest {
+                key: key.as_bytes().to_vec(),
+                op: Some(op.clone()),
+                token: token.to_vec(),
+            })
+            .collect(),
+    };
+    c.kv(via)
+        .await
+        .batch(request)
+        .await
+        .expect("the batch call succeeds")
+        .into_inner()
+        .results
+}
+
 fn path(w: &Written) -> Path {
     Path::try_from(w.response.path).unwrap()
 }
@@ -335,24 +359,7 @@ async fn batches_and_causal_tokens_handed_between_nodes() {
         ("batch:max", op::sadd("wrong type")),
         ("batch:max", op::raise(9)),
     ];
-    let request = pb::BatchRequest {
-        ops: ops
-            .iter()
-            .map(|(k, o)| pb::WriteRequest {
-                key: k.as_bytes().to_vec(),
-                op: Some(o.clone()),
-                token: Vec::new(),
-            })
-            .collect(),
-    };
-    let results = c
-        .kv(2)
-        .await
-        .batch(request)
-        .await
-        .expect("the batch call succeeds")
-        .into_inner()
-        .results;
+    let results = batch(&c, 2, ops.iter().map(|(k, o)| (*k, o, &[][..]))).await;
     assert_eq!(results.len(), ops.len(), "{results:?}");
     use pb::batch_result::Result as R;
     let ok = |i: usize| match &results[i].result {
@@ -411,24 +418,7 @@ async fn batches_and_causal_tokens_handed_between_nodes() {
         ("batch:set", op::sadd("h"), vec![]),
         ("batch:max", op::raise(40), token),
     ];
-    let request = pb::BatchRequest {
-        ops: ops
-            .iter()
-            .map(|(k, o, t)| pb::WriteRequest {
-                key: k.as_bytes().to_vec(),
-                op: Some(o.clone()),
-                token: t.clone(),
-            })
-            .collect(),
-    };
-    let results = c
-        .kv(2)
-        .await
-        .batch(request)
-        .await
-        .expect("the batch call succeeds")
-        .into_inner()
-        .results;
+    let results = batch(&c, 2, ops.iter().map(|(k, o, t)| (*k, o, t.as_slice()))).await;
     assert_eq!(results.len(), ops.len(), "{results:?}");
     let ok = |i: usize| match &results[i].result {
         Some(R::Ok(r)) => {
@@ -468,6 +458,34 @@ async fn batches_and_causal_tokens_handed_between_nodes() {
     check_everywhere(&c, "batch:ctr", &last(3), Some(Kind::Counter(105))).await;
     check_everywhere(&c, "batch:set", &last(8), set(&["g", "h"])).await;
     check_everywhere(&c, "batch:max", &last(9), max(40)).await;
+
+    // --- More fast-path ops than one hold of the state lock admits: all of them land.
+    let adds = 2_500;
+    let add = op::add(1);
+    let results = batch(&c, 3, (0..adds).map(|_| ("batch:ctr", &add, &[][..]))).await;
+    assert_eq!(results.len(), adds);
+    let mut last_response = None;
+    for (i, r) in results.iter().enumerate() {
+        match &r.result {
+            Some(R::Ok(w)) => {
+                assert_eq!(w.path, Path::Fast as i32, "add {i}: {w:?}");
+                last_response = Some(w.clone());
+            }
+            other => panic!("add {i} failed: {other:?}"),
+        }
+    }
+    let last = Written {
+        via: 3,
+        response: last_response.expect("the batch has ops"),
+        ordered: false,
+    };
+    check_everywhere(
+        &c,
+        "batch:ctr",
+        &last,
+        Some(Kind::Counter(105 + adds as i64)),
+    )
+    .await;
 
     // --- Read-your-writes across nodes: a fast-path add on node 1, read CAUSAL on node 3
     // with its token, then on node 2 with the token node 3's read returned (monotonic).
