@@ -27,7 +27,8 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// Beyond these, facts would take longer to spread than anyone tolerates; a typo, surely.
+/// Beyond these a gossip interval is a mistake: facts would spread slower than any client
+/// of the fast path expects.
 const GOSSIP_PUSH_INTERVAL_MS_MAX: u64 = 1_000;
 const GOSSIP_ANTI_ENTROPY_INTERVAL_MS_MAX: u64 = 60_000;
 
