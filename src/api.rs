@@ -721,12 +721,13 @@ impl Kv for KvService {
                 .map(|(i, f, group)| (*i, Ok(node.fast_response(f.id, f.escrow, *group))))
                 .collect::<Vec<_>>()
         };
-        // The rest of each key, in order, one op at a time (as `write` would).
+        // The rest of each key, in order, one op at a time (as `write` would); phase one
+        // checked the key already.
         let per_key = rest.into_iter().map(|(key, ops)| async move {
             let mut done = Vec::with_capacity(ops.len());
             let mut fast = Vec::new();
             for (i, op, token) in ops {
-                let op = match check_key(&key).and_then(|()| kernel_op(node, &key, op)) {
+                let op = match kernel_op(node, &key, op) {
                     Ok(op) => op,
                     Err(e) => {
                         done.push((i, Err(e)));
