@@ -231,9 +231,12 @@ impl FastBatch<'_> {
 
 impl Drop for FastBatch<'_> {
     fn drop(&mut self) {
-        if let Err(e) = self.append() {
-            // Applied in memory, never to be durable: as fatal as a failed fsync.
-            panic!("appending a batch's facts to the WAL failed: {e}");
+        if let Err(error) = self.append() {
+            // Applied in memory, never to be durable: as fatal as a failed fsync. Abort rather
+            // than panic: a panic would end only the caller's task, and the node would go on
+            // serving state its WAL does not hold.
+            tracing::error!(%error, "appending a batch's facts to the WAL failed; aborting");
+            std::process::abort();
         }
     }
 }
