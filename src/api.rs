@@ -230,13 +230,7 @@ impl Node {
     /// Classify and admit (fast path) or prepare (consensus) one op. Synchronous: ops of one
     /// caller are admitted in call order.
     fn admit(&self, key: &[u8], op: &Op) -> Result<Pending, Status> {
-        if matches!(
-            op,
-            Op::BoundedAdd { .. } | Op::BoundedSet { .. } | Op::BoundedSetBounds { .. }
-        ) {
-            // Top up this node's escrow quota in the background (see escrow.rs).
-            self.refills.request(key);
-        }
+        self.request_refill(key, op);
         let hlc = self.hlc.now();
         let mut local = lock(&self.local);
         match local.admit(key, op, hlc) {
@@ -280,6 +274,17 @@ impl Node {
         }
     }
 
+    /// A bounded counter op tops up this node's escrow quota in the background (see
+    /// escrow.rs).
+    fn request_refill(&self, key: &[u8], op: &Op) {
+        if matches!(
+            op,
+            Op::BoundedAdd { .. } | Op::BoundedSet { .. } | Op::BoundedSetBounds { .. }
+        ) {
+            self.refills.request(key);
+        }
+    }
+
     /// Phase one of a Batch: admit each key's leading fast-path ops (up to its first op
     /// that carries a session token, needs consensus or is refused) under the state lock,
     /// released every `BATCH_OPS_PER_LOCK_MAX` admissions, their facts appended to the WAL
@@ -317,14 +322,7 @@ impl Node {
                 match kernel_op_on(batch.replica(), &key, raw.clone()) {
                     Err(e) => done.push((*i, Err(e))),
                     Ok(op) => {
-                        if matches!(
-                            op,
-                            Op::BoundedAdd { .. }
-                                | Op::BoundedSet { .. }
-                                | Op::BoundedSetBounds { .. }
-                        ) {
-                            self.refills.request(&key);
-                        }
+                        self.request_refill(&key, &op);
                         match batch.admit(&key, &op, self.hlc.now()) {
                             Ok(Some(admitted)) => fast.push((*i, admitted, group)),
                             Ok(None) => break,
