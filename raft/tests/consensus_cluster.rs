@@ -244,6 +244,75 @@ async fn concurrent_proposals_share_entries_and_each_gets_its_own_answer() {
     }
 }
 
+/// A leader whose lease lapsed (no quorum answered it within the election timeout) refuses
+/// writes with "not the leader" while it stays the leader in the same term, and takes them
+/// again once a quorum answers its next heartbeat. Proposals made meanwhile, at it or forwarded
+/// to it, must be retried there within their deadline: they once waited for a *different*
+/// leader and timed out after 5 s. (The same happens for a moment after every election, and
+/// when a node steps down and is re-elected.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposals_to_a_leader_whose_lease_lapsed_are_retried_there() {
+    let (_dirs, _addrs, nodes) = three_nodes().await;
+    let map = nodes[0].consensus.group_map();
+    let group = map.group_of(b"lease0");
+    let keys: Vec<String> = (0..1000)
+        .map(|k| format!("lease{k}"))
+        .filter(|k| map.group_of(k.as_bytes()) == group)
+        .take(6)
+        .collect();
+    let leader = nodes
+        .iter()
+        .position(|n| n.consensus.leader_id(group) == Some(n.consensus.node()))
+        .expect("the group has a leader on one of the nodes");
+    let term = metric(&nodes[leader], group, |m| m.current_term);
+    // The leader stops heartbeating and the followers do not campaign: its lease (the 600 ms
+    // election timeout) lapses and it stays the leader.
+    for (i, n) in nodes.iter().enumerate() {
+        if i == leader {
+            n.consensus.raft(group).runtime_config().heartbeat(false);
+        } else {
+            n.consensus.raft(group).runtime_config().elect(false);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let proposals = keys.iter().enumerate().map(|(i, key)| {
+        let n = &nodes[i % 3];
+        async move {
+            let answer = n.consensus.propose(put(key, "v", n.consensus.node())).await;
+            (key, answer)
+        }
+    });
+    let heal = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        nodes[leader]
+            .consensus
+            .raft(group)
+            .runtime_config()
+            .heartbeat(true);
+    };
+    let (answers, ()) = tokio::join!(futures::future::join_all(proposals), heal);
+    for (key, answer) in answers {
+        match answer {
+            Ok(p) => assert_eq!(p.response, Response::Done { version: 1 }, "put on {key}"),
+            Err(e) => panic!("put on {key} failed: {e:?}"),
+        }
+    }
+    assert_eq!(
+        metric(&nodes[leader], group, |m| (
+            m.current_term,
+            m.current_leader
+        )),
+        (term, Some(nodes[leader].consensus.node())),
+        "the same leadership took the puts"
+    );
+    for n in &nodes {
+        n.consensus.raft(group).runtime_config().elect(true);
+    }
+    for n in nodes {
+        stop(n).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_elect_forward_read_and_catch_up_from_a_snapshot() {
     let (dirs, addrs, mut nodes) = three_nodes().await;

@@ -50,6 +50,10 @@ pub const COALESCED_IN_FLIGHT_MAX: usize = 2;
 /// Commands at most waiting for one group's flush; beyond it a proposal is refused at once
 /// (`Overloaded`, RESOURCE_EXHAUSTED to clients) instead of queueing without bound.
 pub const COALESCE_QUEUE_MAX: usize = 16_384;
+/// Attempts at most for one proposal or read barrier. Each retry follows a definite "not
+/// appended" answer and waits for a new leadership or one heartbeat period, so the request's
+/// deadline ends it long before this bound (which only keeps the loop finite).
+pub const LEADER_ATTEMPTS_MAX: usize = 256;
 
 /// Timing and sizing of every group on a node.
 #[derive(Clone, Debug)]
@@ -277,6 +281,14 @@ pub struct Proposed {
 type Reply = oneshot::Sender<Result<Proposed, ProposeError>>;
 
 /// A command waiting for its group's flush.
+/// One leadership of a group: a node leading in a term. Terms only grow, so a retry after
+/// "not the leader" waits for a different value (see `Consensus::await_leader_change`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Leadership {
+    leader: NodeId,
+    term: u64,
+}
+
 struct Queued {
     cmd: Command,
     reply: Reply,
@@ -480,6 +492,16 @@ impl Consensus {
         Some((leader, addr))
     }
 
+    /// Which leadership of `group` this node knows: its leader and the term it leads in.
+    fn leadership(&self, group: GroupId) -> Option<Leadership> {
+        let metrics = self.raft(group).metrics();
+        let m = metrics.borrow_watched();
+        Some(Leadership {
+            leader: m.current_leader?,
+            term: m.current_term,
+        })
+    }
+
     fn no_leader(&self, group: GroupId) -> ProposeError {
         let hint = self.leader_of(group);
         ProposeError::NoLeader {
@@ -644,12 +666,18 @@ impl Consensus {
         if let Err(reason) = super::check_request(self.map, group, &request) {
             return Err(ProposeError::Invalid { group, reason });
         }
-        // Bounded: each retry follows a definite "not appended" answer.
-        for _ in 0..8 {
+        for _ in 0..LEADER_ATTEMPTS_MAX {
             let Some((leader, addr)) = self.await_leader(group, deadline).await else {
                 return Err(self.no_leader(group));
             };
+            // What a "not the leader" answer says is over (read before asking: the answer
+            // may come after this node already learned of the next leadership).
+            let seen = self.leadership(group);
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                // Retries used the time up; nothing was taken (a "not here" answer or none).
+                return Err(self.no_leader(group));
+            }
             if leader == self.node {
                 let write = self.raft(group).client_write(request.clone());
                 match tokio::time::timeout(remaining, write).await {
@@ -664,7 +692,7 @@ impl Consensus {
                     Ok(Err(openraft::errors::RaftError::APIError(
                         ClientWriteError::ForwardToLeader(_),
                     ))) => {
-                        self.await_leader_change(group, leader, deadline).await;
+                        self.await_leader_change(group, seen, deadline).await;
                         continue;
                     }
                     Ok(Err(openraft::errors::RaftError::APIError(
@@ -701,7 +729,7 @@ impl Consensus {
                         });
                     }
                     Ok(ProposeReply::NotLeader { .. }) => {
-                        self.await_leader_change(group, leader, deadline).await;
+                        self.await_leader_change(group, seen, deadline).await;
                         continue;
                     }
                     Ok(ProposeReply::Discarded { leader }) => {
@@ -720,7 +748,7 @@ impl Consensus {
                 }
                 Err(status) if never_reached_the_group(&status) => {
                     // Certainly not appended: wait for another leader and try there.
-                    self.await_leader_change(group, leader, deadline).await;
+                    self.await_leader_change(group, seen, deadline).await;
                     if tokio::time::Instant::now() >= deadline {
                         return Err(ProposeError::NotReached {
                             group,
@@ -742,16 +770,28 @@ impl Consensus {
         Err(self.no_leader(group))
     }
 
+    /// Wait before retrying at `group`'s leader after an answer that the request was not
+    /// taken there: until this node knows another leadership than `old` (another leader, or
+    /// the same node leading in a later term), or one heartbeat period passed, or `deadline`.
+    /// The period matters: a leader whose lease lapsed (no quorum ack within the election
+    /// timeout, as right after its election until a follower answers) refuses writes yet stays
+    /// the leader in the same term, and takes them again once its next heartbeat is answered.
+    /// A step-down followed by re-election of the same node (its log is the longest) also
+    /// looks like "no other leader"; the term tells.
     async fn await_leader_change(
         &self,
         group: GroupId,
-        old: NodeId,
+        old: Option<Leadership>,
         deadline: tokio::time::Instant,
     ) {
-        while tokio::time::Instant::now() < deadline {
-            match self.leader_of(group) {
-                Some((l, _)) if l != old => return,
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        let retry_at = deadline.min(tokio::time::Instant::now() + self.heartbeat);
+        while tokio::time::Instant::now() < retry_at {
+            match self.leadership(group) {
+                Some(now) if Some(now) != old => return,
+                _ => {
+                    let pause = retry_at.saturating_duration_since(tokio::time::Instant::now());
+                    tokio::time::sleep(pause.min(Duration::from_millis(10))).await;
+                }
             }
         }
     }
@@ -759,11 +799,18 @@ impl Consensus {
     /// Wait until a read of `group` on this node's replica is linearizable (read-index).
     pub async fn read_barrier(&self, group: GroupId) -> Result<(), ProposeError> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
-        for _ in 0..8 {
+        for _ in 0..LEADER_ATTEMPTS_MAX {
             let Some((leader, addr)) = self.await_leader(group, deadline).await else {
                 return Err(self.no_leader(group));
             };
+            // What a "not the leader" answer says is over (read before asking: the answer
+            // may come after this node already learned of the next leadership).
+            let seen = self.leadership(group);
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if remaining.is_zero() {
+                // Retries used the time up; nothing was taken (a "not here" answer or none).
+                return Err(self.no_leader(group));
+            }
             let index = if leader == self.node {
                 match tokio::time::timeout(
                     remaining,
@@ -774,7 +821,7 @@ impl Consensus {
                     Err(_) => return Err(self.timeout(group)),
                     Ok(Ok(lin)) => lin.read_log_id().index(),
                     Ok(Err(e)) if e.forward_to_leader().is_some() => {
-                        self.await_leader_change(group, leader, deadline).await;
+                        self.await_leader_change(group, seen, deadline).await;
                         continue;
                     }
                     Ok(Err(_)) => return Err(self.no_leader(group)),
@@ -792,7 +839,7 @@ impl Consensus {
                     Ok(reply) => match wire::decode::<ReadIndexReply>(&reply) {
                         Ok(ReadIndexReply::At { index }) => index,
                         Ok(ReadIndexReply::NotLeader { .. }) => {
-                            self.await_leader_change(group, leader, deadline).await;
+                            self.await_leader_change(group, seen, deadline).await;
                             continue;
                         }
                         Err(reason) => {
@@ -805,7 +852,7 @@ impl Consensus {
                     },
                     // A read changes nothing: any failure may be retried at the next leader.
                     Err(status) => {
-                        self.await_leader_change(group, leader, deadline).await;
+                        self.await_leader_change(group, seen, deadline).await;
                         if tokio::time::Instant::now() >= deadline {
                             return Err(ProposeError::LeaderUnreachable {
                                 group,
