@@ -66,6 +66,7 @@ fn every_acknowledged_record_survives_kill_9() {
     let seed = wal_common::seed("WAL_CRASH_SEED");
     let mut rng = Rng(seed);
     let dir = tempfile::tempdir().unwrap();
+    let expected_backend = wal_common::expected_uring_name(dir.path());
     let mut acked_ever: HashSet<RecordId> = HashSet::new();
     let mut torn_tails = 0;
     let mut kills_before_ready = 0;
@@ -113,7 +114,7 @@ fn every_acknowledged_record_survives_kill_9() {
         } else {
             match lines_rx.recv_timeout(CHILD_READY_TIMEOUT) {
                 Ok(ChildLine::Ready(backend)) => assert_eq!(
-                    backend, "io_uring",
+                    backend, expected_backend,
                     "the crash test runs the real io_uring writer"
                 ),
                 Ok(ChildLine::Ack(_)) => panic!("child acknowledged before it was ready"),
@@ -131,7 +132,7 @@ fn every_acknowledged_record_survives_kill_9() {
         reader.join().unwrap();
         for line in lines_rx.try_iter() {
             match line {
-                ChildLine::Ready(backend) => assert_eq!(backend, "io_uring"),
+                ChildLine::Ready(backend) => assert_eq!(backend, expected_backend),
                 ChildLine::Ack(id) => acked_now.push(id),
             }
         }

@@ -33,7 +33,7 @@ use super::format::{
     CHAIN_GENESIS, SEGMENT_BYTES_LIMIT, SEGMENT_HEADER_BYTES, SegmentHeader, all_zero,
     decode_frame, decode_records, find_valid_frame,
 };
-use super::segment::{SegmentMeta, list_segments, preallocate, sync_dir};
+use super::segment::{SegmentMeta, list_segments, preallocate, sync_dir, zero_fill};
 
 /// How a scan of one segment ended.
 #[derive(Debug)]
@@ -345,11 +345,17 @@ fn cut_torn_tail(
         .map_err(|e| WalError::io("open segment", path, e))?;
     file.set_len(offset_bytes)
         .map_err(|e| WalError::io("truncate torn tail of", path, e))?;
-    if let Some(length_bytes) = preallocate_bytes {
-        preallocate(&file, path, length_bytes.max(offset_bytes))?;
-    }
     file.sync_all()
-        .map_err(|e| WalError::io("fsync segment", path, e))
+        .map_err(|e| WalError::io("fsync segment", path, e))?;
+    if let Some(length_bytes) = preallocate_bytes {
+        let length_bytes = length_bytes.max(offset_bytes);
+        if preallocate(&file, path, length_bytes)? {
+            zero_fill(path, offset_bytes, length_bytes)?;
+        }
+        file.sync_all()
+            .map_err(|e| WalError::io("fsync segment", path, e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

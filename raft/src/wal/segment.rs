@@ -3,6 +3,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::error::WalError;
@@ -53,8 +54,8 @@ pub(crate) fn sync_dir(dir_file: &File, dir: &Path) -> Result<(), WalError> {
 /// Reserves `length_bytes` for `file` without changing what reads return (zeros).
 ///
 /// Preallocation is why the tail of a segment is zeros rather than end-of-file, and it makes
-/// an fdatasync cheaper: writes inside the reserved space do not grow the file, so the sync
-/// commits no size change (measured here: ~50 µs instead of ~78 µs p50 on ext4). Returns
+/// a sync cheaper: writes inside the reserved space do not grow the file, so the sync commits
+/// no size change (and once [`zero_fill`] has run, no extent conversion either). Returns
 /// `Ok(false)` when the filesystem cannot preallocate; the WAL then simply appends.
 pub(crate) fn preallocate(file: &File, path: &Path, length_bytes: u64) -> Result<bool, WalError> {
     let length =
@@ -69,6 +70,39 @@ pub(crate) fn preallocate(file: &File, path: &Path, length_bytes: u64) -> Result
         return Ok(false);
     }
     Err(WalError::io("preallocate", path, error))
+}
+
+/// Bytes of zeros written per call by [`zero_fill`].
+const ZERO_FILL_CHUNK_BYTES: usize = 1 << 20;
+
+/// Writes zeros over bytes `from_bytes..to_bytes` of the preallocated segment at `path`, and
+/// syncs them.
+///
+/// Why: fallocate(2) reserves *unwritten* extents on ext4 and XFS, and the first write into
+/// one converts it to written, a metadata change that each sync must commit through the
+/// journal; a direct write into one also needs that conversion (see `io`'s module docs).
+/// Overwriting blocks that already hold zeros changes no metadata, so a sync is only the data
+/// write and the device flush. Measured here (4 KiB write + sync, ext4 on virtio): 117-137 µs
+/// p50 into fallocated space, 77-88 µs into zero-filled space. PostgreSQL zero-fills new WAL
+/// files for the same reason (`wal_init_zero`). Cost: writing the segment once when it is
+/// created (64 MiB in ~22 ms here). Through its own buffered handle, since the WAL's may be
+/// O_DIRECT.
+pub(crate) fn zero_fill(path: &Path, from_bytes: u64, to_bytes: u64) -> Result<(), WalError> {
+    use std::os::unix::fs::FileExt;
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| WalError::io("open segment to zero-fill", path, e))?;
+    let zeros = vec![0u8; ZERO_FILL_CHUNK_BYTES];
+    let mut offset = from_bytes;
+    while offset < to_bytes {
+        let chunk = (to_bytes - offset).min(ZERO_FILL_CHUNK_BYTES as u64) as usize;
+        file.write_all_at(&zeros[..chunk], offset)
+            .map_err(|e| WalError::io("zero-fill segment", path, e))?;
+        offset += chunk as u64;
+    }
+    file.sync_data()
+        .map_err(|e| WalError::io("fsync zero-filled segment", path, e))
 }
 
 /// Creates segment `header.segment_id` in `dir`: preallocates it, writes and syncs its
@@ -86,10 +120,15 @@ pub(crate) fn create_segment(
         .read(true)
         .write(true)
         .create_new(true)
+        .custom_flags(io.segment_open_flags())
         .open(&path)
         .map_err(|e| WalError::io("create segment", &path, e))?;
-    if preallocate_segment && !preallocate(&file, &path, segment_bytes_max)? {
-        tracing::warn!(path = %path.display(), "filesystem cannot preallocate WAL segments; appending instead");
+    if preallocate_segment {
+        if preallocate(&file, &path, segment_bytes_max)? {
+            zero_fill(&path, 0, segment_bytes_max)?;
+        } else {
+            tracing::warn!(path = %path.display(), "filesystem cannot preallocate WAL segments; appending instead");
+        }
     }
     io.write_durable(&file, 0, &header.encode())
         .map_err(|e| WalError::WriteFailed {

@@ -87,3 +87,27 @@ pub fn seed(env_var: &str) -> u64 {
     println!("seed: {seed} (replay with {env_var}={seed})");
     seed
 }
+
+/// The name the io_uring backend must report for a WAL in `dir`: "io_uring+direct" where the
+/// filesystem accepts O_DIRECT (ext4, XFS), else "io_uring" (tmpfs), said on stderr.
+pub fn expected_uring_name(dir: &Path) -> &'static str {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join("test-direct-probe");
+    let direct = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    if direct {
+        "io_uring+direct"
+    } else {
+        eprintln!(
+            "{} refuses O_DIRECT: the io_uring backend runs write + fdatasync here, not direct writes",
+            dir.display()
+        );
+        "io_uring"
+    }
+}
