@@ -8,14 +8,17 @@
 //! fdatasync cover the writes of all callers (group commit) and gives one total order, so a
 //! Raft vote is durable before the entries appended after it, across groups and paths.
 //! The module owns the segment files and their format (`format.rs`), the writer thread and
-//! its I/O backend ([`WalIo`]: io_uring, or pwrite + fdatasync), recovery (`recovery.rs`)
+//! its I/O backend ([`WalIo`]: io_uring with direct synchronous writes, io_uring write +
+//! fdatasync where the filesystem refuses O_DIRECT, or pwrite + fdatasync), recovery
+//! (`recovery.rs`)
 //! and replay ([`WalReader`]). It does not interpret payloads, and it does not decide what a
 //! checkpoint covers: callers say which segments may go ([`Wal::remove_segments_before`]).
 //!
 //! # Guarantees
 //!
-//! - A ticket resolves `Ok` only after the batch's bytes and an fdatasync that followed them
-//!   completed ("acknowledged = durable"; there is no weaker mode). Batches are atomic:
+//! - A ticket resolves `Ok` only after the batch's bytes are durable: written with O_DIRECT +
+//!   RWF_DSYNC, or written and then synced by an fdatasync that followed them
+//!   ("acknowledged = durable"; there is no weaker mode). Batches are atomic:
 //!   after a crash a batch is replayed whole or not at all.
 //! - Batches get dense LSNs (1, 2, ...) in append order; a batch appended before another is
 //!   durable no later than it.

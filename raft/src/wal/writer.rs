@@ -2,7 +2,8 @@
 //!
 //! Appenders put encoded batches in one bounded FIFO queue. The writer thread takes
 //! everything queued (up to `group_bytes_max`), gives the batches consecutive LSNs and chain
-//! hashes, writes them as one contiguous write linked to one fdatasync, and only then resolves
+//! hashes, writes them as one contiguous durable write (one direct synchronous write, or one
+//! write linked to one fdatasync; see [`super::io`]), and only then resolves
 //! their tickets. While one group is being synced the next one accumulates, so the cost of an
 //! fdatasync is shared by every batch that arrived during the previous one.
 //!
