@@ -287,6 +287,10 @@ enum BenchCommand {
         /// the PIDs printed on stderr).
         #[arg(long, default_value_t = 0)]
         wait_before_load: u64,
+        /// Client connections per workload, shared by its tasks (task t uses set t mod N);
+        /// 0: one per task, so 64 in flight means 64 connections. The same for both systems.
+        #[arg(long, default_value_t = 0)]
+        connections: u64,
         /// Print the table as Markdown.
         #[arg(long)]
         markdown: bool,
@@ -653,6 +657,7 @@ async fn bench_compare(command: BenchCommand) -> Result<()> {
         partition_facts,
         partition_seconds,
         wait_before_load,
+        connections,
         markdown,
     } = command;
     if !(scale > 0.0 && scale <= 1.0) {
@@ -660,6 +665,12 @@ async fn bench_compare(command: BenchCommand) -> Result<()> {
     }
     if seconds == 0 || seconds > 600 || partition_seconds > 600 {
         bail!("--seconds and --partition-seconds must be within 1..=600");
+    }
+    if connections > calm::bench::CONCURRENCY_MAX {
+        bail!(
+            "--connections must be within 0..={} (0: one per task)",
+            calm::bench::CONCURRENCY_MAX
+        );
     }
     let options = compare::CompareOptions {
         systems,
@@ -674,6 +685,7 @@ async fn bench_compare(command: BenchCommand) -> Result<()> {
         partition_facts,
         partition_seconds,
         wait_before_load: std::time::Duration::from_secs(wait_before_load),
+        connections,
         markdown,
     };
     let exe = std::env::current_exe().context("cannot find the calm binary itself")?;

@@ -38,7 +38,9 @@ use tonic::{Response, Status};
 pub const GROUPS_MAX: usize = 4096;
 
 /// Sends each key's requests to the node that leads the key's group (module doc). One
-/// router is one client: it holds a lazily opened connection to every member.
+/// router is one client: it holds a lazily opened connection to every member. A clone shares
+/// those connections and starts with the same leader hints.
+#[derive(Clone)]
 pub struct Router {
     map: GroupMap,
     /// Per member id, its client connection.

@@ -112,6 +112,8 @@ pub struct CompareOptions {
     pub partition_seconds: u64,
     /// Wait this long after a cluster is ready before loading it (to attach `perf`).
     pub wait_before_load: Duration,
+    /// Connection sets per workload, shared by its tasks; 0: one per task.
+    pub connections: u64,
     pub markdown: bool,
 }
 
@@ -138,6 +140,8 @@ fn value(i: u64) -> Vec<u8> {
     format!("{i:064}").into_bytes()
 }
 
+/// Cheap to clone: clones share the connection (requests multiplex on it as HTTP/2 streams).
+#[derive(Clone)]
 enum Conn {
     Calm(CalmKv),
     Etcd(EtcdKv),
@@ -425,9 +429,16 @@ async fn drive(
     w: Workload,
     calls: u64,
     concurrency: u64,
+    connections: u64,
     duration: Duration,
 ) -> Result<Outcome> {
     let per_task = calls.div_ceil(concurrency);
+    // Shared connection sets, if asked for: task t clones set t mod N.
+    let mut shared = Vec::new();
+    for _ in 0..connections.min(concurrency) {
+        shared.push(task_conns(system, endpoints, layout.as_deref()).await?);
+    }
+    let shared = Arc::new(shared);
     // Connections and CAS versions first, untimed; then every task starts at once.
     let start = Arc::new(tokio::sync::Barrier::new(concurrency as usize + 1));
     let mut tasks = Vec::new();
@@ -435,9 +446,13 @@ async fn drive(
         let endpoints = endpoints.to_vec();
         let start = start.clone();
         let layout = layout.clone();
+        let shared = shared.clone();
         tasks.push(tokio::spawn(async move {
             let setup = async {
-                let mut conns = task_conns(system, &endpoints, layout.as_deref()).await?;
+                let mut conns = match shared.len() {
+                    0 => task_conns(system, &endpoints, layout.as_deref()).await?,
+                    n => shared[task as usize % n].clone(),
+                };
                 let mut st = TaskState::default();
                 if w == Workload::Cas {
                     st.cas = conns[0].cas_start(task).await?;
@@ -694,6 +709,7 @@ async fn run_system(system: System, c: &Cluster, o: &CompareOptions) -> Result<R
             w,
             calls,
             concurrency,
+            o.connections,
             Duration::from_secs(o.seconds),
         )
         .await?;
@@ -742,7 +758,7 @@ pub async fn run(calm_exe: &std::path::Path, o: CompareOptions) -> Result<()> {
         }
     }
     println!(
-        "calm bench compare: 3 calm nodes vs 3 {} members on loopback, {} cores, load average {} before, {} after; 16-byte keys, 64-byte values, {} s per workload; calls routed {}",
+        "calm bench compare: 3 calm nodes vs 3 {} members on loopback, {} cores, load average {} before, {} after; 16-byte keys, 64-byte values, {} s per workload; calls routed {}; {}",
         etcd_version.unwrap_or_else(|| "etcd".into()),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         load_before,
@@ -751,6 +767,10 @@ pub async fn run(calm_exe: &std::path::Path, o: CompareOptions) -> Result<()> {
         match o.route {
             Route::Leader => "to the leader",
             Route::Spread => "round-robin over the members",
+        },
+        match o.connections {
+            0 => "one connection set per task".to_string(),
+            n => format!("{n} connection sets shared by the tasks"),
         },
     );
     println!(
