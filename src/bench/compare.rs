@@ -421,17 +421,32 @@ struct Outcome {
     retries: u64,
 }
 
-/// Run `w` with `concurrency` tasks, `calls` calls in all, stopping at `duration`.
+/// How hard one workload drives a system.
+struct Load {
+    /// Calls in all.
+    calls: u64,
+    /// Tasks, each with one call in flight.
+    concurrency: u64,
+    /// Connection sets the tasks share; 0: one per task.
+    connections: u64,
+    /// Time bound.
+    duration: Duration,
+}
+
+/// Run `w` as `load` says.
 async fn drive(
     system: System,
     endpoints: &[SocketAddr],
     layout: Option<Arc<Layout>>,
     w: Workload,
-    calls: u64,
-    concurrency: u64,
-    connections: u64,
-    duration: Duration,
+    load: Load,
 ) -> Result<Outcome> {
+    let Load {
+        calls,
+        concurrency,
+        connections,
+        duration,
+    } = load;
     let per_task = calls.div_ceil(concurrency);
     // Shared connection sets, if asked for: task t clones set t mod N.
     let mut shared = Vec::new();
@@ -707,10 +722,12 @@ async fn run_system(system: System, c: &Cluster, o: &CompareOptions) -> Result<R
             &endpoints,
             layout,
             w,
-            calls,
-            concurrency,
-            o.connections,
-            Duration::from_secs(o.seconds),
+            Load {
+                calls,
+                concurrency,
+                connections: o.connections,
+                duration: Duration::from_secs(o.seconds),
+            },
         )
         .await?;
         results.runs.push((w, outcome));
