@@ -349,43 +349,26 @@ impl UringIo {
         offset_bytes: u64,
         bytes: &[u8],
     ) -> Result<(), WalIoError> {
-        const BLOCK: u64 = DIRECT_BLOCK_BYTES as u64;
-        let write_error = |source| WalIoError {
-            op: WalIoOp::Write,
-            source,
-        };
-        let id = file_id(file).map_err(write_error)?;
-        let start_bytes = offset_bytes - offset_bytes % BLOCK;
         let direct = self.direct.as_mut().expect("direct mode");
         // Taken out while the write is in flight (the ring is borrowed meanwhile); put back
-        // below, also on failure.
+        // below, also on failure (which poisons the WAL anyway).
         let mut buffer = std::mem::replace(&mut direct.staging, AlignedBuffer::new());
         let tail = direct.tail.take();
-        let result = self.stage_and_write(
-            file,
-            &mut buffer,
-            tail,
-            id,
-            start_bytes,
-            offset_bytes,
-            bytes,
-        );
+        let result = self.stage_and_write(file, &mut buffer, tail, offset_bytes, bytes);
         let direct = self.direct.as_mut().expect("direct mode");
         direct.staging = buffer;
         direct.tail = Some(result?);
         Ok(())
     }
 
-    /// Fills `buffer` with whole blocks from `start_bytes` (the durable prefix of the first
-    /// block, `bytes`, zeros) and writes them; returns the last block as written.
-    #[allow(clippy::too_many_arguments)]
+    /// Fills `buffer` with whole blocks from the one holding `offset_bytes` (the durable
+    /// prefix of that block, `bytes`, zeros) and writes them; returns the last block as
+    /// written.
     fn stage_and_write(
         &mut self,
         file: &File,
         buffer: &mut AlignedBuffer,
         tail: Option<TailBlock>,
-        id: (u64, u64),
-        start_bytes: u64,
         offset_bytes: u64,
         bytes: &[u8],
     ) -> Result<TailBlock, WalIoError> {
@@ -394,6 +377,8 @@ impl UringIo {
             op: WalIoOp::Write,
             source,
         };
+        let id = file_id(file).map_err(write_error)?;
+        let start_bytes = offset_bytes - offset_bytes % BLOCK;
         let end_bytes = offset_bytes + bytes.len() as u64;
         let aligned_end_bytes = end_bytes.div_ceil(BLOCK) * BLOCK;
         let prefix_bytes = (offset_bytes - start_bytes) as usize;
