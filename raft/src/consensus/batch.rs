@@ -17,7 +17,8 @@
 //! commit, which may itself wait for that replication.
 //!
 //! Every call keeps its own deadline: a caller stops waiting when it passes (DEADLINE_EXCEEDED,
-//! outcome unknown), and a call whose caller gave up before its batch left is not sent.
+//! outcome unknown), a call whose caller gave up before its batch left is not sent, and a
+//! batch still unsent when its last deadline passes (say, waiting for a connection) is dropped.
 
 use super::types::{GroupId, NodeId};
 use super::wire::{GroupMessage, PeerBatch, PeerCall, PeerRpc, raft_peer_client::RaftPeerClient};
@@ -181,7 +182,17 @@ async fn send(lane: Lane, mut client: RaftPeerClient<Channel>, batch: Vec<Call>)
     metrics::counter!("calm_peer_batched_calls_total", "lane" => lane).increment(count as u64);
     let mut request = tonic::Request::new(PeerBatch { calls });
     request.set_timeout(ttl);
-    match client.batch(request).await {
+    // Bounded here too, not only by each caller's wait: a call queued in the channel behind a
+    // connection attempt would otherwise still go out once the network heals, long after its
+    // caller was told it failed (dropping the future cancels it in the channel's queue).
+    let sent = match tokio::time::timeout(ttl, client.batch(request)).await {
+        Ok(sent) => sent,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "the batch did not complete within {} ms",
+            ttl.as_millis()
+        ))),
+    };
+    match sent {
         Ok(reply) => {
             let results = reply.into_inner().results;
             if results.len() != count {

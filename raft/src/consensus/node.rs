@@ -280,7 +280,6 @@ pub struct Proposed {
 
 type Reply = oneshot::Sender<Result<Proposed, ProposeError>>;
 
-/// A command waiting for its group's flush.
 /// One leadership of a group: a node leading in a term. Terms only grow, so a retry after
 /// "not the leader" waits for a different value (see `Consensus::await_leader_change`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -289,6 +288,19 @@ struct Leadership {
     term: u64,
 }
 
+/// When a request that was not taken may be sent again (see `Consensus::await_leader_change`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Retry {
+    /// The leader answered "not the leader": at a new leadership, or after one heartbeat
+    /// period (its lease may be valid again by then).
+    AnsweredNotLeader,
+    /// The leader could not be reached at all: only at a new leadership. Calling the same
+    /// unreachable node again would leave a call pending on a connection attempt that a
+    /// healed network may still complete after this request's caller was told it failed.
+    Unreachable,
+}
+
+/// A command waiting for its group's flush.
 struct Queued {
     cmd: Command,
     reply: Reply,
@@ -692,7 +704,8 @@ impl Consensus {
                     Ok(Err(openraft::errors::RaftError::APIError(
                         ClientWriteError::ForwardToLeader(_),
                     ))) => {
-                        self.await_leader_change(group, seen, deadline).await;
+                        self.await_leader_change(group, seen, deadline, Retry::AnsweredNotLeader)
+                            .await;
                         continue;
                     }
                     Ok(Err(openraft::errors::RaftError::APIError(
@@ -729,7 +742,8 @@ impl Consensus {
                         });
                     }
                     Ok(ProposeReply::NotLeader { .. }) => {
-                        self.await_leader_change(group, seen, deadline).await;
+                        self.await_leader_change(group, seen, deadline, Retry::AnsweredNotLeader)
+                            .await;
                         continue;
                     }
                     Ok(ProposeReply::Discarded { leader }) => {
@@ -748,7 +762,8 @@ impl Consensus {
                 }
                 Err(status) if never_reached_the_group(&status) => {
                     // Certainly not appended: wait for another leader and try there.
-                    self.await_leader_change(group, seen, deadline).await;
+                    self.await_leader_change(group, seen, deadline, Retry::Unreachable)
+                        .await;
                     if tokio::time::Instant::now() >= deadline {
                         return Err(ProposeError::NotReached {
                             group,
@@ -770,9 +785,11 @@ impl Consensus {
         Err(self.no_leader(group))
     }
 
-    /// Wait before retrying at `group`'s leader after an answer that the request was not
-    /// taken there: until this node knows another leadership than `old` (another leader, or
-    /// the same node leading in a later term), or one heartbeat period passed, or `deadline`.
+    /// Wait before retrying at `group`'s leader a request that was not taken there: until
+    /// this node knows another leadership than `old` (another leader, or the same node
+    /// leading in a later term), or `deadline`; after a "not the leader" answer, also at most
+    /// one heartbeat period.
+    ///
     /// The period matters: a leader whose lease lapsed (no quorum ack within the election
     /// timeout, as right after its election until a follower answers) refuses writes yet stays
     /// the leader in the same term, and takes them again once its next heartbeat is answered.
@@ -783,8 +800,12 @@ impl Consensus {
         group: GroupId,
         old: Option<Leadership>,
         deadline: tokio::time::Instant,
+        retry: Retry,
     ) {
-        let retry_at = deadline.min(tokio::time::Instant::now() + self.heartbeat);
+        let retry_at = match retry {
+            Retry::AnsweredNotLeader => deadline.min(tokio::time::Instant::now() + self.heartbeat),
+            Retry::Unreachable => deadline,
+        };
         while tokio::time::Instant::now() < retry_at {
             match self.leadership(group) {
                 Some(now) if Some(now) != old => return,
@@ -821,7 +842,8 @@ impl Consensus {
                     Err(_) => return Err(self.timeout(group)),
                     Ok(Ok(lin)) => lin.read_log_id().index(),
                     Ok(Err(e)) if e.forward_to_leader().is_some() => {
-                        self.await_leader_change(group, seen, deadline).await;
+                        self.await_leader_change(group, seen, deadline, Retry::AnsweredNotLeader)
+                            .await;
                         continue;
                     }
                     Ok(Err(_)) => return Err(self.no_leader(group)),
@@ -839,7 +861,13 @@ impl Consensus {
                     Ok(reply) => match wire::decode::<ReadIndexReply>(&reply) {
                         Ok(ReadIndexReply::At { index }) => index,
                         Ok(ReadIndexReply::NotLeader { .. }) => {
-                            self.await_leader_change(group, seen, deadline).await;
+                            self.await_leader_change(
+                                group,
+                                seen,
+                                deadline,
+                                Retry::AnsweredNotLeader,
+                            )
+                            .await;
                             continue;
                         }
                         Err(reason) => {
@@ -852,7 +880,8 @@ impl Consensus {
                     },
                     // A read changes nothing: any failure may be retried at the next leader.
                     Err(status) => {
-                        self.await_leader_change(group, seen, deadline).await;
+                        self.await_leader_change(group, seen, deadline, Retry::Unreachable)
+                            .await;
                         if tokio::time::Instant::now() >= deadline {
                             return Err(ProposeError::LeaderUnreachable {
                                 group,
