@@ -450,25 +450,37 @@ impl UringIo {
         })
     }
 
+    /// Submits what is queued and waits for at least one completion; `submitted` records
+    /// whether anything is in flight yet. A retryable error returns `Ok` (the caller checks
+    /// the completion queue and calls again).
+    fn submit_and_wait(&mut self, submitted: &mut bool) -> Result<(), WalIoError> {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => {
+                *submitted = true;
+                Ok(())
+            }
+            Err(error) if retryable(&error) => Ok(()),
+            // io_uring_enter reports an error only if it submitted nothing, so before the
+            // first successful call nothing is in flight and the caller may free its buffer.
+            Err(source) if !*submitted => Err(WalIoError {
+                op: WalIoOp::Write,
+                source,
+            }),
+            // Once submitted, the kernel may still read the caller's buffer: returning would
+            // let it be freed under the kernel. Waiting only fails with the retryable errors,
+            // so this is a broken kernel contract; stop the process.
+            Err(error) => {
+                tracing::error!(%error, "io_uring wait failed with operations in flight; aborting");
+                std::process::abort();
+            }
+        }
+    }
+
     /// Submits what is queued and waits for one completion: the direct write's.
     fn reap_one(&mut self) -> Result<i32, WalIoError> {
         let mut submitted = false;
         loop {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => submitted = true,
-                Err(error) if retryable(&error) => continue,
-                // Nothing is in flight before the first successful submit (see `reap_pair`).
-                Err(source) if !submitted => {
-                    return Err(WalIoError {
-                        op: WalIoOp::Write,
-                        source,
-                    });
-                }
-                Err(error) => {
-                    tracing::error!(%error, "io_uring wait failed with a write in flight; aborting");
-                    std::process::abort();
-                }
-            }
+            self.submit_and_wait(&mut submitted)?;
             if let Some(completion) = self.ring.completion().next() {
                 assert_eq!(completion.user_data(), USER_DATA_WRITE);
                 return Ok(completion.result());
@@ -482,25 +494,7 @@ impl UringIo {
         let mut sync_result = None;
         let mut submitted = false;
         while write_result.is_none() || sync_result.is_none() {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => submitted = true,
-                Err(error) if retryable(&error) => continue,
-                // io_uring_enter reports an error only if it submitted nothing, so before the
-                // first successful call nothing is in flight and the caller may free `bytes`.
-                Err(source) if !submitted => {
-                    return Err(WalIoError {
-                        op: WalIoOp::Write,
-                        source,
-                    });
-                }
-                // Once submitted, the kernel may still read the caller's buffer: returning
-                // would let it be freed under the kernel. Waiting only fails with the retryable
-                // errors, so this is a broken kernel contract; stop the process.
-                Err(error) => {
-                    tracing::error!(%error, "io_uring wait failed with operations in flight; aborting");
-                    std::process::abort();
-                }
-            }
+            self.submit_and_wait(&mut submitted)?;
             for completion in self.ring.completion() {
                 match completion.user_data() {
                     USER_DATA_WRITE => write_result = Some(completion.result()),
