@@ -139,14 +139,16 @@ impl AlignedBuffer {
             .expect("capacity is a multiple of the block size, far below isize::MAX")
     }
 
-    /// The first `len_bytes` (a multiple of the block size), zeroed.
-    fn zeroed(&mut self, len_bytes: usize) -> &mut [u8] {
+    /// The first `len_bytes` (a multiple of the block size), holding whatever the last use
+    /// left there (zeros when newly grown): the caller writes every byte it sends.
+    fn blocks(&mut self, len_bytes: usize) -> &mut [u8] {
         assert!(len_bytes.is_multiple_of(DIRECT_BLOCK_BYTES) && len_bytes > 0);
         if len_bytes > self.capacity_bytes {
             let old = std::mem::replace(self, AlignedBuffer::new());
             drop(old);
-            // SAFETY: the layout has a non-zero size.
-            let ptr = unsafe { std::alloc::alloc(Self::layout(len_bytes)) };
+            // SAFETY: the layout has a non-zero size. Zeroed, so every byte of the buffer is
+            // initialized from here on and slices of it may be handed out.
+            let ptr = unsafe { std::alloc::alloc_zeroed(Self::layout(len_bytes)) };
             let Some(ptr) = std::ptr::NonNull::new(ptr) else {
                 std::alloc::handle_alloc_error(Self::layout(len_bytes));
             };
@@ -155,19 +157,16 @@ impl AlignedBuffer {
                 capacity_bytes: len_bytes,
             };
         }
-        // SAFETY: `ptr` owns `capacity_bytes >= len_bytes` bytes; writing zeros initializes
-        // them before the slice is made.
-        unsafe {
-            std::ptr::write_bytes(self.ptr.as_ptr(), 0, len_bytes);
-            std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len_bytes)
-        }
+        // SAFETY: `ptr` owns `capacity_bytes >= len_bytes` initialized bytes (allocated
+        // zeroed), borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), len_bytes) }
     }
 }
 
 impl Drop for AlignedBuffer {
     fn drop(&mut self) {
         if self.capacity_bytes > 0 {
-            // SAFETY: allocated in `zeroed` with this very layout.
+            // SAFETY: allocated in `blocks` with this very layout.
             unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.capacity_bytes)) };
         }
     }
@@ -383,7 +382,7 @@ impl UringIo {
         let aligned_end_bytes = end_bytes.div_ceil(BLOCK) * BLOCK;
         let prefix_bytes = (offset_bytes - start_bytes) as usize;
         let total_bytes = (aligned_end_bytes - start_bytes) as usize;
-        let staging = buffer.zeroed(total_bytes);
+        let staging = buffer.blocks(total_bytes);
         if prefix_bytes > 0 {
             // The durable bytes before `offset_bytes` in its block: from the last write, or
             // (first write after a restart, or into another file) read back.
@@ -402,13 +401,16 @@ impl UringIo {
                             ),
                         )));
                     }
-                    // Past the WAL's end the file holds zeros; keep only what precedes it.
-                    block[prefix_bytes..].fill(0);
+                    // What the read brought past the prefix is overwritten below.
                 }
             }
         }
-        staging[prefix_bytes..prefix_bytes + bytes.len()].copy_from_slice(bytes);
-        let mut last = Box::new([0u8; DIRECT_BLOCK_BYTES]);
+        let end_in_staging = prefix_bytes + bytes.len();
+        staging[prefix_bytes..end_in_staging].copy_from_slice(bytes);
+        // Past the WAL's end the file holds zeros.
+        staging[end_in_staging..].fill(0);
+        // The previous tail block's allocation is reused for the new one.
+        let mut last = tail.map_or_else(|| Box::new([0u8; DIRECT_BLOCK_BYTES]), |t| t.bytes);
         last.copy_from_slice(&staging[total_bytes - DIRECT_BLOCK_BYTES..]);
         let fd = types::Fd(file.as_raw_fd());
         let mut written_bytes = 0usize;
