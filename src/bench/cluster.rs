@@ -102,12 +102,17 @@ impl Drop for TempDir {
     }
 }
 
-fn free_port(ip: Ipv4Addr) -> Result<u16> {
-    // Bind to port 0 and release: the kernel does not hand the port out again right away.
-    Ok(TcpListener::bind((ip, 0))
-        .with_context(|| format!("cannot bind {ip}"))?
-        .local_addr()?
-        .port())
+/// Three distinct free ports on `ip` (client, peer, HTTP). All three are held while the next
+/// is chosen: a port bound and released at once can come back from the very next bind.
+fn free_ports(ip: Ipv4Addr) -> Result<[u16; 3]> {
+    let mut ports = [0; 3];
+    let mut held = Vec::with_capacity(ports.len());
+    for port in &mut ports {
+        let listener = TcpListener::bind((ip, 0)).with_context(|| format!("cannot bind {ip}"))?;
+        *port = listener.local_addr()?.port();
+        held.push(listener);
+    }
+    Ok(ports)
 }
 
 /// Loopback addresses 127.X.Y.i for member i, X.Y from our pid so that concurrent runs (and
@@ -173,11 +178,12 @@ fn members(system: u8, n: usize) -> Result<Vec<Member>> {
     (1..=n)
         .map(|i| {
             let ip = member_ip(system, i);
+            let [client, peer, http] = free_ports(ip)?;
             Ok(Member {
                 ip,
-                client: SocketAddr::from((ip, free_port(ip)?)),
-                peer: SocketAddr::from((ip, free_port(ip)?)),
-                http: SocketAddr::from((ip, free_port(ip)?)),
+                client: SocketAddr::from((ip, client)),
+                peer: SocketAddr::from((ip, peer)),
+                http: SocketAddr::from((ip, http)),
             })
         })
         .collect()

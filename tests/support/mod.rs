@@ -37,13 +37,14 @@ pub struct Cluster {
     env: Vec<(String, String)>,
 }
 
-fn free_port(ip: Ipv4Addr) -> u16 {
-    // Bind to port 0 and release: the kernel does not hand the port out again right away.
-    TcpListener::bind((ip, 0))
-        .expect("a loopback port is free")
-        .local_addr()
-        .unwrap()
-        .port()
+/// Three distinct free ports on `ip` (client, peer, HTTP). All three are held while the next
+/// is chosen: a port bound and released at once can come back from the very next bind, and a
+/// node given the same port twice fails to start with "Address already in use".
+fn free_ports(ip: Ipv4Addr) -> [u16; 3] {
+    let held: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind((ip, 0)).expect("a loopback port is free"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 /// Options every test cluster uses: small and quick, for two shared cores.
@@ -78,11 +79,12 @@ impl Cluster {
         let nodes = (1..=n)
             .map(|i| {
                 let ip = Ipv4Addr::new(127, a, b, i as u8);
+                let [client, peer, http] = free_ports(ip);
                 NodeAddrs {
                     ip,
-                    client: SocketAddr::from((ip, free_port(ip))),
-                    peer: SocketAddr::from((ip, free_port(ip))),
-                    http: SocketAddr::from((ip, free_port(ip))),
+                    client: SocketAddr::from((ip, client)),
+                    peer: SocketAddr::from((ip, peer)),
+                    http: SocketAddr::from((ip, http)),
                 }
             })
             .collect();
