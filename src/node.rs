@@ -291,7 +291,7 @@ impl Node {
         let handles = GroupHandles::new();
         let mut tasks = Vec::new();
         let peer_server = tonic::transport::Server::builder()
-            .add_service(Consensus::peer_service(handles.clone()))
+            .add_service(Consensus::peer_service(handles.clone(), peers.clone()))
             .add_service(gossip.service())
             .serve_with_incoming_shutdown(
                 incoming(peer_listener),

@@ -31,6 +31,7 @@ fn options() -> ConsensusOptions {
         snapshot_after_entries: 20,
         entries_kept_after_snapshot: 5,
         request_timeout_ms: 5_000,
+        commit_notice_hold_us: 1_000,
     }
 }
 
@@ -59,7 +60,8 @@ fn open_local(dir: &Path, id: u64) -> SharedLocal {
 async fn start(id: u64, dir: &Path, listener: TcpListener) -> Node {
     let local = open_local(dir, id);
     let handles = GroupHandles::new();
-    let service = Consensus::peer_service(handles.clone());
+    let peers = Peers::new();
+    let service = Consensus::peer_service(handles.clone(), peers.clone());
     let (stop_server, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         tonic::transport::Server::builder()
@@ -80,7 +82,7 @@ async fn start(id: u64, dir: &Path, listener: TcpListener) -> Node {
         dir.join("snapshots"),
         &options(),
         handles,
-        Peers::new(),
+        peers,
     )
     .await
     .unwrap();

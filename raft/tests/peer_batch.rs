@@ -1,7 +1,8 @@
 //! Multi-Raft batching over a real tonic connection: concurrent calls of many groups share
 //! `Batch` RPCs, each caller gets its own answer (payload or status), a call keeps its own
-//! deadline, and a peer that cannot be reached fails every call with the connect error that
-//! tells proposals they were never sent.
+//! deadline, a deferred call rides on the next batch (or leaves when its hold ends), and a
+//! peer that cannot be reached fails every call with the connect error that tells proposals
+//! they were never sent.
 
 use calm_raft::consensus::batch::{BATCH_CALLS_MAX, Batcher, Lane};
 use calm_raft::consensus::wire::raft_peer_client::RaftPeerClient;
@@ -215,4 +216,83 @@ async fn an_unreachable_peer_fails_every_call_with_its_connect_error() {
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         assert!(status.message().contains("connect error"), "{status:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferred_call_rides_on_the_next_batch_or_leaves_when_its_hold_ends_or_released() {
+    let (peer, batcher, server) = peer_holding(Duration::ZERO).await;
+    let ttl = Duration::from_secs(30);
+    let echo = |group: u64, payload: &[u8]| [group.to_le_bytes().as_slice(), payload].concat();
+
+    // Deferred with a hold far longer than the test: it waits for other traffic.
+    let deferred = tokio::spawn({
+        let batcher = batcher.clone();
+        async move {
+            batcher
+                .call_deferred(PeerRpc::AppendEntries, 3, vec![3], ttl, ttl)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        peer.batches.load(Ordering::Relaxed),
+        0,
+        "a deferred call waits"
+    );
+    assert!(!deferred.is_finished());
+
+    // A call that is not deferred leaves at once and takes the deferred one along.
+    let urgent = batcher
+        .call(PeerRpc::AppendEntries, 4, vec![4], ttl)
+        .await
+        .unwrap();
+    assert_eq!(urgent, echo(4, &[4]));
+    assert_eq!(deferred.await.unwrap().unwrap(), echo(3, &[3]));
+    assert_eq!(
+        peer.batches.load(Ordering::Relaxed),
+        1,
+        "one batch carried both"
+    );
+    assert_eq!(peer.calls.load(Ordering::Relaxed), 2);
+
+    // Alone, a deferred call leaves when its hold ends.
+    let alone = batcher
+        .call_deferred(
+            PeerRpc::AppendEntries,
+            5,
+            vec![5],
+            ttl,
+            Duration::from_millis(20),
+        )
+        .await
+        .unwrap();
+    assert_eq!(alone, echo(5, &[5]));
+    assert_eq!(peer.batches.load(Ordering::Relaxed), 2);
+
+    // Released, it leaves at once, hold or not.
+    let released = tokio::spawn({
+        let batcher = batcher.clone();
+        async move {
+            batcher
+                .call_deferred(PeerRpc::AppendEntries, 6, vec![6], ttl, ttl)
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(peer.batches.load(Ordering::Relaxed), 2, "still waiting");
+    batcher.release_deferred(Duration::ZERO);
+    assert_eq!(released.await.unwrap().unwrap(), echo(6, &[6]));
+    assert_eq!(peer.batches.load(Ordering::Relaxed), 3);
+    // A release sends nothing by itself, but what is deferred within its window leaves at
+    // once.
+    batcher.release_deferred(ttl);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(peer.batches.load(Ordering::Relaxed), 3);
+    let after = batcher
+        .call_deferred(PeerRpc::AppendEntries, 7, vec![7], ttl, ttl)
+        .await
+        .unwrap();
+    assert_eq!(after, echo(7, &[7]));
+    assert_eq!(peer.batches.load(Ordering::Relaxed), 4);
+    server.abort();
 }

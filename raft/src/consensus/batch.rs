@@ -16,6 +16,10 @@
 //! durable, while forwarded proposals and read-index requests are answered only after a
 //! commit, which may itself wait for that replication.
 //!
+//! A call may also be *deferred* ([`Batcher::call_deferred`]): it does not make a batch leave
+//! by itself, but rides on the next batch to its peer, or leaves when its hold ends. Commit
+//! notices travel this way ([`super::commit_notice`]).
+//!
 //! Every call keeps its own deadline: a caller stops waiting when it passes (DEADLINE_EXCEEDED,
 //! outcome unknown), a call whose caller gave up before its batch left is not sent, and a
 //! batch still unsent when its last deadline passes (say, waiting for a connection) is dropped.
@@ -59,10 +63,22 @@ impl Lane {
     }
 }
 
+/// What a lane's queue carries.
+enum Queued {
+    Call(Call),
+    /// Send the deferred calls waiting now, and those that arrive before `until`, without
+    /// waiting out their hold.
+    Release {
+        until: tokio::time::Instant,
+    },
+}
+
 struct Call {
     rpc: PeerRpc,
     message: GroupMessage,
     ttl: Duration,
+    /// For a deferred call, how long it may wait for a batch to ride on.
+    hold: Option<Duration>,
     reply: oneshot::Sender<Result<Vec<u8>, Status>>,
 }
 
@@ -70,7 +86,7 @@ struct Call {
 #[derive(Clone)]
 pub struct Batcher {
     node: NodeId,
-    queue: mpsc::Sender<Call>,
+    queue: mpsc::Sender<Queued>,
 }
 
 impl Batcher {
@@ -91,14 +107,49 @@ impl Batcher {
         payload: Vec<u8>,
         ttl: Duration,
     ) -> Result<Vec<u8>, Status> {
+        self.enqueue(rpc, group, payload, ttl, None).await
+    }
+
+    /// Like [`Batcher::call`], but the call does not make a batch leave: it goes with the next
+    /// batch to the peer, or alone once `hold` has passed (`ttl` counts from now).
+    pub async fn call_deferred(
+        &self,
+        rpc: PeerRpc,
+        group: GroupId,
+        payload: Vec<u8>,
+        ttl: Duration,
+        hold: Duration,
+    ) -> Result<Vec<u8>, Status> {
+        self.enqueue(rpc, group, payload, ttl, Some(hold)).await
+    }
+
+    /// Send the deferred calls waiting for the peer now (with whatever else is queued), and
+    /// those deferred during the next `window` as if they were not. A node answering a peer's
+    /// forwarded proposal calls this, so that the commit notice it owes that peer goes out
+    /// with the answer, whether it was queued just before or is queued just after it. Best
+    /// effort: a full queue is about to send anyway.
+    pub fn release_deferred(&self, window: Duration) {
+        let until = tokio::time::Instant::now() + window;
+        let _ = self.queue.try_send(Queued::Release { until });
+    }
+
+    async fn enqueue(
+        &self,
+        rpc: PeerRpc,
+        group: GroupId,
+        payload: Vec<u8>,
+        ttl: Duration,
+        hold: Option<Duration>,
+    ) -> Result<Vec<u8>, Status> {
         let (reply, answer) = oneshot::channel();
         let call = Call {
             rpc,
             message: GroupMessage { group, payload },
             ttl,
+            hold,
             reply,
         };
-        self.queue.try_send(call).map_err(|e| {
+        self.queue.try_send(Queued::Call(call)).map_err(|e| {
             Status::unavailable(match e {
                 mpsc::error::TrySendError::Full(_) => format!(
                     "{NOT_SENT}: {BATCH_QUEUE_MAX} calls already wait for node {}; it is slow or the network is",
@@ -126,14 +177,50 @@ impl Batcher {
 }
 
 /// The lane's sender: takes the first waiting call once a slot is free, and with it whatever
-/// queued by the time the tasks ready now have run (bounded), as one batch.
+/// queued by the time the tasks ready now have run (bounded), as one batch. Deferred calls
+/// alone wait first, for a call that is not deferred or the end of the first one's hold.
 async fn send_batches(
     lane: Lane,
     client: RaftPeerClient<Channel>,
-    mut calls: mpsc::Receiver<Call>,
+    mut calls: mpsc::Receiver<Queued>,
 ) {
     let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_MAX));
-    while let Some(first) = calls.recv().await {
+    // Until when deferred calls leave at once (`Batcher::release_deferred`).
+    let mut released_until = tokio::time::Instant::now();
+    while let Some(queued) = calls.recv().await {
+        let first = match queued {
+            Queued::Call(call) => call,
+            Queued::Release { until } => {
+                released_until = released_until.max(until);
+                continue;
+            }
+        };
+        let mut bytes = first.message.payload.len();
+        let mut batch = vec![first];
+        let now = tokio::time::Instant::now();
+        if let Some(hold) = batch[0].hold.filter(|_| now >= released_until) {
+            let until = now + hold;
+            while batch.len() < BATCH_CALLS_MAX && bytes < BATCH_BYTES_MAX {
+                tokio::select! {
+                    queued = calls.recv() => match queued {
+                        Some(Queued::Call(call)) => {
+                            bytes += call.message.payload.len();
+                            let urgent = call.hold.is_none();
+                            batch.push(call);
+                            if urgent {
+                                break;
+                            }
+                        }
+                        Some(Queued::Release { until }) => {
+                            released_until = released_until.max(until);
+                            break;
+                        }
+                        None => break,
+                    },
+                    () = tokio::time::sleep_until(until) => break,
+                }
+            }
+        }
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
@@ -141,14 +228,14 @@ async fn send_batches(
         // right after it (its LIFO slot), so without this the sender would take each call
         // alone. The groups' replication tasks woken by one WAL flush queue theirs meanwhile.
         tokio::task::yield_now().await;
-        let mut bytes = first.message.payload.len();
-        let mut batch = vec![first];
         while batch.len() < BATCH_CALLS_MAX && bytes < BATCH_BYTES_MAX {
             match calls.try_recv() {
-                Ok(call) => {
+                Ok(Queued::Call(call)) => {
                     bytes += call.message.payload.len();
                     batch.push(call);
                 }
+                // This batch is leaving now anyway.
+                Ok(Queued::Release { until }) => released_until = released_until.max(until),
                 Err(_) => break,
             }
         }

@@ -15,6 +15,7 @@
 //! openraft's types stay in `types.rs`.
 
 pub mod batch;
+pub mod commit_notice;
 pub mod log_store;
 pub mod network;
 pub mod node;

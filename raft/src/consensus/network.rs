@@ -10,13 +10,18 @@
 //! is `Unreachable`, which makes openraft back off; anything else is a `Network` error.
 
 use super::batch::{Batcher, Lane};
+use super::commit_notice::{AppendStream, SendAppend};
 use super::types::{
     AppendEntriesRequest, AppendEntriesResponse, CalmRaft, GroupId, NodeId, Snapshot,
     SnapshotResponse, TransferLeaderRequest, Vote, VoteRequest, VoteResponse,
 };
 use super::wire::{self, PeerRpc, SnapshotChunk, raft_peer_client::RaftPeerClient};
+use futures::Stream;
+use openraft::OptionalSend;
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::StreamAppendResult;
 use openraft::raft::TransferLeaderResponse;
 use std::collections::HashMap;
 use std::future::Future;
@@ -68,6 +73,15 @@ impl Peers {
         Ok(batcher)
     }
 
+    /// Send the deferred calls of the Raft lane to `node` now and during `window`, if there
+    /// is such a lane ([`Batcher::release_deferred`]).
+    pub fn release_deferred(&self, node: NodeId, window: Duration) {
+        let batchers = self.batchers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, batcher)) = batchers.get(&(node, Lane::Raft)) {
+            batcher.release_deferred(window);
+        }
+    }
+
     /// The client for `node` at `addr` (`host:port`). A changed address replaces the channel.
     pub fn client(
         &self,
@@ -106,6 +120,8 @@ impl Peers {
 pub struct GroupNetwork {
     pub group: GroupId,
     pub peers: Arc<Peers>,
+    /// How long a commit notice may wait to ride on the next entries ([`super::commit_notice`]).
+    pub commit_notice_hold: Duration,
 }
 
 impl RaftNetworkFactory<CalmRaft> for GroupNetwork {
@@ -118,6 +134,7 @@ impl RaftNetworkFactory<CalmRaft> for GroupNetwork {
             addr: node.addr.clone(),
             batcher: self.peers.batcher(Lane::Raft, target, &node.addr),
             peers: self.peers.clone(),
+            commit_notice_hold: self.commit_notice_hold,
         }
     }
 }
@@ -131,6 +148,7 @@ pub struct PeerClient {
     /// client when a member's address changes).
     batcher: Result<Batcher, tonic::Status>,
     peers: Arc<Peers>,
+    commit_notice_hold: Duration,
 }
 
 fn rpc_error(status: tonic::Status) -> RPCError<CalmRaft> {
@@ -140,6 +158,19 @@ fn rpc_error(status: tonic::Status) -> RPCError<CalmRaft> {
         }
         _ => RPCError::Network(NetworkError::new(&status)),
     }
+}
+
+/// A peer's answer to one of `group`'s calls.
+fn decode_reply<Resp: serde::de::DeserializeOwned>(
+    group: GroupId,
+    target: NodeId,
+    reply: &[u8],
+) -> Result<Resp, RPCError<CalmRaft>> {
+    wire::decode(reply).map_err(|e| {
+        RPCError::Network(NetworkError::from_string(format!(
+            "group {group} reply from node {target}: {e}"
+        )))
+    })
 }
 
 impl PeerClient {
@@ -166,17 +197,55 @@ impl PeerClient {
             .call(rpc, self.group, wire::encode(req), ttl)
             .await
             .map_err(rpc_error)?;
-        wire::decode(&reply).map_err(|e| {
-            RPCError::Network(NetworkError::from_string(format!(
-                "group {} reply from node {}: {e}",
-                self.group, self.target
-            )))
-        })
+        decode_reply(self.group, self.target, &reply)
     }
 }
 
 impl RaftNetworkV2<CalmRaft> for PeerClient {
     type SnapshotData = Vec<u8>;
+
+    /// Requests with entries one at a time, as openraft's default does (a follower must see a
+    /// group's appends in order, and a batch's calls run concurrently on the peer); commit
+    /// notices ride on other traffic to the peer ([`super::commit_notice`]).
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<CalmRaft>, RPCError<CalmRaft>>>,
+            RPCError<CalmRaft>,
+        >,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest> + OptionalSend + Unpin + 'static,
+    {
+        let (group, target, ttl) = (self.group, self.target, option.hard_ttl());
+        let batcher = self.batcher.clone();
+        let send: SendAppend = Box::new(move |request, hold| {
+            let batcher = batcher.clone();
+            Box::pin(async move {
+                let batcher = batcher.map_err(rpc_error)?;
+                let payload = wire::encode(&request);
+                let reply = match hold {
+                    Some(hold) => {
+                        batcher
+                            .call_deferred(PeerRpc::AppendEntries, group, payload, ttl, hold)
+                            .await
+                    }
+                    None => {
+                        batcher
+                            .call(PeerRpc::AppendEntries, group, payload, ttl)
+                            .await
+                    }
+                };
+                decode_reply(group, target, &reply.map_err(rpc_error)?)
+            })
+        });
+        let stream = AppendStream::new(input, send, self.commit_notice_hold);
+        Box::pin(async move { Ok(Box::pin(stream) as BoxStream<'s, _>) })
+    }
 
     async fn append_entries(
         &mut self,

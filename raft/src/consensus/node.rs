@@ -70,6 +70,10 @@ pub struct ConsensusOptions {
     pub entries_kept_after_snapshot: u64,
     /// How long a proposal or read waits for its group before answering UNAVAILABLE.
     pub request_timeout_ms: u64,
+    /// How long a leader's commit notice to a follower may wait to ride on other traffic to
+    /// that follower (`super::commit_notice`); 0 sends each at once. At most
+    /// [`COMMIT_NOTICE_HOLD_MAX`](super::commit_notice::COMMIT_NOTICE_HOLD_MAX).
+    pub commit_notice_hold_us: u64,
 }
 
 impl Default for ConsensusOptions {
@@ -84,11 +88,28 @@ impl Default for ConsensusOptions {
             snapshot_after_entries: 10_000,
             entries_kept_after_snapshot: 1_000,
             request_timeout_ms: 5_000,
+            // A client writing in a loop sends its next write well within 1 ms of the last
+            // answer; followers apply at most this much later when none comes.
+            commit_notice_hold_us: 1_000,
         }
     }
 }
 
 impl ConsensusOptions {
+    /// `commit_notice_hold_us` as a duration, if within its limit.
+    pub fn commit_notice_hold(&self) -> Result<Duration, ConsensusError> {
+        let hold = Duration::from_micros(self.commit_notice_hold_us);
+        let max = super::commit_notice::COMMIT_NOTICE_HOLD_MAX;
+        if hold > max {
+            return Err(ConsensusError::Config(format!(
+                "commit_notice_hold_us = {} exceeds {}: followers would apply committed writes that much later; lower it",
+                self.commit_notice_hold_us,
+                max.as_micros()
+            )));
+        }
+        Ok(hold)
+    }
+
     fn raft_config(&self) -> Result<Arc<Config>, ConsensusError> {
         let config = Config {
             cluster_name: "calm".into(),
@@ -381,8 +402,11 @@ pub struct Consensus {
 
 impl Consensus {
     /// The gRPC service peers call; serve it before `start` so peers can reach this node.
-    pub fn peer_service(handles: Arc<GroupHandles>) -> RaftPeerServer<PeerService> {
-        RaftPeerServer::new(PeerService { handles })
+    pub fn peer_service(
+        handles: Arc<GroupHandles>,
+        peers: Arc<Peers>,
+    ) -> RaftPeerServer<PeerService> {
+        RaftPeerServer::new(PeerService { handles, peers })
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
     }
@@ -400,6 +424,7 @@ impl Consensus {
     ) -> Result<Consensus, ConsensusError> {
         let map = GroupMap::new(options.data_groups);
         let config = options.raft_config()?;
+        let commit_notice_hold = options.commit_notice_hold()?;
         let logs = lock_local(&local).raft_logs().clone();
         // Every group starts at once, not one after another, and serves its peers as soon as
         // it has started: `Raft::new` re-applies a group's committed entries, and an entry
@@ -422,6 +447,7 @@ impl Consensus {
             let network = GroupNetwork {
                 group,
                 peers: peers.clone(),
+                commit_notice_hold,
             };
             let raft = Raft::new(node, config.clone(), network, logs.store(group), sm);
             let handles = &handles;

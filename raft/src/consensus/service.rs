@@ -4,6 +4,8 @@
 //! so groups are registered into a [`GroupHandles`] once they started; until then peers get
 //! UNAVAILABLE and openraft retries.
 
+use super::commit_notice::RELEASE_WINDOW;
+use super::network::Peers;
 use super::snapshot;
 use super::types::{GroupId, ReadPolicy, Request, Snapshot, SnapshotMeta, Vote};
 use super::wire::{
@@ -75,6 +77,8 @@ impl GroupHandles {
 
 pub struct PeerService {
     pub handles: Arc<GroupHandles>,
+    /// This node's queues to its peers (to release a commit notice with a proposal's answer).
+    pub peers: Arc<Peers>,
 }
 
 impl PeerService {
@@ -261,11 +265,23 @@ impl RaftPeer for PeerService {
         let request: Request = wire::decode(&msg.payload).map_err(bad)?;
         let map = super::GroupMap::new(self.handles.count() as u64 - 1);
         super::check_request(map, msg.group, &request).map_err(bad)?;
+        let proposer = match &request {
+            Request::Command(cmd) => Some(cmd.proposer),
+            Request::Commands(cmds) => cmds.first().map(|c| c.proposer),
+            Request::InitRules { .. } | Request::SetRules { .. } => None,
+        };
         let answer = match raft.client_write(request).await {
-            Ok(resp) => ProposeReply::Applied {
-                index: resp.log_id.index(),
-                response: resp.data,
-            },
+            Ok(resp) => {
+                // The proposer usually reads what it wrote next: its commit notice goes with
+                // this answer, not a hold later (`super::commit_notice`).
+                if let Some(node) = proposer {
+                    self.peers.release_deferred(node, RELEASE_WINDOW);
+                }
+                ProposeReply::Applied {
+                    index: resp.log_id.index(),
+                    response: resp.data,
+                }
+            }
             Err(openraft::errors::RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 ProposeReply::NotLeader {
                     leader: f.leader_id,
