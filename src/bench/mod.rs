@@ -16,6 +16,9 @@ use crate::route::{Router, layout};
 use anyhow::{Result, bail};
 use serde_json::json;
 use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Workload {
@@ -31,6 +34,9 @@ pub enum Workload {
     Add,
     /// Batch calls of `--batch` counter adds.
     Batch,
+    /// grpc.health.v1 Check: no calm code at all, so the floor of one call (client, tonic,
+    /// HTTP/2, loopback, the node's wake-up) that every other workload pays too.
+    Ping,
 }
 
 /// Where a bench client sends each call.
@@ -86,7 +92,7 @@ impl Report {
 /// A 16-byte key, with the workload's letter first (workloads need keys of their own type).
 fn key(w: Workload, i: u64) -> Vec<u8> {
     let letter = match w {
-        Workload::Put | Workload::Get | Workload::GetLocal => 'r',
+        Workload::Put | Workload::Get | Workload::GetLocal | Workload::Ping => 'r',
         Workload::Cas => 'c',
         Workload::Add | Workload::Batch => 'n',
     };
@@ -111,6 +117,7 @@ fn write(key: Vec<u8>, kind: pb::op::Kind) -> pb::WriteRequest {
 /// contention measures the path, not conflicts).
 async fn one_call(
     kv: &mut Router,
+    health: &mut HealthClient<Channel>,
     o: &BenchOptions,
     client: u64,
     n: u64,
@@ -152,6 +159,13 @@ async fn one_call(
                 .into_inner();
             *cas_version = r.version;
         }
+        Workload::Ping => {
+            health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await?;
+        }
         Workload::Add => {
             kv.write(write(
                 key(o.workload, k),
@@ -183,6 +197,9 @@ async fn one_call(
 
 /// Create the keys the workload needs (so the measured ops are not key creations).
 async fn prepare(endpoints: &[String], o: &BenchOptions) -> Result<()> {
+    if o.workload == Workload::Ping {
+        return Ok(());
+    }
     let mut kv = Router::unrouted(connect(endpoints).await?);
     let chunk = 500;
     let mut i = 0;
@@ -237,6 +254,7 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
         let status = status.clone();
         tasks.push(tokio::spawn(async move {
             let channel = connect(&ep).await?;
+            let mut health = HealthClient::new(channel.clone());
             let mut kv = match &status {
                 Some(status) => Router::from_status(status, channel)?,
                 None => Router::unrouted(channel),
@@ -250,7 +268,7 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
                     break;
                 }
                 let t = Instant::now();
-                match one_call(&mut kv, &o, client, n, &mut cas_version).await {
+                match one_call(&mut kv, &mut health, &o, client, n, &mut cas_version).await {
                     Ok(()) => latencies.push(t.elapsed().as_micros() as u64),
                     Err(e) => {
                         errors += 1;
