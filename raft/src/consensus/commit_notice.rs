@@ -21,8 +21,11 @@
 //!
 //! Why reordering a notice is safe: it carries no entries, so a follower that gets it after a
 //! later request of its group only checks that its log holds the previous log id (it does: the
-//! leader learned that from the follower) and may raise its commit index to at most that id.
-//! Nothing is truncated or appended. Leader leases are unaffected too: openraft credits an
+//! leader learned that from the follower). Nothing is truncated or appended, and openraft only
+//! ever raises a follower's commit index and accepted log position, and applies only entries
+//! it has flushed from this leader (`RaftState::update_committed`, `accept_log_io`); its own
+//! heartbeats, sent by a task of their own, already reach followers interleaved with
+//! replication this way. Leader leases are unaffected too: openraft credits an
 //! acknowledgement from the time the request was *generated*, so a late answer gives an older
 //! credit, never a newer one. Followers apply a committed entry at most `hold` later than
 //! before when no other traffic comes.
