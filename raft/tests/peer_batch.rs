@@ -224,15 +224,18 @@ async fn a_deferred_call_rides_on_the_next_batch_or_leaves_when_its_hold_ends_or
     let ttl = Duration::from_secs(30);
     let echo = |group: u64, payload: &[u8]| [group.to_le_bytes().as_slice(), payload].concat();
 
-    // Deferred with a hold far longer than the test: it waits for other traffic.
-    let deferred = tokio::spawn({
+    // A deferred call of `group`, with a hold far longer than the test, in a task of its own.
+    let spawn_deferred = |group: u64| {
         let batcher = batcher.clone();
-        async move {
+        tokio::spawn(async move {
             batcher
-                .call_deferred(PeerRpc::AppendEntries, 3, vec![3], ttl, ttl)
+                .call_deferred(PeerRpc::AppendEntries, group, vec![group as u8], ttl, ttl)
                 .await
-        }
-    });
+        })
+    };
+
+    // It waits for other traffic.
+    let deferred = spawn_deferred(3);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(
         peer.batches.load(Ordering::Relaxed),
@@ -270,14 +273,7 @@ async fn a_deferred_call_rides_on_the_next_batch_or_leaves_when_its_hold_ends_or
     assert_eq!(peer.batches.load(Ordering::Relaxed), 2);
 
     // Released, it leaves at once, hold or not.
-    let released = tokio::spawn({
-        let batcher = batcher.clone();
-        async move {
-            batcher
-                .call_deferred(PeerRpc::AppendEntries, 6, vec![6], ttl, ttl)
-                .await
-        }
-    });
+    let released = spawn_deferred(6);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(peer.batches.load(Ordering::Relaxed), 2, "still waiting");
     batcher.release_deferred(Duration::ZERO);
