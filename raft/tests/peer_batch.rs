@@ -229,7 +229,13 @@ async fn a_deferred_call_rides_on_the_next_batch_or_leaves_when_its_hold_ends_or
         let batcher = batcher.clone();
         tokio::spawn(async move {
             batcher
-                .call_deferred(PeerRpc::AppendEntries, group, vec![group as u8], ttl, ttl)
+                .call_held(
+                    PeerRpc::AppendEntries,
+                    group,
+                    vec![group as u8],
+                    ttl,
+                    Some(ttl),
+                )
                 .await
         })
     };
@@ -260,12 +266,12 @@ async fn a_deferred_call_rides_on_the_next_batch_or_leaves_when_its_hold_ends_or
 
     // Alone, a deferred call leaves when its hold ends.
     let alone = batcher
-        .call_deferred(
+        .call_held(
             PeerRpc::AppendEntries,
             5,
             vec![5],
             ttl,
-            Duration::from_millis(20),
+            Some(Duration::from_millis(20)),
         )
         .await
         .unwrap();
@@ -285,7 +291,7 @@ async fn a_deferred_call_rides_on_the_next_batch_or_leaves_when_its_hold_ends_or
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(peer.batches.load(Ordering::Relaxed), 3);
     let after = batcher
-        .call_deferred(PeerRpc::AppendEntries, 7, vec![7], ttl, ttl)
+        .call_held(PeerRpc::AppendEntries, 7, vec![7], ttl, Some(ttl))
         .await
         .unwrap();
     assert_eq!(after, echo(7, &[7]));

@@ -16,7 +16,7 @@
 //! durable, while forwarded proposals and read-index requests are answered only after a
 //! commit, which may itself wait for that replication.
 //!
-//! A call may also be *deferred* ([`Batcher::call_deferred`]): it does not make a batch leave
+//! A call may also be *deferred* ([`Batcher::call_held`]): it does not make a batch leave
 //! by itself, but rides on the next batch to its peer, or leaves when its hold ends. Commit
 //! notices travel this way ([`super::commit_notice`]).
 //!
@@ -107,20 +107,7 @@ impl Batcher {
         payload: Vec<u8>,
         ttl: Duration,
     ) -> Result<Vec<u8>, Status> {
-        self.enqueue(rpc, group, payload, ttl, None).await
-    }
-
-    /// Like [`Batcher::call`], but the call does not make a batch leave: it goes with the next
-    /// batch to the peer, or alone once `hold` has passed (`ttl` counts from now).
-    pub async fn call_deferred(
-        &self,
-        rpc: PeerRpc,
-        group: GroupId,
-        payload: Vec<u8>,
-        ttl: Duration,
-        hold: Duration,
-    ) -> Result<Vec<u8>, Status> {
-        self.enqueue(rpc, group, payload, ttl, Some(hold)).await
+        self.call_held(rpc, group, payload, ttl, None).await
     }
 
     /// Send the deferred calls waiting for the peer now (with whatever else is queued), and
@@ -133,7 +120,10 @@ impl Batcher {
         let _ = self.queue.try_send(Queued::Release { until });
     }
 
-    async fn enqueue(
+    /// [`Batcher::call`], or with `Some(hold)` a deferred call: it does not make a batch
+    /// leave, but goes with the next batch to the peer, or alone once `hold` has passed
+    /// (`ttl` counts from now).
+    pub async fn call_held(
         &self,
         rpc: PeerRpc,
         group: GroupId,

@@ -11,7 +11,7 @@
 //! [`AppendStream`] runs one replication session's requests: requests with entries one at a
 //! time, as openraft's default does (a follower must see a group's appends in order, and the
 //! calls of a peer batch run concurrently); a commit notice in the middle of a session is sent
-//! *deferred* ([`super::batch::Batcher::call_deferred`]): it rides on the next batch to that
+//! *deferred* ([`super::batch::Batcher::call_held`]): it rides on the next batch to that
 //! peer, of any group, or leaves alone once `hold` has passed. A notice the session's next
 //! request makes redundant (it is already waiting: same leader, same previous log id, a commit
 //! index at least as new) is not sent at all. The last request of a stream (a heartbeat, or

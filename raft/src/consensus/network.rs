@@ -228,18 +228,9 @@ impl RaftNetworkV2<CalmRaft> for PeerClient {
             Box::pin(async move {
                 let batcher = batcher.map_err(rpc_error)?;
                 let payload = wire::encode(&request);
-                let reply = match hold {
-                    Some(hold) => {
-                        batcher
-                            .call_deferred(PeerRpc::AppendEntries, group, payload, ttl, hold)
-                            .await
-                    }
-                    None => {
-                        batcher
-                            .call(PeerRpc::AppendEntries, group, payload, ttl)
-                            .await
-                    }
-                };
+                let reply = batcher
+                    .call_held(PeerRpc::AppendEntries, group, payload, ttl, hold)
+                    .await;
                 decode_reply(group, target, &reply.map_err(rpc_error)?)
             })
         });
