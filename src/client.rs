@@ -7,10 +7,10 @@ use crate::api::pb;
 use crate::api::pb::admin_client::AdminClient;
 use crate::api::pb::kv_client::KvClient;
 use anyhow::{Context, Result, anyhow};
+use calm_raft::channel::{ChannelOptions, H2Channel};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use serde_json::json;
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
 
 /// Default endpoint: node 1 of `calm dev`.
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:7001";
@@ -21,22 +21,23 @@ pub enum Output {
     Json,
 }
 
+/// How the CLI's and the bench's channels connect and how long a call may take.
+pub fn channel_options() -> ChannelOptions {
+    ChannelOptions {
+        connect_timeout: Duration::from_secs(2),
+        call_timeout: Some(Duration::from_secs(30)),
+        ..ChannelOptions::default()
+    }
+}
+
 /// Connect to the first endpoint that answers.
-pub async fn connect(endpoints: &[String]) -> Result<Channel> {
+pub async fn connect(endpoints: &[String]) -> Result<H2Channel> {
     let mut errors = Vec::new();
     for e in endpoints {
-        let uri = if e.starts_with("http") {
-            e.clone()
-        } else {
-            format!("http://{e}")
-        };
-        let endpoint = Endpoint::from_shared(uri)
-            .with_context(|| format!("'{e}' is not an address (use host:port)"))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(30));
-        match endpoint.connect().await {
+        let addr = e.strip_prefix("http://").unwrap_or(e).trim_end_matches('/');
+        match H2Channel::connect(addr, channel_options()).await {
             Ok(c) => return Ok(c),
-            Err(err) => errors.push(format!("{e}: {err}")),
+            Err(err) => errors.push(format!("{e}: {}", err.message())),
         }
     }
     Err(anyhow!(

@@ -60,6 +60,7 @@
 use calm_kernel::clock::{BloomClock, Hlc};
 use calm_kernel::fact::{FACT_HEADER_BYTES, KEY_BYTES_MAX, PAYLOAD_BYTES_MAX, decode_facts};
 use calm_kernel::{HlcTimestamp, KeyState, NodeId, VersionVector};
+use calm_raft::channel::H2Channel;
 use calm_raft::consensus::network::Peers;
 use calm_raft::consensus::{FactSource, GroupId, SharedLocal};
 use calm_raft::local::{DeliverReport, LocalError, LocalState};
@@ -70,7 +71,6 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// The generated gossip protocol (`proto/calm/internal/v1/gossip.proto`).
@@ -554,7 +554,7 @@ impl Gossip {
 
     // --- peers ---------------------------------------------------------------------------
 
-    fn client(&self, link: &Link) -> Result<GossipPeerClient<Channel>, GossipError> {
+    fn client(&self, link: &Link) -> Result<GossipPeerClient<H2Channel>, GossipError> {
         let channel =
             self.peers
                 .channel(link.id, &link.addr)

@@ -24,13 +24,12 @@ use crate::api::LEADER_ID_METADATA;
 use crate::api::pb;
 use crate::api::pb::admin_client::AdminClient;
 use crate::api::pb::kv_client::KvClient;
-use crate::client::connect;
+use crate::client::{channel_options, connect};
 use anyhow::{Context, Result, bail};
+use calm_raft::channel::H2Channel;
 use calm_raft::consensus::GroupMap;
 use std::collections::BTreeMap;
-use std::time::Duration;
 use tonic::metadata::MetadataMap;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status};
 
 /// Most groups a router accepts from a node's status (the cluster's group count is fixed at
@@ -44,11 +43,11 @@ pub const GROUPS_MAX: usize = 4096;
 pub struct Router {
     map: GroupMap,
     /// Per member id, its client connection.
-    nodes: BTreeMap<u64, KvClient<Channel>>,
+    nodes: BTreeMap<u64, KvClient<H2Channel>>,
     /// Per group (index = group id), the member believed to lead it; 0 when unknown.
     leaders: Vec<u64>,
     /// The endpoint that answered first: used for groups with no known leader.
-    fallback: KvClient<Channel>,
+    fallback: KvClient<H2Channel>,
 }
 
 impl Router {
@@ -61,7 +60,7 @@ impl Router {
 
     /// A router that knows no layout: everything goes to `channel`'s node, as with a plain
     /// client (which forwards what it does not lead).
-    pub fn unrouted(channel: Channel) -> Router {
+    pub fn unrouted(channel: H2Channel) -> Router {
         Router {
             map: GroupMap::new(1),
             nodes: BTreeMap::new(),
@@ -72,7 +71,7 @@ impl Router {
 
     /// A router for the layout `status` describes; `fallback` serves groups whose leader
     /// is unknown.
-    pub fn from_status(status: &pb::StatusResponse, fallback: Channel) -> Result<Router> {
+    pub fn from_status(status: &pb::StatusResponse, fallback: H2Channel) -> Result<Router> {
         let groups = status.groups.len();
         if !(2..=GROUPS_MAX).contains(&groups) {
             bail!(
@@ -83,18 +82,15 @@ impl Router {
         }
         let mut nodes = BTreeMap::new();
         for m in &status.members {
-            let endpoint = Endpoint::from_shared(format!("http://{}", m.client_addr))
-                .ok()
-                .filter(|_| !m.client_addr.contains('/'))
-                .with_context(|| {
-                    format!(
-                        "member {} has client address '{}', not host:port",
-                        m.id, m.client_addr
-                    )
-                })?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(30));
-            nodes.insert(m.id, KvClient::new(endpoint.connect_lazy()));
+            let channel = H2Channel::lazy(&m.client_addr, channel_options()).map_err(|e| {
+                anyhow::anyhow!(
+                    "member {} has client address '{}': {}",
+                    m.id,
+                    m.client_addr,
+                    e.message()
+                )
+            })?;
+            nodes.insert(m.id, KvClient::new(channel));
         }
         let mut leaders = vec![0; groups];
         for g in &status.groups {
@@ -115,7 +111,7 @@ impl Router {
         self.leaders[self.map.group_of(key) as usize]
     }
 
-    fn kv_for(&mut self, group: usize) -> &mut KvClient<Channel> {
+    fn kv_for(&mut self, group: usize) -> &mut KvClient<H2Channel> {
         match self.nodes.get_mut(&self.leaders[group]) {
             Some(kv) => kv,
             None => &mut self.fallback,
@@ -174,7 +170,7 @@ impl Router {
 }
 
 /// The layout a router needs, as the node behind `channel` sees it (`Admin.Status`).
-pub async fn layout(channel: Channel) -> Result<pb::StatusResponse> {
+pub async fn layout(channel: H2Channel) -> Result<pb::StatusResponse> {
     Ok(AdminClient::new(channel)
         .status(pb::StatusRequest {})
         .await
@@ -209,8 +205,8 @@ mod tests {
         }
     }
 
-    fn lazy() -> Channel {
-        Endpoint::from_static("http://127.0.0.1:1").connect_lazy()
+    fn lazy() -> H2Channel {
+        H2Channel::lazy("127.0.0.1:1", calm_raft::channel::ChannelOptions::default()).unwrap()
     }
 
     #[tokio::test]

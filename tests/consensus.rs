@@ -662,7 +662,15 @@ async fn a_forwarded_request_names_the_leader_and_the_router_goes_there() {
     let mut status = c.status(1).await.unwrap();
     let (group, _) = c.leader_of(1, &key).await;
     status.groups[group as usize].leader = 3;
-    let mut router = calm::route::Router::from_status(&status, c.channel(1).await).unwrap();
+    let mut router = calm::route::Router::from_status(
+        &status,
+        calm_raft::channel::H2Channel::lazy(
+            &c.nodes[0].client.to_string(),
+            calm::client::channel_options(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     assert_eq!(router.leader_of(key.as_bytes()), 3);
     let r = router.write(put_req("d")).await.unwrap();
     assert_eq!(leader_hint(r.metadata()), Some(2), "node 3 forwarded");

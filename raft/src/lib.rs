@@ -1,4 +1,5 @@
 //! calm-raft: the durable and ordered path of a calm node.
+pub mod channel;
 pub mod checkpoint;
 pub mod consensus;
 pub mod inspect;

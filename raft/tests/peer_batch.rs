@@ -4,6 +4,7 @@
 //! peer that cannot be reached fails every call with the connect error that tells proposals
 //! they were never sent.
 
+use calm_raft::channel::{ChannelOptions, H2Channel};
 use calm_raft::consensus::batch::{BATCH_CALLS_MAX, Batcher, Lane};
 use calm_raft::consensus::wire::raft_peer_client::RaftPeerClient;
 use calm_raft::consensus::wire::raft_peer_server::{RaftPeer, RaftPeerServer};
@@ -118,12 +119,12 @@ async fn serve(peer: Peer) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>
     (addr, server)
 }
 
-fn client(addr: &str) -> RaftPeerClient<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_millis(500))
-        .connect_lazy();
-    RaftPeerClient::new(channel)
+fn client(addr: &str) -> RaftPeerClient<H2Channel> {
+    let options = ChannelOptions {
+        connect_timeout: Duration::from_millis(500),
+        ..ChannelOptions::default()
+    };
+    RaftPeerClient::new(H2Channel::lazy(addr, options).unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

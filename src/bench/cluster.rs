@@ -8,11 +8,11 @@
 //! iptables chain of a [`Partition`] and the temporary directory of a [`Cluster`].
 
 use anyhow::{Context, Result, bail};
+use calm_raft::channel::{ChannelOptions, H2Channel};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
 
 /// How long a cluster may take to start and elect its leaders.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -127,13 +127,18 @@ fn member_ip(system: u8, i: usize) -> Ipv4Addr {
     )
 }
 
+/// The bench's deadlines.
+pub fn channel_options() -> ChannelOptions {
+    ChannelOptions {
+        connect_timeout: Duration::from_secs(2),
+        call_timeout: Some(CALL_TIMEOUT),
+        ..ChannelOptions::default()
+    }
+}
+
 /// A lazily connecting channel with the bench's deadlines.
-pub fn channel(addr: SocketAddr) -> Result<Channel> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(CALL_TIMEOUT)
-        .tcp_nodelay(true)
-        .connect_lazy())
+pub fn channel(addr: SocketAddr) -> Result<H2Channel> {
+    Ok(H2Channel::lazy(&addr.to_string(), channel_options())?)
 }
 
 pub struct Member {

@@ -17,20 +17,20 @@
 //! Batch calls span groups, so calm's go to one member in either model (the task's first,
 //! or (task + n) mod 3).
 
-use super::cluster::{self, CALL_TIMEOUT, Cluster};
+use super::cluster::{self, Cluster};
 use super::etcd;
 use super::{Report, Route, describe_error};
 use crate::api::pb;
 use crate::route::{Router, layout};
 use anyhow::{Context, Result, bail};
+use calm_raft::channel::H2Channel;
 use comfy_table::{Table, presets};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
 
 type CalmKv = Router;
-type EtcdKv = etcd::KvClient<Channel>;
+type EtcdKv = etcd::KvClient<H2Channel>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum System {
@@ -147,14 +147,10 @@ enum Conn {
     Etcd(EtcdKv),
 }
 
-async fn channel(addr: SocketAddr) -> Result<Channel> {
-    Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(CALL_TIMEOUT)
-        .tcp_nodelay(true)
-        .connect()
+async fn channel(addr: SocketAddr) -> Result<H2Channel> {
+    H2Channel::connect(&addr.to_string(), super::cluster::channel_options())
         .await
-        .with_context(|| format!("cannot connect to {addr}"))
+        .map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {}", e.message()))
 }
 
 /// A connection to the member at `addr` (calm: unrouted, so the member forwards).

@@ -14,9 +14,9 @@ use crate::api::pb;
 use crate::client::connect;
 use crate::route::{Router, layout};
 use anyhow::{Result, bail};
+use calm_raft::channel::H2Channel;
 use serde_json::json;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -117,7 +117,7 @@ fn write(key: Vec<u8>, kind: pb::op::Kind) -> pb::WriteRequest {
 /// contention measures the path, not conflicts).
 async fn one_call(
     kv: &mut Router,
-    health: &mut HealthClient<Channel>,
+    health: &mut HealthClient<H2Channel>,
     o: &BenchOptions,
     client: u64,
     n: u64,

@@ -26,10 +26,10 @@
 
 use super::types::{GroupId, NodeId};
 use super::wire::{GroupMessage, PeerBatch, PeerCall, PeerRpc, raft_peer_client::RaftPeerClient};
+use crate::channel::H2Channel;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot};
-use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 /// Calls at most in one batch (the peer refuses larger batches).
@@ -92,7 +92,7 @@ pub struct Batcher {
 impl Batcher {
     /// Start the lane's sender over `client` (a clone of the peer's one channel). Needs a
     /// tokio runtime.
-    pub fn start(node: NodeId, lane: Lane, client: RaftPeerClient<Channel>) -> Batcher {
+    pub fn start(node: NodeId, lane: Lane, client: RaftPeerClient<H2Channel>) -> Batcher {
         let (queue, calls) = mpsc::channel(BATCH_QUEUE_MAX);
         tokio::spawn(send_batches(lane, client, calls));
         Batcher { node, queue }
@@ -171,7 +171,7 @@ impl Batcher {
 /// alone wait first, for a call that is not deferred or the end of the first one's hold.
 async fn send_batches(
     lane: Lane,
-    client: RaftPeerClient<Channel>,
+    client: RaftPeerClient<H2Channel>,
     mut calls: mpsc::Receiver<Queued>,
 ) {
     let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_MAX));
@@ -237,7 +237,7 @@ async fn send_batches(
     }
 }
 
-async fn send(lane: Lane, mut client: RaftPeerClient<Channel>, batch: Vec<Call>) {
+async fn send(lane: Lane, mut client: RaftPeerClient<H2Channel>, batch: Vec<Call>) {
     // A caller that gave up already reported an unknown outcome; not sending is one.
     let batch: Vec<Call> = batch.into_iter().filter(|c| !c.reply.is_closed()).collect();
     let Some(ttl) = batch.iter().map(|c| c.ttl).max() else {

@@ -16,6 +16,7 @@ use super::types::{
     SnapshotResponse, TransferLeaderRequest, Vote, VoteRequest, VoteResponse,
 };
 use super::wire::{self, PeerRpc, SnapshotChunk, raft_peer_client::RaftPeerClient};
+use crate::channel::{ChannelOptions, H2Channel};
 use futures::Stream;
 use openraft::OptionalSend;
 use openraft::base::{BoxFuture, BoxStream};
@@ -28,7 +29,6 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
 
 /// Bytes of snapshot data per streamed chunk (well under tonic's 4 MiB message limit).
 pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
@@ -39,7 +39,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// carry every unary Raft call over them ([`super::batch`]).
 #[derive(Default)]
 pub struct Peers {
-    channels: Mutex<HashMap<NodeId, (String, Channel)>>,
+    channels: Mutex<HashMap<NodeId, (String, H2Channel)>>,
     batchers: Mutex<HashMap<(NodeId, Lane), (String, Batcher)>>,
     local_ip: Option<IpAddr>,
 }
@@ -87,30 +87,30 @@ impl Peers {
         &self,
         node: NodeId,
         addr: &str,
-    ) -> Result<RaftPeerClient<Channel>, tonic::Status> {
+    ) -> Result<RaftPeerClient<H2Channel>, tonic::Status> {
         self.channel(node, addr).map(RaftPeerClient::new)
     }
 
     /// The one channel to `node` at `addr`, for any peer service (Raft, gossip).
-    pub fn channel(&self, node: NodeId, addr: &str) -> Result<Channel, tonic::Status> {
+    pub fn channel(&self, node: NodeId, addr: &str) -> Result<H2Channel, tonic::Status> {
         let mut channels = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((known, channel)) = channels.get(&node)
             && known == addr
         {
             return Ok(channel.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| {
-                tonic::Status::invalid_argument(format!("peer {node} address {addr:?}: {e}"))
-            })?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .local_address(self.local_ip)
-            .tcp_nodelay(true)
+        let options = ChannelOptions {
+            connect_timeout: CONNECT_TIMEOUT,
+            local_ip: self.local_ip,
             // A stopped (SIGSTOP) peer keeps its TCP connection open: keepalive notices.
-            .http2_keep_alive_interval(Duration::from_secs(1))
-            .keep_alive_timeout(Duration::from_secs(2))
-            .keep_alive_while_idle(true);
-        let channel = endpoint.connect_lazy();
+            keepalive_interval: Some(Duration::from_secs(1)),
+            keepalive_timeout: Duration::from_secs(2),
+            // Callers bound their own calls (openraft's TTLs, the batcher's deadlines).
+            call_timeout: None,
+        };
+        let channel = H2Channel::lazy(addr, options).map_err(|e| {
+            tonic::Status::invalid_argument(format!("peer {node}: {}", e.message()))
+        })?;
         channels.insert(node, (addr.to_string(), channel.clone()));
         Ok(channel)
     }
@@ -174,7 +174,7 @@ fn decode_reply<Resp: serde::de::DeserializeOwned>(
 }
 
 impl PeerClient {
-    fn client(&self) -> Result<RaftPeerClient<Channel>, RPCError<CalmRaft>> {
+    fn client(&self) -> Result<RaftPeerClient<H2Channel>, RPCError<CalmRaft>> {
         self.peers
             .client(self.target, &self.addr)
             .map_err(|s| RPCError::Unreachable(Unreachable::new(&s)))

@@ -277,12 +277,12 @@ fn can_take_over(
 }
 
 /// Whether a failed call certainly never reached the peer's group, so that retrying a
-/// proposal elsewhere cannot apply it twice: the connection could not be made (tonic reports
-/// the connector's error as UNAVAILABLE "... connect error ..."), or the peer's groups had not
-/// started yet.
+/// proposal elsewhere cannot apply it twice: the connection could not be made or closed
+/// before the call was queued ([`crate::channel::CONNECT_ERROR`]), or the peer's groups had
+/// not started yet.
 fn never_reached_the_group(status: &tonic::Status) -> bool {
     status.code() == tonic::Code::Unavailable
-        && (status.message().contains("connect error")
+        && (status.message().starts_with(crate::channel::CONNECT_ERROR)
             || status.message().starts_with(super::batch::NOT_SENT)
             || status
                 .message()
