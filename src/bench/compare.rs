@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 type CalmKv = Router;
 type EtcdKv = etcd::KvClient<H2Channel>;
+type Health = tonic_health::pb::health_client::HealthClient<H2Channel>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum System {
@@ -40,6 +41,9 @@ pub enum System {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Workload {
+    /// grpc.health.v1 Check, one client (sequential): no store code on either side, so the
+    /// floor of one call to each system (client, gRPC server, HTTP/2, loopback, wake-ups).
+    Ping,
     /// Register put, one client (sequential).
     PutSeq,
     /// Register put, 64 in flight.
@@ -60,7 +64,8 @@ pub enum Workload {
     Partition,
 }
 
-pub const ALL_WORKLOADS: [Workload; 8] = [
+pub const ALL_WORKLOADS: [Workload; 9] = [
+    Workload::Ping,
     Workload::PutSeq,
     Workload::Put,
     Workload::Get,
@@ -74,6 +79,7 @@ pub const ALL_WORKLOADS: [Workload; 8] = [
 impl Workload {
     fn label(self) -> &'static str {
         match self {
+            Workload::Ping => "ping x1 (grpc.health.v1 Check)",
             Workload::PutSeq => "put x1",
             Workload::Put => "put x64",
             Workload::Get => "linearizable get x64",
@@ -88,6 +94,7 @@ impl Workload {
     /// `(calls, concurrency, ops per call)` at full scale.
     fn load(self) -> (u64, u64, u64) {
         match self {
+            Workload::Ping => (5_000, 1, 1),
             Workload::PutSeq => (3_000, 1, 1),
             Workload::Put | Workload::Get | Workload::Incr => (30_000, 64, 1),
             Workload::Cas => (20_000, 64, 1),
@@ -143,8 +150,8 @@ fn value(i: u64) -> Vec<u8> {
 /// Cheap to clone: clones share the connection (requests multiplex on it as HTTP/2 streams).
 #[derive(Clone)]
 enum Conn {
-    Calm(CalmKv),
-    Etcd(EtcdKv),
+    Calm(CalmKv, Health),
+    Etcd(EtcdKv, Health),
 }
 
 async fn channel(addr: SocketAddr) -> Result<H2Channel> {
@@ -157,8 +164,8 @@ async fn channel(addr: SocketAddr) -> Result<H2Channel> {
 async fn connect(system: System, addr: SocketAddr) -> Result<Conn> {
     let channel = channel(addr).await?;
     Ok(match system {
-        System::Calm => Conn::Calm(Router::unrouted(channel)),
-        System::Etcd => Conn::Etcd(EtcdKv::new(channel)),
+        System::Calm => Conn::Calm(Router::unrouted(channel.clone()), Health::new(channel)),
+        System::Etcd => Conn::Etcd(EtcdKv::new(channel.clone()), Health::new(channel)),
     })
 }
 
@@ -210,10 +217,11 @@ async fn task_conns(
             }
         }
         Some(Layout::Calm(status, first)) => {
-            conns.push(Conn::Calm(Router::from_status(
-                status,
-                channel(*first).await?,
-            )?));
+            let channel = channel(*first).await?;
+            conns.push(Conn::Calm(
+                Router::from_status(status, channel.clone())?,
+                Health::new(channel),
+            ));
         }
         Some(Layout::Etcd(leader)) => conns.push(connect(System::Etcd, *leader).await?),
     }
@@ -252,7 +260,7 @@ impl Conn {
     async fn cas_start(&mut self, task: u64) -> Result<i64, tonic::Status> {
         let k = key('c', task);
         match self {
-            Conn::Calm(kv) => {
+            Conn::Calm(kv, _) => {
                 let r = kv
                     .get(pb::GetRequest {
                         key: k,
@@ -266,7 +274,7 @@ impl Conn {
                     _ => 0,
                 })
             }
-            Conn::Etcd(kv) => {
+            Conn::Etcd(kv, _) => {
                 let r = kv.range(etcd::range(&k, false)).await?.into_inner();
                 Ok(r.kvs.first().map_or(0, |kv| kv.mod_revision))
             }
@@ -282,14 +290,26 @@ impl Conn {
     ) -> Result<(), tonic::Status> {
         let k = (task * 7919 + n) % KEYS;
         match (self, w) {
-            (Conn::Calm(kv), Workload::PutSeq | Workload::Put) => {
+            (Conn::Calm(_, health) | Conn::Etcd(_, health), Workload::Ping) => {
+                let r = health
+                    .check(tonic_health::pb::HealthCheckRequest::default())
+                    .await?
+                    .into_inner();
+                if r.status != tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                    return Err(tonic::Status::unavailable(format!(
+                        "the health check answered status {} (not SERVING)",
+                        r.status
+                    )));
+                }
+            }
+            (Conn::Calm(kv, _), Workload::PutSeq | Workload::Put) => {
                 let put = pb::op::Kind::Put(pb::Put { value: value(n) });
                 kv.write(write(key('r', k), put)).await?;
             }
-            (Conn::Etcd(kv), Workload::PutSeq | Workload::Put) => {
+            (Conn::Etcd(kv, _), Workload::PutSeq | Workload::Put) => {
                 kv.put(etcd::put(&key('r', k), &value(n))).await?;
             }
-            (Conn::Calm(kv), Workload::Get) => {
+            (Conn::Calm(kv, _), Workload::Get) => {
                 kv.get(pb::GetRequest {
                     key: key('r', k),
                     consistency: pb::Consistency::Linearizable as i32,
@@ -297,10 +317,10 @@ impl Conn {
                 })
                 .await?;
             }
-            (Conn::Etcd(kv), Workload::Get) => {
+            (Conn::Etcd(kv, _), Workload::Get) => {
                 kv.range(etcd::range(&key('r', k), false)).await?;
             }
-            (Conn::Calm(kv), Workload::Cas) => {
+            (Conn::Calm(kv, _), Workload::Cas) => {
                 let cas = pb::op::Kind::Cas(pb::Cas {
                     expect: Some(pb::cas::Expect::Version(st.cas as u64)),
                     new_value: value(n),
@@ -312,7 +332,7 @@ impl Conn {
                     return Err(tonic::Status::aborted("cas lost"));
                 }
             }
-            (Conn::Etcd(kv), Workload::Cas) => {
+            (Conn::Etcd(kv, _), Workload::Cas) => {
                 let k = key('c', task);
                 let r = kv.txn(etcd::cas(&k, st.cas, &value(n))).await?.into_inner();
                 if !r.succeeded {
@@ -324,11 +344,11 @@ impl Conn {
                 // The key's new mod_revision is the revision the txn created.
                 st.cas = r.header.map_or(0, |h| h.revision);
             }
-            (Conn::Calm(kv), Workload::Incr) => {
+            (Conn::Calm(kv, _), Workload::Incr) => {
                 let add = pb::op::Kind::Add(pb::Add { delta: 1 });
                 kv.write(write(key('n', k), add)).await?;
             }
-            (Conn::Etcd(kv), Workload::Incr) => {
+            (Conn::Etcd(kv, _), Workload::Incr) => {
                 let k = key('n', k);
                 let read = kv.range(etcd::range(&k, false)).await?.into_inner();
                 let (mut n, mut rev) = etcd::counter(&read.kvs).map_err(tonic::Status::internal)?;
@@ -346,7 +366,7 @@ impl Conn {
                         etcd::counter(etcd::failure_read(&r)).map_err(tonic::Status::internal)?;
                 }
             }
-            (Conn::Calm(kv), Workload::BatchAdd | Workload::BatchPut) => {
+            (Conn::Calm(kv, _), Workload::BatchAdd | Workload::BatchPut) => {
                 let ops = (0..BATCH)
                     .map(|j| {
                         let i = (k + j) % KEYS;
@@ -360,7 +380,7 @@ impl Conn {
                 let r = kv.batch(pb::BatchRequest { ops }).await?.into_inner();
                 batch_error(&r)?;
             }
-            (Conn::Etcd(kv), Workload::BatchAdd | Workload::BatchPut) => {
+            (Conn::Etcd(kv, _), Workload::BatchAdd | Workload::BatchPut) => {
                 let keys: Vec<Vec<u8>> = (0..BATCH).map(|j| key('b', (k + j) % KEYS)).collect();
                 kv.txn(etcd::put_all(keys.iter().map(|k| k.as_slice()), &value(n)))
                     .await?;
@@ -384,7 +404,7 @@ async fn prepare(system: System, addr: SocketAddr) -> Result<()> {
     for (letter, count, counter) in families {
         for chunk in (0..count).collect::<Vec<_>>().chunks(BATCH as usize) {
             match &mut conn {
-                Conn::Calm(kv) => {
+                Conn::Calm(kv, _) => {
                     let ops = chunk
                         .iter()
                         .map(|&i| {
@@ -399,7 +419,7 @@ async fn prepare(system: System, addr: SocketAddr) -> Result<()> {
                     let r = kv.batch(pb::BatchRequest { ops }).await?.into_inner();
                     batch_error(&r).context("preparing calm's keys")?;
                 }
-                Conn::Etcd(kv) => {
+                Conn::Etcd(kv, _) => {
                     let keys: Vec<Vec<u8>> = chunk.iter().map(|&i| key(letter, i)).collect();
                     let v = if counter { b"0".to_vec() } else { value(0) };
                     kv.txn(etcd::put_all(keys.iter().map(|k| k.as_slice()), &v))
@@ -573,8 +593,8 @@ async fn partition(c: &Cluster, facts: u64, seconds: u64) -> Result<Convergence>
     let mut readers = Vec::new();
     for &a in &addrs {
         match connect(System::Calm, a).await? {
-            Conn::Calm(kv) => readers.push(kv),
-            Conn::Etcd(_) => unreachable!(),
+            Conn::Calm(kv, _) => readers.push(kv),
+            Conn::Etcd(..) => unreachable!(),
         }
     }
     let base = sums(&mut readers).await;
@@ -595,7 +615,7 @@ async fn partition(c: &Cluster, facts: u64, seconds: u64) -> Result<Convergence>
                 addrs[2]
             };
             tasks.push(tokio::spawn(async move {
-                let Conn::Calm(mut kv) = connect(System::Calm, addr).await? else {
+                let Conn::Calm(mut kv, _) = connect(System::Calm, addr).await? else {
                     unreachable!()
                 };
                 let (mut acked, mut unknown, mut sent) = (0u64, 0u64, 0u64);
