@@ -1,12 +1,14 @@
 //! `H2Channel` against a real tonic server on 127.0.0.1: unary and streaming calls, bodies
 //! larger than the HTTP/2 windows, deadlines, the "never sent" error, reconnecting after the
-//! server restarts, and keepalive closing a connection whose peer stopped answering.
+//! server restarts, keepalive closing a connection whose peer stopped answering, and the
+//! connection closing once every clone of the channel is gone.
 
 use calm_raft::channel::{CONNECT_ERROR, ChannelOptions, H2Channel};
 use calm_raft::consensus::wire::raft_peer_client::RaftPeerClient;
 use calm_raft::consensus::wire::raft_peer_server::{RaftPeer, RaftPeerServer};
 use calm_raft::consensus::wire::{GroupMessage, PeerBatch, PeerBatchReply, SnapshotChunk};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -272,4 +274,100 @@ async fn keepalive_fails_calls_to_a_peer_that_stopped_answering() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     held.abort();
+}
+
+/// A server connection, counted in `open` while the server keeps it.
+struct Tracked {
+    socket: tokio::net::TcpStream,
+    open: std::sync::Arc<AtomicUsize>,
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl tonic::transport::server::Connected for Tracked {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+impl tokio::io::AsyncRead for Tracked {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.socket).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.socket).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.socket).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.socket).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_every_clone_closes_the_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = open.clone();
+    let incoming = futures::stream::unfold(listener, move |listener| {
+        let open = counter.clone();
+        async move {
+            let accepted = listener.accept().await.map(|(socket, _)| {
+                open.fetch_add(1, Ordering::SeqCst);
+                Tracked { socket, open }
+            });
+            Some((accepted, listener))
+        }
+    });
+    let server = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(RaftPeerServer::new(Echo))
+            .serve_with_incoming(incoming)
+            .await
+            .unwrap();
+    });
+    let kv = client(
+        addr,
+        ChannelOptions {
+            keepalive_interval: Some(Duration::from_millis(50)),
+            ..options()
+        },
+    );
+    let mut clone = kv.clone();
+    bounded(clone.append_entries(GroupMessage::default()))
+        .await
+        .unwrap();
+    assert_eq!(open.load(Ordering::SeqCst), 1, "one connection, in use");
+    drop((kv, clone));
+    // The connection task ends (keepalive pings do not hold it) and the server drops the
+    // socket once the client closed it.
+    bounded(async {
+        while open.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    server.abort();
 }

@@ -295,7 +295,9 @@ impl Conn {
                     .check(tonic_health::pb::HealthCheckRequest::default())
                     .await?
                     .into_inner();
-                if r.status != tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+                if r.status
+                    != tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+                {
                     return Err(tonic::Status::unavailable(format!(
                         "the health check answered status {} (not SERVING)",
                         r.status
