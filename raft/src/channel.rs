@@ -78,7 +78,8 @@ pub struct H2Channel {
 }
 
 struct Shared {
-    addr: String,
+    /// Shared with the response bodies, for their error messages.
+    addr: Arc<str>,
     authority: http::uri::Authority,
     options: ChannelOptions,
     /// The live connection, if any.
@@ -110,7 +111,7 @@ impl H2Channel {
         }
         Ok(H2Channel {
             shared: Arc::new(Shared {
-                addr: addr.to_string(),
+                addr: addr.into(),
                 authority,
                 options,
                 conn: Mutex::new(None),
@@ -236,9 +237,14 @@ impl H2Channel {
                 }
             }
         };
-        let (response, stream) = send
-            .send_request(head, end_of_stream)
-            .map_err(|e| self.not_sent(e))?;
+        let (response, stream) = send.send_request(head, end_of_stream).map_err(|e| {
+            if e.is_io() || e.is_go_away() || e.reason().is_some() {
+                self.not_sent(e)
+            } else {
+                // The request itself (its headers) is wrong: a bug of the caller.
+                Status::internal(format!("cannot send the call to {}: {e}", self.shared.addr))
+            }
+        })?;
         if !end_of_stream {
             send_body(body, stream);
         }
@@ -248,7 +254,7 @@ impl H2Channel {
             recv,
             data_done: false,
             done: false,
-            addr: self.shared.addr.clone().into(),
+            addr: self.shared.addr.clone(),
         };
         Ok(http::Response::from_parts(parts, body))
     }
@@ -292,7 +298,7 @@ async fn connect(shared: &Shared) -> Result<Conn, Status> {
     let addr = &shared.addr;
     let fail = |what: String| Status::unavailable(format!("{CONNECT_ERROR}: {addr}: {what}"));
     let attempt = async {
-        let target: SocketAddr = tokio::net::lookup_host(addr.as_str())
+        let target: SocketAddr = tokio::net::lookup_host(&**addr)
             .await
             .map_err(|e| fail(format!("cannot resolve the address: {e}")))?
             .next()
