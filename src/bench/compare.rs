@@ -16,6 +16,10 @@
 //!
 //! Batch calls span groups, so calm's go to one member in either model (the task's first,
 //! or (task + n) mod 3).
+//!
+//! Both systems are called through the same client, `calm_raft::channel::H2Channel` (one
+//! write per call), and the first row, ping, is a grpc.health.v1 Check on each: the floor of
+//! one call to either server, against which the other rows read.
 
 use super::cluster::{self, Cluster};
 use super::etcd;
