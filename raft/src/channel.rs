@@ -8,8 +8,8 @@
 //! (docs/benchmarks.md, "One write per call"), so [`H2Channel`] drives `h2` directly and
 //! queues a ready message right behind its headers: h2 buffers data the window does not yet
 //! allow and sends it as the window opens, so the connection task writes the whole call at
-//! once. A body that is not ready at once (a snapshot stream) is piped by a task that waits
-//! for capacity before each chunk, so streaming stays bounded.
+//! once. A body of more than one chunk (a snapshot stream) is piped by a task that waits for
+//! the window before each further chunk, so streaming stays bounded.
 //!
 //! What it keeps from tonic's channel: one HTTP/2 connection, made on first use and again
 //! after it fails; a connect timeout; an optional local address; TCP_NODELAY; keepalive pings
@@ -378,19 +378,24 @@ async fn connect(shared: &Shared) -> Result<Conn, Status> {
     Ok(Conn { send, closed })
 }
 
-/// Queue `body` on `stream`: what is ready now goes right behind the headers (one write for
-/// a unary call); the rest is piped by a task that waits for the window.
+/// Queue `body` on `stream`. A body that is one chunk ready now (a unary call) is queued
+/// whole right behind the headers, so the call leaves in one write. Anything more (a client
+/// stream) is piped by a task that waits for the window before each further chunk, so a
+/// stream whose chunks are all ready at once is not buffered whole.
 fn send_body(mut body: Body, mut stream: SendStream<Bytes>) {
-    // A chunk is held back one step so the last one carries END_STREAM itself.
+    // The chunk is held back one step so that, when it is the last, it carries END_STREAM.
     let mut held: Option<Bytes> = None;
     loop {
         let next = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).now_or_never();
         match next {
             Some(Some(Ok(frame))) => match frame.into_data() {
                 Ok(data) => {
-                    if let Some(chunk) = held.replace(data)
-                        && stream.send_data(chunk, false).is_err()
-                    {
+                    if let Some(first) = held.replace(data) {
+                        // A second chunk: a stream. The first goes now, the rest as the
+                        // window opens.
+                        if stream.send_data(first, false).is_ok() {
+                            tokio::spawn(pipe_body(held.take(), body, stream));
+                        }
                         return;
                     }
                 }
@@ -420,50 +425,56 @@ fn send_body(mut body: Body, mut stream: SendStream<Bytes>) {
                 {
                     return;
                 }
-                tokio::spawn(pipe_body(body, stream));
+                tokio::spawn(pipe_body(None, body, stream));
                 return;
             }
         }
     }
 }
 
-/// The rest of a streaming body, one chunk at a time, each once the window has room.
-async fn pipe_body(mut body: Body, mut stream: SendStream<Bytes>) {
+/// The rest of a streaming body, starting with `next` if given: each chunk is queued once
+/// the stream's window has room, so at most about one chunk waits beyond the window.
+async fn pipe_body(mut next: Option<Bytes>, mut body: Body, mut stream: SendStream<Bytes>) {
     loop {
-        let frame = tokio::select! {
-            frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => frame,
-            // The peer reset the stream: stop reading the body.
-            _ = std::future::poll_fn(|cx| stream.poll_reset(cx)) => return,
-        };
-        match frame {
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    stream.reserve_capacity(1);
-                    while stream.capacity() == 0 {
-                        match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
-                            Some(Ok(_)) => {}
-                            Some(Err(_)) | None => return,
-                        }
-                    }
-                    if stream.send_data(data, false).is_err() {
-                        return;
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        let _ = stream.send_trailers(trailers);
-                        return;
-                    }
-                }
-            },
+        let data = match next.take() {
+            Some(data) => data,
             None => {
-                let _ = stream.send_data(Bytes::new(), true);
-                return;
+                let frame = tokio::select! {
+                    frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)) => frame,
+                    // The peer reset the stream: stop reading the body.
+                    _ = std::future::poll_fn(|cx| stream.poll_reset(cx)) => return,
+                };
+                match frame {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => data,
+                        Err(frame) => {
+                            if let Ok(trailers) = frame.into_trailers() {
+                                let _ = stream.send_trailers(trailers);
+                                return;
+                            }
+                            continue;
+                        }
+                    },
+                    None => {
+                        let _ = stream.send_data(Bytes::new(), true);
+                        return;
+                    }
+                    Some(Err(_)) => {
+                        stream.send_reset(Reason::CANCEL);
+                        return;
+                    }
+                }
             }
-            Some(Err(_)) => {
-                stream.send_reset(Reason::CANCEL);
-                return;
+        };
+        stream.reserve_capacity(1);
+        while stream.capacity() == 0 {
+            match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
             }
+        }
+        if stream.send_data(data, false).is_err() {
+            return;
         }
     }
 }
