@@ -128,11 +128,6 @@ impl H2Channel {
         Ok(channel)
     }
 
-    /// The `host:port` this channel calls.
-    pub fn addr(&self) -> &str {
-        &self.shared.addr
-    }
-
     fn live(&self) -> Option<Conn> {
         let conn = self.shared.conn.lock().unwrap_or_else(|e| e.into_inner());
         conn.as_ref()
@@ -248,7 +243,9 @@ impl H2Channel {
         if !end_of_stream {
             send_body(body, stream);
         }
-        let response = response.await.map_err(|e| self.status_of(e))?;
+        let response = response
+            .await
+            .map_err(|e| status_of(&self.shared.addr, e))?;
         let (parts, recv) = response.into_parts();
         let body = H2Body {
             recv,
@@ -257,10 +254,6 @@ impl H2Channel {
             addr: self.shared.addr.clone(),
         };
         Ok(http::Response::from_parts(parts, body))
-    }
-
-    fn status_of(&self, e: h2::Error) -> Status {
-        status_of(&self.shared.addr, e)
     }
 }
 

@@ -295,18 +295,7 @@ impl Conn {
         let k = (task * 7919 + n) % KEYS;
         match (self, w) {
             (Conn::Calm(_, health) | Conn::Etcd(_, health), Workload::Ping) => {
-                let r = health
-                    .check(tonic_health::pb::HealthCheckRequest::default())
-                    .await?
-                    .into_inner();
-                if r.status
-                    != tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                {
-                    return Err(tonic::Status::unavailable(format!(
-                        "the health check answered status {} (not SERVING)",
-                        r.status
-                    )));
-                }
+                super::ping(health).await?;
             }
             (Conn::Calm(kv, _), Workload::PutSeq | Workload::Put) => {
                 let put = pb::op::Kind::Put(pb::Put { value: value(n) });

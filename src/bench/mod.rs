@@ -18,6 +18,7 @@ use calm_raft::channel::H2Channel;
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -159,13 +160,7 @@ async fn one_call(
                 .into_inner();
             *cas_version = r.version;
         }
-        Workload::Ping => {
-            health
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await?;
-        }
+        Workload::Ping => ping(health).await?,
         Workload::Add => {
             kv.write(write(
                 key(o.workload, k),
@@ -191,6 +186,24 @@ async fn one_call(
                 return Err(tonic::Status::new(tonic::Code::from_i32(e.code), e.message));
             }
         }
+    }
+    Ok(())
+}
+
+/// One grpc.health.v1 Check of the server as a whole; an answer other than SERVING is an
+/// error. Both `calm bench ping` and `calm bench compare`'s ping row call this.
+pub(crate) async fn ping(health: &mut HealthClient<H2Channel>) -> Result<(), tonic::Status> {
+    let status = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    if status != ServingStatus::Serving as i32 {
+        return Err(tonic::Status::unavailable(format!(
+            "the health check answered status {status} (not SERVING)"
+        )));
     }
     Ok(())
 }
