@@ -115,6 +115,13 @@ const _: () = assert!(
 );
 /// Fact bytes a received batch may hold (the larger of a push and a pull batch).
 const RECEIVED_BATCH_BYTES_MAX: usize = PULL_BATCH_BYTES_MAX + FACT_BYTES_MAX;
+/// Fact bytes a received batch may hold to be delivered on the async thread that received
+/// it. A push carries what one origin admitted in a few milliseconds, and applying it takes
+/// microseconds: less than handing it to a blocking thread and back, two thread wake-ups on
+/// every push (docs/benchmarks.md, "Pushes delivered in place"). Larger batches (pulls,
+/// catch-up) still go to a blocking thread, so that one delivery cannot hold up the node's
+/// other requests for long.
+pub const DELIVER_INLINE_BYTES_MAX: usize = 64 << 10;
 /// How long one [`FactSource::fetch`] tries before handing back to the state machine.
 pub const FETCH_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Pause after a fetch that brought nothing, so a blocked command does not spin.
@@ -479,8 +486,9 @@ impl Gossip {
 
     // --- local state -------------------------------------------------------------------
 
-    /// Run `f` on the node's state off the async threads: the mutex may be held by a
-    /// `persist` waiting for an fsync.
+    /// Run `f` on the node's state off the async threads, for work that may take long (the
+    /// archive, large deliveries) or wait long for the mutex (a `persist` queued behind
+    /// another holds it).
     async fn with_local<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut LocalState) -> Result<T, GossipError> + Send + 'static,
@@ -516,7 +524,8 @@ impl Gossip {
         facts: Vec<u8>,
         path: &'static str,
     ) -> Result<(DeliverReport, NodeView), GossipError> {
-        if facts.len() > RECEIVED_BATCH_BYTES_MAX {
+        let bytes = facts.len();
+        if bytes > RECEIVED_BATCH_BYTES_MAX {
             return Err(GossipError::Malformed(format!(
                 "a fact batch of {} bytes exceeds the limit of {RECEIVED_BATCH_BYTES_MAX} bytes",
                 facts.len()
@@ -536,17 +545,22 @@ impl Gossip {
             tracing::warn!(error = %e, "delivering facts stamped ahead of this node's clock");
         }
         let node = self.node;
-        let (report, view) = self
-            .with_local(move |local| {
-                let report = local.deliver(&facts)?;
-                let view = NodeView {
-                    node,
-                    vv: local.replica().version_vector().clone(),
-                    checkpointed: local.checkpointed_vv().clone(),
-                };
-                Ok((report, view))
-            })
-            .await?;
+        let deliver = move |local: &mut LocalState| {
+            let report = local.deliver(&facts)?;
+            let view = NodeView {
+                node,
+                vv: local.replica().version_vector().clone(),
+                checkpointed: local.checkpointed_vv().clone(),
+            };
+            Ok((report, view))
+        };
+        // In place, the node's state mutex is held as briefly as by a client's write, which
+        // also takes it on the async thread.
+        let (report, view) = if bytes <= DELIVER_INLINE_BYTES_MAX {
+            deliver(&mut lock(&self.local))?
+        } else {
+            self.with_local(deliver).await?
+        };
         metrics::counter!("calm_gossip_facts_received_total", "path" => path).increment(received);
         metrics::counter!("calm_gossip_facts_applied_total").increment(report.applied);
         Ok((report, view))

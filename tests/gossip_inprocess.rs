@@ -5,7 +5,7 @@
 //! Every wait is bounded in rounds and time and fails with what each node holds; nothing
 //! asserts how long anything takes.
 
-use calm::gossip::{Gossip, GossipOptions};
+use calm::gossip::{DELIVER_INLINE_BYTES_MAX, Gossip, GossipOptions};
 use calm_kernel::clock::Hlc;
 use calm_kernel::fact::decode_facts;
 use calm_kernel::rules::{Rule, RuleSet};
@@ -451,6 +451,37 @@ async fn facts_published_before_peers_are_up_arrive_by_anti_entropy() {
         cluster.nodes[i].run_gossip();
     }
     cluster.wait_converged(&[0, 1, 2], &expected).await;
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_too_large_to_deliver_in_place_arrives_whole() {
+    // Pushes are delivered on the async thread that receives them; a batch above
+    // DELIVER_INLINE_BYTES_MAX goes to a blocking thread. Node 2 misses more than that bound
+    // of node 1's facts, so its anti-entropy pull brings them back in batches above it.
+    let mut cluster = Cluster::new(fast_options(), 2).await;
+    let keys = keys(3);
+    for key in &keys {
+        cluster.create_counter(key);
+    }
+    cluster.nodes[1].stop_server().await;
+    cluster.nodes[0].run_gossip();
+    let mut expected = zeroes(&keys);
+    add_everywhere(&cluster, &[0], &keys, 2_000, &mut expected).await;
+    let missed = lock(&cluster.nodes[0].local)
+        .archived_facts(1, 1, 2_000, usize::MAX)
+        .expect("node 1 serves its archive");
+    assert!(
+        missed.len() > DELIVER_INLINE_BYTES_MAX,
+        "node 2 must miss more than {DELIVER_INLINE_BYTES_MAX} bytes of facts, not {}",
+        missed.len()
+    );
+    assert_eq!(cluster.nodes[1].vv().get(1), 0);
+
+    cluster.nodes[1].restart_server().await;
+    cluster.nodes[1].run_gossip();
+    cluster.wait_converged(&[0, 1], &expected).await;
+    assert_eq!(cluster.nodes[1].vv().get(1), 2_000);
     cluster.stop().await;
 }
 
