@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::fmt::Write;
 use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
@@ -18,11 +18,26 @@ use tokio_util::sync::CancellationToken;
 fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        use calm_raft::wal;
+        // Histograms with buckets (not summaries) aggregate across nodes, as etcd's do.
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(wal::METRIC_DURABLE_WRITE_SECONDS.to_string()),
+                &wal::DURABLE_WRITE_SECONDS_BUCKETS,
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full(wal::METRIC_GROUP_BATCHES.to_string()),
+                    &wal::GROUP_BATCHES_BUCKETS,
+                )
+            })
+            .expect("the bucket lists are not empty")
+            .build_recorder();
         let handle = recorder.handle();
         // Fails only if another recorder was installed first (e.g. by a test harness); the
         // handle then renders nothing, which is visible on /metrics.
         let _ = metrics::set_global_recorder(recorder);
+        wal::describe_metrics();
         handle
     })
 }

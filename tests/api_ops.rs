@@ -603,3 +603,58 @@ async fn the_token_of_a_fast_path_add_covers_the_set_before_it_on_a_lagging_node
         Err(s) => assert_eq!(s.code(), Code::Unavailable, "{s:?}"),
     }
 }
+
+/// The value of the first Prometheus sample line named exactly `name` (labels included).
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_the_wals_group_commits_and_durable_write_times() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let c = Cluster::start(3, &[]).await;
+    let mut kv = c.kv(1).await;
+    for i in 0..20 {
+        let key = format!("metrics:{i}");
+        write(&mut kv, &key, op::put("v")).await.expect("a put");
+    }
+    let mut http = tokio::net::TcpStream::connect(c.nodes[0].http)
+        .await
+        .expect("node 1 serves HTTP");
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: calm\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    http.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // Every put was made durable in node 1's WAL, by some group commit.
+    let commits = sample(body, "calm_wal_group_commits_total").expect("group commits counted");
+    assert!(commits >= 1.0, "{body}");
+    let batches = sample(body, "calm_wal_group_batches_sum").expect("batches per group");
+    assert!(
+        batches >= commits,
+        "each group commits at least one batch: {body}"
+    );
+    assert_eq!(
+        sample(body, "calm_wal_group_batches_count"),
+        Some(commits),
+        "{body}"
+    );
+    // Durable write times are a histogram with buckets, one observation per write.
+    let writes = sample(body, "calm_wal_durable_write_seconds_count").expect("write times");
+    assert!(writes >= commits, "{body}");
+    assert_eq!(
+        sample(body, r#"calm_wal_durable_write_seconds_bucket{le="+Inf"}"#),
+        Some(writes),
+        "{body}"
+    );
+    assert!(
+        body.contains("# TYPE calm_wal_durable_write_seconds histogram"),
+        "{body}"
+    );
+    assert!(sample(body, "calm_wal_written_bytes_total").is_some_and(|b| b > 0.0));
+}

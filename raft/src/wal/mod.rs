@@ -64,6 +64,7 @@
 mod error;
 mod format;
 mod io;
+mod metrics;
 mod reader;
 mod record;
 mod recovery;
@@ -80,6 +81,10 @@ use std::thread::JoinHandle;
 
 pub use error::{WalError, WalIoError, WalIoOp};
 pub use io::{PwriteIo, UringIo, WalIo};
+pub use metrics::{
+    DURABLE_WRITE_SECONDS_BUCKETS, GROUP_BATCHES_BUCKETS, METRIC_DURABLE_WRITE_SECONDS,
+    METRIC_GROUP_BATCHES, describe_metrics,
+};
 pub use reader::WalReader;
 pub use record::{WalBatch, WalPosition, WalRecord, WalRecordKind};
 pub use recovery::WalRecoveryReport;

@@ -21,10 +21,14 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
+use std::time::Instant;
 
 use super::error::WalError;
 use super::format::{EncodedBody, SegmentHeader, encode_frame};
 use super::io::WalIo;
+use super::metrics::{
+    METRIC_DURABLE_WRITE_SECONDS, METRIC_GROUP_BATCHES, METRIC_GROUP_COMMITS, METRIC_WRITTEN_BYTES,
+};
 use super::record::WalPosition;
 use super::segment::{SegmentIndex, SegmentMeta, create_segment};
 use super::ticket::Resolver;
@@ -198,6 +202,8 @@ impl Writer {
                     self.shared
                         .durable_appends
                         .store(last.append_no, Ordering::Release);
+                    metrics::counter!(METRIC_GROUP_COMMITS).increment(1);
+                    metrics::histogram!(METRIC_GROUP_BATCHES).record(self.group.len() as f64);
                     let durable: Vec<_> = self
                         .group
                         .drain(..)
@@ -332,6 +338,7 @@ impl Writer {
             return Ok(());
         }
         assert!(self.offset_bytes + buffer.len() as u64 <= self.limits.segment_bytes_max);
+        let started = Instant::now();
         self.io
             .write_durable(&self.file, self.offset_bytes, buffer)
             .map_err(|e| WalError::WriteFailed {
@@ -339,6 +346,8 @@ impl Writer {
                 path: self.path.clone(),
                 source: Arc::new(e.source),
             })?;
+        metrics::histogram!(METRIC_DURABLE_WRITE_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::counter!(METRIC_WRITTEN_BYTES).increment(buffer.len() as u64);
         self.offset_bytes += buffer.len() as u64;
         buffer.clear();
         Ok(())
