@@ -39,6 +39,7 @@ fn invalid(message: impl Into<String>) -> ConfigError {
 
 /// One member of the cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Member {
     pub id: NodeId,
     /// Raft and gossip traffic (`host:port`).
@@ -70,6 +71,7 @@ impl Member {
 
 /// Raft timing and sizing (the same on every node).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[serde(default)]
 pub struct RaftConfig {
     /// Data groups keys hash onto; fixed when the cluster is created.
@@ -125,6 +127,7 @@ impl RaftConfig {
 
 /// Local durability and housekeeping.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[serde(default)]
 pub struct StorageConfig {
     /// How often applied state is written to RocksDB (the WAL makes it durable before that;
@@ -150,6 +153,7 @@ impl Default for StorageConfig {
 
 /// Fact gossip timing (may differ per node).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[serde(default)]
 pub struct GossipConfig {
     /// Batching window of pushes: a peer's push task waits this long after the first fact
@@ -183,6 +187,7 @@ impl GossipConfig {
 
 /// A node's whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     pub id: NodeId,
     pub data_dir: PathBuf,
@@ -231,6 +236,21 @@ pub struct Overrides {
     pub threads: Option<usize>,
 }
 
+/// The top-level settings of [`NodeConfig`], as `CALM_*` variables name them (lower case).
+const SETTINGS: [&str; 11] = [
+    "id",
+    "data_dir",
+    "client_addr",
+    "peer_addr",
+    "http_addr",
+    "members",
+    "rules_file",
+    "threads",
+    "raft",
+    "storage",
+    "gossip",
+];
+
 impl NodeConfig {
     /// Layer the file (if any), `CALM_*` variables and flags, then validate.
     pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<NodeConfig, ConfigError> {
@@ -244,8 +264,16 @@ impl NodeConfig {
             }
             figment = figment.merge(Toml::file(path));
         }
+        // Only variables naming a setting: CALM_ENDPOINTS, CALM_LOG and the test harnesses'
+        // CALM_* belong to other tools. A misspelt setting inside a section
+        // (CALM_GOSSIP__PUSH_INTERVAL) is then refused by name, not silently ignored.
+        let settings = Env::prefixed("CALM_").split("__").filter(|key| {
+            // Keys are still as written here (figment lower-cases them later).
+            let top = key.as_str().split('.').next().unwrap_or_default();
+            SETTINGS.iter().any(|s| s.eq_ignore_ascii_case(top))
+        });
         let config: NodeConfig = figment
-            .merge(Env::prefixed("CALM_").split("__"))
+            .merge(settings)
             .merge(Serialized::defaults(overrides))
             .extract()
             .map_err(Box::new)?;
@@ -408,6 +436,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("anti_entropy_interval_ms (0)"), "{e}");
+    }
+
+    #[test]
+    fn a_misspelt_setting_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calm.toml");
+        for (text, name) in [
+            ("[gossip]\npush_intreval_ms = 5\n", "push_intreval_ms"),
+            ("[raft]\nheartbeat = 50\n", "heartbeat"),
+            ("[storgae]\npersist_interval_ms = 100\n", "storgae"),
+            ("thread = 2\n", "thread"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = NodeConfig::load(Some(&path), overrides())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("unknown field") && e.contains(name), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_top_level_setting_can_come_from_the_environment() {
+        // `CALM_*` variables reach only the settings listed in SETTINGS.
+        let c = NodeConfig::load(None, overrides()).unwrap();
+        let serde_json::Value::Object(fields) = serde_json::to_value(&c).unwrap() else {
+            panic!("a config serializes to a map");
+        };
+        let mut fields: Vec<_> = fields.keys().map(String::as_str).collect();
+        let mut settings = SETTINGS.to_vec();
+        fields.sort_unstable();
+        settings.sort_unstable();
+        assert_eq!(fields, settings);
     }
 
     #[test]

@@ -118,3 +118,41 @@ fn debug_reads_a_stopped_nodes_data_directory() {
     assert!(!ok);
     assert!(err.contains("not a calm data directory"), "{err}");
 }
+
+#[test]
+fn a_misspelt_setting_in_the_environment_is_refused_and_other_tools_variables_are_not() {
+    let dir = tempfile::tempdir().unwrap();
+    // Under a regular file: were the configuration accepted, the node would still stop at
+    // once (it cannot create its data directory) instead of serving.
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let data = file.join("data");
+    let serve = |id: &str, env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_calm"))
+            .args(["serve", "--id", id, "--data-dir", data.to_str().unwrap()])
+            .args(["--client-addr", "127.0.0.1:1", "--peer-addr", "127.0.0.1:2"])
+            .args(["--http-addr", "127.0.0.1:3"])
+            .args(["--member", "1=127.0.0.1:2,127.0.0.1:1"])
+            .envs(env.iter().copied())
+            .output()
+            .expect("calm binary runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = serve("1", &[("CALM_GOSSIP__PUSH_INTERVAL", "5")]);
+    assert!(!ok, "a misspelt setting must stop the node");
+    assert!(
+        err.contains("unknown field") && err.contains("PUSH_INTERVAL"),
+        "{err}"
+    );
+    // The CLI's CALM_ENDPOINTS and the logs' CALM_LOG are no settings of `calm serve`: the
+    // configuration is read past them (and then refused for its id).
+    let (ok, err) = serve(
+        "0",
+        &[("CALM_ENDPOINTS", "127.0.0.1:9"), ("CALM_LOG", "info")],
+    );
+    assert!(!ok);
+    assert!(err.contains("id must be >= 1"), "{err}");
+}
