@@ -527,8 +527,7 @@ impl Gossip {
         let bytes = facts.len();
         if bytes > RECEIVED_BATCH_BYTES_MAX {
             return Err(GossipError::Malformed(format!(
-                "a fact batch of {} bytes exceeds the limit of {RECEIVED_BATCH_BYTES_MAX} bytes",
-                facts.len()
+                "a fact batch of {bytes} bytes exceeds the limit of {RECEIVED_BATCH_BYTES_MAX} bytes"
             )));
         }
         // Facts commute, so a stamp from a fast clock is delivered anyway; only this node's
@@ -554,8 +553,8 @@ impl Gossip {
             };
             Ok((report, view))
         };
-        // In place, the node's state mutex is held as briefly as by a client's write, which
-        // also takes it on the async thread.
+        // In place, the node's state mutex is taken on the async thread, as a client's write
+        // takes it; a batch this small applies in well under a millisecond.
         let (report, view) = if bytes <= DELIVER_INLINE_BYTES_MAX {
             deliver(&mut lock(&self.local))?
         } else {

@@ -631,7 +631,7 @@ async fn metrics_show_the_wals_group_commits_and_durable_write_times() {
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 
-    // Every put was made durable in node 1's WAL, by some group commit.
+    // Node 1's WAL made the cluster's start and these puts durable, in group commits.
     let commits = sample(body, "calm_wal_group_commits_total").expect("group commits counted");
     assert!(commits >= 1.0, "{body}");
     let batches = sample(body, "calm_wal_group_batches_sum").expect("batches per group");

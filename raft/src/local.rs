@@ -654,8 +654,10 @@ impl LocalState {
     /// nothing.
     ///
     /// Nobody needs to wait for `durable`: a fact's origin holds it durably already, and a
-    /// crash before the append is durable only means pulling it again. The WAL keeps the
-    /// order (an own fact admitted after a delivered one is durable only if that one is).
+    /// crash before the append is durable only means pulling it again. So the append is
+    /// lazy ([`Wal::append_lazy`]): it joins the next group commit instead of paying a disk
+    /// flush of its own. The WAL keeps the order (an own fact admitted after a delivered one
+    /// is durable only if that one is).
     ///
     /// An `Err(Replica)` (a fact contradicting its key's type) stops at that fact; the ones
     /// before it stay applied and are appended. An `Err(Wal)` is fatal, as for `admit`.
@@ -692,7 +694,7 @@ impl LocalState {
                 }
             }
             if payload.len() + encoded.len() > record_max {
-                report.durable = Some(self.wal.append(&[WalRecord::facts(payload)])?);
+                report.durable = Some(self.wal.append_lazy(&[WalRecord::facts(payload)])?);
                 payload = Vec::new();
             }
             payload.extend_from_slice(encoded);
@@ -700,7 +702,7 @@ impl LocalState {
                 .insert((fact.id.origin, fact.id.seq), encoded.to_vec());
         }
         if !payload.is_empty() {
-            report.durable = Some(self.wal.append(&[WalRecord::facts(payload)])?);
+            report.durable = Some(self.wal.append_lazy(&[WalRecord::facts(payload)])?);
         }
         outcome.map(|()| report)
     }

@@ -510,3 +510,78 @@ fn remove_segments_below_lsn_keeps_the_segment_holding_that_lsn() {
     assert_eq!(replayed.len(), 50);
     assert_eq!(replayed[0].position, keep_from);
 }
+
+/// Waits for a ticket on another thread, failing (instead of hanging the suite) if it does not
+/// resolve within `bound_s` seconds: a liveness bound, not a timing assertion.
+fn wait_bounded(ticket: calm_raft::wal::AppendTicket, bound_s: u64) -> calm_raft::wal::WalPosition {
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(ticket.wait());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(bound_s))
+        .expect("the ticket resolves")
+        .unwrap()
+}
+
+fn facts_record(tag: &str) -> Vec<WalRecord> {
+    vec![WalRecord::facts(tag.as_bytes().to_vec())]
+}
+
+#[test]
+fn a_lazy_append_alone_is_written_after_its_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    // Nothing else is appended: the writer writes it once LAZY_WRITE_AFTER has passed.
+    let position = wait_bounded(wal.append_lazy(&facts_record("lazy")).unwrap(), 30);
+    assert_eq!(position.lsn, 1);
+    assert_eq!(wal.durable_next_lsn(), 2);
+    drop(wal);
+    let batches = reopen_and_read_all(dir.path(), WalOptions::default()).unwrap();
+    assert_eq!(batches.len(), 1);
+    assert_eq!(batches[0].records, facts_record("lazy"));
+}
+
+#[test]
+fn lazy_and_eager_appends_keep_append_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), small_options(WalBackend::Auto)).unwrap();
+    let mut tickets = Vec::new();
+    let mut expected = Vec::new();
+    for n in 0..200 {
+        let tag = format!("batch {n}");
+        // Runs of lazy appends between eager ones, some long enough to wait out their time.
+        let ticket = if n % 7 == 0 || n % 50 == 49 {
+            wal.append(&facts_record(&tag)).unwrap()
+        } else {
+            wal.append_lazy(&facts_record(&tag)).unwrap()
+        };
+        tickets.push(ticket);
+        expected.push(facts_record(&tag));
+    }
+    let positions: Vec<_> = tickets.into_iter().map(|t| wait_bounded(t, 30)).collect();
+    for (n, position) in positions.iter().enumerate() {
+        assert_eq!(position.lsn, n as u64 + 1, "LSNs follow append order");
+    }
+    drop(wal);
+    let batches = reopen_and_read_all(dir.path(), small_options(WalBackend::Auto)).unwrap();
+    let records: Vec<_> = batches.into_iter().map(|b| b.records).collect();
+    assert_eq!(records, expected);
+}
+
+#[test]
+fn closing_writes_the_lazy_appends_still_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    let tickets: Vec<_> = (0..10)
+        .map(|n| {
+            wal.append_lazy(&facts_record(&format!("lazy {n}")))
+                .unwrap()
+        })
+        .collect();
+    drop(wal);
+    for ticket in tickets {
+        wait_bounded(ticket, 30);
+    }
+    let batches = reopen_and_read_all(dir.path(), WalOptions::default()).unwrap();
+    assert_eq!(batches.len(), 10);
+}

@@ -96,6 +96,7 @@ use format::{
 };
 use format::{SEGMENT_HEADER_BYTES, SegmentHeader};
 use segment::{SegmentIndex, SegmentMeta, create_segment, sync_dir};
+pub use writer::LAZY_WRITE_AFTER;
 use writer::{PendingBatch, Shared, Status, Writer, WriterLimits};
 
 const LOCK_FILE_NAME: &str = "wal.lock";
@@ -353,16 +354,31 @@ impl Wal {
     /// Queues `records` as one batch; blocks while the queue is full. The ticket resolves once
     /// the batch is durable.
     pub fn append(&self, records: &[WalRecord]) -> Result<AppendTicket, WalError> {
-        self.enqueue(records, true)
+        self.enqueue(records, true, false)
+    }
+
+    /// Like [`append`](Self::append), for a batch nobody waits on: it does not start a group
+    /// commit by itself, but joins the next group another append starts, or is written
+    /// [`LAZY_WRITE_AFTER`] after it was queued at the latest. Its place in append order,
+    /// and so in replay order, is where it was queued. Each durable write costs a cache
+    /// flush of the disk, which the nodes of a machine share; facts delivered by gossip
+    /// wrote one of their own on every receiver (docs/benchmarks.md, "Lazy appends").
+    pub fn append_lazy(&self, records: &[WalRecord]) -> Result<AppendTicket, WalError> {
+        self.enqueue(records, true, true)
     }
 
     /// Like [`append`](Self::append) but fails with [`WalError::QueueFull`] instead of
     /// blocking (for async callers that must not block their executor).
     pub fn try_append(&self, records: &[WalRecord]) -> Result<AppendTicket, WalError> {
-        self.enqueue(records, false)
+        self.enqueue(records, false, false)
     }
 
-    fn enqueue(&self, records: &[WalRecord], block: bool) -> Result<AppendTicket, WalError> {
+    fn enqueue(
+        &self,
+        records: &[WalRecord],
+        block: bool,
+        lazy: bool,
+    ) -> Result<AppendTicket, WalError> {
         if records.is_empty() {
             return Err(WalError::EmptyBatch);
         }
@@ -423,8 +439,14 @@ impl Wal {
             encoded,
             resolver,
             append_no,
+            lazy_since: lazy.then(std::time::Instant::now),
         });
-        let wake_writer = queue.writer_waiting;
+        if !lazy {
+            queue.eager_pending += 1;
+        }
+        // A lazy batch wakes a writer only if it waits without a deadline (so that it takes
+        // one); a writer already waiting out a lazy batch's deadline covers this one too.
+        let wake_writer = queue.writer_waiting && (!lazy || !queue.writer_timed);
         drop(queue);
         if wake_writer {
             self.shared.work_ready.notify_one();

@@ -21,7 +21,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::error::WalError;
 use super::format::{EncodedBody, SegmentHeader, encode_frame};
@@ -48,7 +48,14 @@ pub(crate) struct PendingBatch {
     pub resolver: Resolver,
     /// Its place in append order (see `Shared::durable_appends`).
     pub append_no: u64,
+    /// Queued by [`Wal::append_lazy`](super::Wal::append_lazy) at this instant: it does not
+    /// start a group commit by itself (see [`LAZY_WRITE_AFTER`]).
+    pub lazy_since: Option<Instant>,
 }
+
+/// How long a lazily appended batch may wait for another append to start a group commit
+/// before the writer writes it anyway. Bounds what a crash can take of such batches.
+pub const LAZY_WRITE_AFTER: Duration = Duration::from_millis(5);
 
 pub(crate) struct Queue {
     pub pending: VecDeque<PendingBatch>,
@@ -62,6 +69,30 @@ pub(crate) struct Queue {
     pub writer_waiting: bool,
     /// Appenders blocked on `space_ready`; the writer notifies only if there are any.
     pub appenders_waiting: usize,
+    /// Batches in `pending` that were not appended lazily: any of them starts a group.
+    pub eager_pending: usize,
+    /// The writer waits with a deadline for lazy batches: a new lazy batch need not wake it.
+    pub writer_timed: bool,
+}
+
+impl Queue {
+    /// Whether the writer should take a group now rather than wait.
+    fn group_due(&self, now: Instant) -> bool {
+        if self.pending.is_empty() {
+            return false;
+        }
+        self.eager_pending > 0
+            || self.appenders_waiting > 0
+            || !matches!(self.status, Status::Open)
+            || self
+                .oldest_lazy()
+                .is_some_and(|t| now >= t + LAZY_WRITE_AFTER)
+    }
+
+    /// When the oldest lazy batch still queued was appended.
+    fn oldest_lazy(&self) -> Option<Instant> {
+        self.pending.iter().find_map(|b| b.lazy_since)
+    }
 }
 
 /// State shared by `Wal` handles and the writer thread.
@@ -91,6 +122,8 @@ impl Shared {
                 status: Status::Open,
                 writer_waiting: false,
                 appenders_waiting: 0,
+                eager_pending: 0,
+                writer_timed: false,
             }),
             work_ready: Condvar::new(),
             space_ready: Condvar::new(),
@@ -251,18 +284,38 @@ impl Writer {
         assert!(self.group.is_empty());
         let shared = Arc::clone(&self.shared);
         let mut queue = shared.lock_queue();
-        while queue.pending.is_empty() {
-            match queue.status {
-                Status::Open => {
-                    queue.writer_waiting = true;
+        loop {
+            let now = Instant::now();
+            if queue.group_due(now) {
+                break;
+            }
+            if !matches!(queue.status, Status::Open) {
+                // Closing with nothing queued (a closing queue with batches is due), or
+                // poisoned (which empties the queue).
+                assert!(queue.pending.is_empty());
+                return false;
+            }
+            queue.writer_waiting = true;
+            match queue.oldest_lazy() {
+                // Only lazy batches: wait for an eager one, or until the oldest is due.
+                Some(since) => {
+                    queue.writer_timed = true;
+                    let due = since + LAZY_WRITE_AFTER;
+                    queue = shared
+                        .work_ready
+                        .wait_timeout(queue, due.saturating_duration_since(now))
+                        .expect("WAL queue lock poisoned")
+                        .0;
+                    queue.writer_timed = false;
+                }
+                None => {
                     queue = shared
                         .work_ready
                         .wait(queue)
                         .expect("WAL queue lock poisoned");
-                    queue.writer_waiting = false;
                 }
-                Status::Closing | Status::Poisoned(_) => return false,
             }
+            queue.writer_waiting = false;
         }
         let mut group_bytes = 0usize;
         while let Some(front) = queue.pending.front() {
@@ -272,12 +325,16 @@ impl Writer {
                 break;
             }
             let batch = queue.pending.pop_front().expect("front exists");
+            if batch.lazy_since.is_none() {
+                queue.eager_pending -= 1;
+            }
             group_bytes += frame_bytes;
             queue.queued_records -= batch.encoded.record_count as usize;
             queue.queued_bytes -= frame_bytes;
             self.group.push(batch);
         }
         assert!(queue.pending.is_empty() || queue.queued_records > 0);
+        assert!(queue.eager_pending <= queue.pending.len());
         let wake_appenders = queue.appenders_waiting > 0;
         drop(queue);
         if wake_appenders {
@@ -411,6 +468,7 @@ pub(crate) fn poison_queue(shared: &Shared, cause: String) {
         queue.status = Status::Poisoned(cause.clone());
         queue.queued_records = 0;
         queue.queued_bytes = 0;
+        queue.eager_pending = 0;
         queue.pending.drain(..).collect()
     };
     shared.space_ready.notify_all();
