@@ -435,6 +435,9 @@ impl Wal {
         queue.queued_bytes += frame_bytes;
         queue.appended += 1;
         let append_no = queue.appended;
+        // A waiting writer with batches queued is either waiting out a lazy batch's deadline
+        // (which covers a new lazy batch too) or already woken by an eager one.
+        let writer_idle = queue.writer_waiting && queue.pending.is_empty();
         queue.pending.push_back(PendingBatch {
             encoded,
             resolver,
@@ -444,9 +447,8 @@ impl Wal {
         if !lazy {
             queue.eager_pending += 1;
         }
-        // A lazy batch wakes a writer only if it waits without a deadline (so that it takes
-        // one); a writer already waiting out a lazy batch's deadline covers this one too.
-        let wake_writer = queue.writer_waiting && (!lazy || !queue.writer_timed);
+        // A lazy batch wakes only an idle writer, so that it waits out the batch's deadline.
+        let wake_writer = queue.writer_waiting && (!lazy || writer_idle);
         drop(queue);
         if wake_writer {
             self.shared.work_ready.notify_one();

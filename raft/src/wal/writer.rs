@@ -71,8 +71,6 @@ pub(crate) struct Queue {
     pub appenders_waiting: usize,
     /// Batches in `pending` that were not appended lazily: any of them starts a group.
     pub eager_pending: usize,
-    /// The writer waits with a deadline for lazy batches: a new lazy batch need not wake it.
-    pub writer_timed: bool,
 }
 
 impl Queue {
@@ -123,7 +121,6 @@ impl Shared {
                 writer_waiting: false,
                 appenders_waiting: 0,
                 eager_pending: 0,
-                writer_timed: false,
             }),
             work_ready: Condvar::new(),
             space_ready: Condvar::new(),
@@ -299,14 +296,12 @@ impl Writer {
             match queue.oldest_lazy() {
                 // Only lazy batches: wait for an eager one, or until the oldest is due.
                 Some(since) => {
-                    queue.writer_timed = true;
                     let due = since + LAZY_WRITE_AFTER;
                     queue = shared
                         .work_ready
                         .wait_timeout(queue, due.saturating_duration_since(now))
                         .expect("WAL queue lock poisoned")
                         .0;
-                    queue.writer_timed = false;
                 }
                 None => {
                     queue = shared
