@@ -1,4 +1,5 @@
-//! Admission on a warm key: classify + apply + encode of one commutative fact.
+//! Admission on a warm key: classify + apply + encode of one commutative fact; and the
+//! apply of one Raft-ordered command on a warm key.
 //!
 //! This is the whole per-op cost of the kernel on the fast path; the node adds the WAL append
 //! and the RPC. Target on the reference machine (2 cores): <= 100 ns, no heap allocation
@@ -88,6 +89,31 @@ fn bench(c: &mut Criterion) {
                     .admit(black_box(key), black_box(&op), HlcTimestamp(hlc), &mut out)
                     .unwrap(),
             )
+        })
+    });
+    group.finish();
+
+    // The Raft path's per-command cost on every replica: apply a register put to a warm key
+    // among 100k (so the key lookup misses the cache as it does in a node).
+    let mut group = c.benchmark_group("apply");
+    let mut replica = replica_with_rules();
+    let keys: Vec<Vec<u8>> = (0..100_000u32)
+        .map(|i| format!("reg:{i:011}").into_bytes())
+        .collect();
+    let put = Op::RegisterPut { value: vec![7; 64] };
+    for key in &keys {
+        warm(&mut replica, key, &put);
+    }
+    let cmds: Vec<_> = keys
+        .iter()
+        .step_by(97)
+        .map(|key| replica.prepare_command(key, &put, HlcTimestamp(2)).unwrap())
+        .collect();
+    let mut next = 0usize;
+    group.bench_function("register_put_warm_key", |b| {
+        b.iter(|| {
+            next = (next + 1) % cmds.len();
+            black_box(replica.apply_command(black_box(&cmds[next])).unwrap())
         })
     });
     group.finish();

@@ -715,15 +715,22 @@ impl Replica {
     /// seq)`: empty when `apply_command` would not report `Blocked`. Applying commands on
     /// other keys does not change the answer (a command touches its own key only).
     pub fn missing_facts(&self, cmd: &Command) -> Vec<(NodeId, u64)> {
-        let state = self.keys.get(cmd.key.as_slice()).map(|e| &e.state);
-        // The frontier names facts on this key: the key holding them is what counts (after
-        // a snapshot install it may hold facts beyond the version vector).
-        cmd.frontier
+        let mut beyond_vv = cmd
+            .frontier
             .entries
             .iter()
-            .filter(|e| {
-                self.vv.get(e.origin) < e.seq && state.is_none_or(|s| s.fact_seq(e.origin) < e.seq)
-            })
+            .filter(|e| self.vv.get(e.origin) < e.seq)
+            .peekable();
+        // Nearly always empty (a register's frontier names no facts; a counter's, facts the
+        // version vector covers): then the key lookup, a cache miss per command, is skipped.
+        if beyond_vv.peek().is_none() {
+            return Vec::new();
+        }
+        // The frontier names facts on this key: the key holding them is what counts (after
+        // a snapshot install it may hold facts beyond the version vector).
+        let state = self.keys.get(cmd.key.as_slice()).map(|e| &e.state);
+        beyond_vv
+            .filter(|e| state.is_none_or(|s| s.fact_seq(e.origin) < e.seq))
             .map(|e| (e.origin, e.seq))
             .collect()
     }
