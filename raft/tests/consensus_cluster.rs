@@ -224,8 +224,9 @@ async fn concurrent_proposals_share_entries_and_each_gets_its_own_answer() {
     // A coalesced request must name distinct keys: refused before it is proposed, and the
     // group keeps working.
     let group = nodes[0].consensus.group_map().group_of(b"dup");
-    let twice =
-        calm_raft::consensus::Request::Commands(vec![put("dup", "a", 1), put("dup", "b", 1)]);
+    let twice = calm_raft::consensus::Request::Commands(
+        vec![put("dup", "a", 1), put("dup", "b", 1)].into(),
+    );
     let refused = nodes[0]
         .consensus
         .propose_to(group, twice)

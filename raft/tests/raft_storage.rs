@@ -85,7 +85,7 @@ fn command_entry(term: u64, index: u64, key: &str, value: &str) -> Entry {
         frontier: Default::default(),
         absorb: None,
     };
-    Entry::new_normal(log_id(term, 1, index), Request::Command(cmd))
+    Entry::new_normal(log_id(term, 1, index), Request::Command(cmd.into()))
 }
 
 async fn append(log: &mut GroupLogStore, entries: Vec<Entry>) {

@@ -639,9 +639,9 @@ impl Consensus {
                 taken.into_iter().map(|q| (q.cmd, q.reply)).unzip();
             let count = cmds.len();
             let request = if count == 1 {
-                Request::Command(cmds.pop().expect("one command"))
+                Request::Command(Arc::new(cmds.pop().expect("one command")))
             } else {
-                Request::Commands(cmds)
+                Request::Commands(cmds.into())
             };
             let answers = match self.propose_by(group, request, deadline).await {
                 Ok(Proposed {

@@ -444,7 +444,9 @@ impl RaftStateMachine<CalmRaft> for GroupStateMachine {
             let reply = match entry.payload {
                 EntryPayload::Blank => Response::None,
                 EntryPayload::Normal(Request::Command(cmd)) => {
-                    let mut responses = self.apply_commands(&[cmd], log_id).await?;
+                    let mut responses = self
+                        .apply_commands(std::slice::from_ref(&*cmd), log_id)
+                        .await?;
                     responses.pop().expect("one answer per command")
                 }
                 EntryPayload::Normal(Request::Commands(cmds)) => {

@@ -7,6 +7,7 @@
 use calm_kernel::command::Command;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::Arc;
 
 pub use openraft::async_runtime::watch::WatchReceiver;
 pub use openraft::impls::BasicNode;
@@ -45,10 +46,14 @@ pub type TransferLeaderRequest = openraft::raft::TransferLeaderRequest<CalmRaft>
 pub type IoFlushed = openraft::storage::IOFlushed<CalmRaft>;
 
 /// What a group's log carries.
+///
+/// Commands are shared (`Arc`), not owned: openraft clones an entry every time it reads one
+/// from the log (once per follower to replicate it, once to apply it), and a deep clone
+/// allocates every key and value again. The encoding is that of the plain values.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     /// A kernel command on one key (its group is the key's subject's group).
-    Command(Command),
+    Command(Arc<Command>),
     /// Metadata group only: the rules a new cluster starts with. Applies only while the
     /// cluster has no rules yet (every node proposes its configured rules once; the first
     /// one ordered wins), as version 1.
@@ -63,7 +68,7 @@ pub enum Request {
     /// persist in between). Their keys are distinct, which makes each command's effect the
     /// same as if it had been its own entry. Concurrent proposals share an entry this way
     /// (see `node.rs`, "Coalescing").
-    Commands(Vec<Command>),
+    Commands(Arc<[Command]>),
 }
 
 impl fmt::Display for Request {
@@ -122,7 +127,7 @@ mod tests {
         );
         rules.rules.push(Rule::new("plain", Mode::Strict));
         let requests = [
-            Request::Command(Command {
+            Request::Command(Arc::new(Command {
                 key: b"k".to_vec(),
                 hlc: HlcTimestamp(7),
                 proposer: 2,
@@ -131,7 +136,7 @@ mod tests {
                 },
                 frontier: Default::default(),
                 absorb: None,
-            }),
+            })),
             Request::InitRules {
                 toml: rules_text(&rules),
             },
@@ -139,7 +144,7 @@ mod tests {
                 expected_version: 3,
                 toml: rules_text(&rules),
             },
-            Request::Commands(vec![
+            Request::Commands(Arc::from(vec![
                 Command {
                     key: b"a".to_vec(),
                     hlc: HlcTimestamp(8),
@@ -158,7 +163,7 @@ mod tests {
                     frontier: Default::default(),
                     absorb: None,
                 },
-            ]),
+            ])),
         ];
         for r in requests {
             let bytes = postcard::to_stdvec(&r).unwrap();
