@@ -51,10 +51,20 @@ async fn every_workload_runs_every_call_without_errors() {
             assert_eq!(report["workload"], workload.replace('-', ""), "{report}");
         }
     }
-    let report = bench(
-        &endpoints,
-        &["batch", "--ops", "8", "--concurrency", "2", "--batch", "10"],
-    );
-    assert_eq!(report["errors"], 0, "{report}");
-    assert_eq!(report["ops"], 80, "8 calls of 10 adds: {report}");
+    for (workload, ops) in [("batch", "adds"), ("batch-put", "puts")] {
+        let report = bench(
+            &endpoints,
+            &[
+                workload,
+                "--ops",
+                "8",
+                "--concurrency",
+                "2",
+                "--batch",
+                "10",
+            ],
+        );
+        assert_eq!(report["errors"], 0, "{workload}: {report}");
+        assert_eq!(report["ops"], 80, "8 calls of 10 {ops}: {report}");
+    }
 }

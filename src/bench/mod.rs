@@ -35,6 +35,8 @@ pub enum Workload {
     Add,
     /// Batch calls of `--batch` counter adds.
     Batch,
+    /// Batch calls of `--batch` register puts (Raft; a Batch is not a transaction).
+    BatchPut,
     /// grpc.health.v1 Check: no calm code at all, so the floor of one call (client, tonic,
     /// HTTP/2, loopback, the node's wake-up) that every other workload pays too.
     Ping,
@@ -93,7 +95,11 @@ impl Report {
 /// A 16-byte key, with the workload's letter first (workloads need keys of their own type).
 fn key(w: Workload, i: u64) -> Vec<u8> {
     let letter = match w {
-        Workload::Put | Workload::Get | Workload::GetLocal | Workload::Ping => 'r',
+        Workload::Put
+        | Workload::Get
+        | Workload::GetLocal
+        | Workload::Ping
+        | Workload::BatchPut => 'r',
         Workload::Cas => 'c',
         Workload::Add | Workload::Batch => 'n',
     };
@@ -168,13 +174,15 @@ async fn one_call(
             ))
             .await?;
         }
-        Workload::Batch => {
+        Workload::Batch | Workload::BatchPut => {
             let ops = (0..o.batch)
                 .map(|j| {
-                    write(
-                        key(o.workload, (k + j) % o.keys),
-                        pb::op::Kind::Add(pb::Add { delta: 1 }),
-                    )
+                    let op = if o.workload == Workload::Batch {
+                        pb::op::Kind::Add(pb::Add { delta: 1 })
+                    } else {
+                        pb::op::Kind::Put(pb::Put { value: value(n) })
+                    };
+                    write(key(o.workload, (k + j) % o.keys), op)
                 })
                 .collect();
             let r = kv.batch(pb::BatchRequest { ops }).await?.into_inner();
@@ -303,7 +311,7 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
     }
     let elapsed = started.elapsed();
     latencies_us.sort_unstable();
-    let ops_per_call = if o.workload == Workload::Batch {
+    let ops_per_call = if matches!(o.workload, Workload::Batch | Workload::BatchPut) {
         o.batch
     } else {
         1
