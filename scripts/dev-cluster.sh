@@ -8,11 +8,16 @@
 # did not wait would compare two topologies.
 #
 # Sets: dir (temp dir), dev (the `calm dev` PID), nodes (the node PIDs, space-separated),
-# endpoints (the client addresses).
+# endpoints (the client addresses), dev_bin (the calm binary).
 
 # dev_cluster_start BIN LEADERS: LEADERS is `spread` (wait as above) or `any`.
 dev_cluster_start() {
     local bin=$1 leaders=$2 script=${0##*/}
+    case "$leaders" in
+        spread | any) ;;
+        *) echo "$script: --leaders takes spread or any, not '$leaders'" >&2; exit 2 ;;
+    esac
+    dev_bin=$bin
     dir=$(mktemp -d /tmp/calm-"$script".XXXXXX)
     nodes=""
     "$bin" dev --data-dir "$dir/data" --base-port 7400 >"$dir/dev.log" 2>&1 &
@@ -40,6 +45,14 @@ dev_cluster_start() {
         [ "$settled" = 1 ] || { echo "$script: the leaders did not reach their preferred nodes in 20 s" >&2; exit 1; }
     fi
     nodes=$(pgrep -f -- "serve .*--data-dir $dir/data" | tr '\n' ' ')
+}
+
+# dev_cluster_warm_up WORKLOAD OPS CONCURRENCY [BENCH FLAGS...]: a tenth of the run, unmeasured
+# (connections, the first keys, the allocator's pools).
+dev_cluster_warm_up() {
+    local workload=$1 ops=$2 concurrency=$3
+    shift 3
+    "$dev_bin" bench "$workload" --ops $((ops / 10 + 1)) --concurrency "$concurrency" --endpoints "$endpoints" "$@" >/dev/null
 }
 
 dev_cluster_stop() {

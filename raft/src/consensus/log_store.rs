@@ -57,31 +57,17 @@ impl GroupLog {
     fn insert(&mut self, entry: Entry, lsn: u64) {
         let index = entry.index();
         // An append at `index` replaces whatever followed (openraft truncates first; replay
-        // of an old WAL without the truncate record must reach the same log). Usually nothing
-        // follows, and then `split_off` would still allocate and free a node per tree level
-        // on every append (1–2% of a node's CPU under put x64, docs/benchmarks.md).
-        if self
-            .entries
-            .last_key_value()
-            .is_some_and(|(&last, _)| last >= index)
-        {
-            self.entries.split_off(&index);
-        }
-        if self
-            .lsns
-            .last_key_value()
-            .is_some_and(|(&last, _)| last >= index)
-        {
-            self.lsns.split_off(&index);
-        }
+        // of an old WAL without the truncate record must reach the same log).
+        remove_from(&mut self.entries, index);
+        remove_from(&mut self.lsns, index);
         self.entries.insert(index, entry);
         self.lsns.insert(index, lsn);
     }
 
     fn truncate_after(&mut self, last: Option<&LogId>) {
         let from = last.map_or(0, |l| l.index + 1);
-        self.entries.split_off(&from);
-        self.lsns.split_off(&from);
+        remove_from(&mut self.entries, from);
+        remove_from(&mut self.lsns, from);
     }
 
     fn purge(&mut self, upto: &LogId) {
@@ -94,6 +80,15 @@ impl GroupLog {
         {
             self.last_purged = Some(*upto);
         }
+    }
+}
+
+/// Removes the keys at or after `from`. `split_off` alone would allocate and free a node per
+/// tree level even when no key is there, which is every append: 1–2% of a node's CPU under
+/// put x64 (docs/benchmarks.md).
+fn remove_from<V>(map: &mut BTreeMap<u64, V>, from: u64) {
+    if map.last_key_value().is_some_and(|(&last, _)| last >= from) {
+        map.split_off(&from);
     }
 }
 
