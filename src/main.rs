@@ -23,6 +23,7 @@ use calm::node::DEFAULT_RULES;
 use calm_kernel::rules::{CompiledRules, RuleSet, Severity};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
 
@@ -461,7 +462,9 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // The whole chain, without a backtrace: users need the reason, not our stack.
-            eprintln!("calm: error: {}", error_chain(&e));
+            // Not `eprintln!`, which panics when stderr cannot be written (a node's log on a
+            // full disk): the exit code must still say "failed", not "panicked".
+            let _ = writeln!(std::io::stderr(), "calm: error: {}", error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

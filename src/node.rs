@@ -25,6 +25,7 @@ use calm_raft::consensus::{CalmRaft, Consensus, FactSource, GroupId, SharedLocal
 use calm_raft::local::{LocalOptions, LocalState};
 use calm_raft::wal::{WalBackend, WalOptions};
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -68,7 +69,10 @@ pub fn fatal(what: &str, error: &dyn std::fmt::Display) -> ! {
     tracing::error!(
         "fatal: {what}: {error}; stopping so that recovery starts from what is durable"
     );
-    eprintln!(
+    // Not `eprintln!`: it panics when stderr cannot be written (the node's log on a full
+    // disk), and the process would end with a panic's exit code instead of EXIT_FATAL.
+    let _ = writeln!(
+        std::io::stderr(),
         "calm: fatal: {what}: {error}; stopping so that recovery starts from what is durable"
     );
     std::process::exit(EXIT_FATAL)

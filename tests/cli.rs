@@ -156,3 +156,24 @@ fn a_misspelt_setting_in_the_environment_is_refused_and_other_tools_variables_ar
     assert!(!ok);
     assert!(err.contains("id must be >= 1"), "{err}");
 }
+
+/// A command that fails while its stderr cannot be written (a node's log on a full disk;
+/// here /dev/full, where every write fails with ENOSPC) still exits with 1, the failure code,
+/// not with 101: `eprintln!` panics when its write fails, and a panic's exit code says "bug".
+#[test]
+fn a_failure_that_cannot_be_printed_still_exits_with_the_failure_code() {
+    let full = match std::fs::OpenOptions::new().write(true).open("/dev/full") {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("skipped: this test writes stderr to /dev/full, which cannot be opened: {e}");
+            return;
+        }
+    };
+    let status = Command::new(env!("CARGO_BIN_EXE_calm"))
+        .args(["serve", "--config", "/nonexistent/calm.toml"])
+        .stdout(std::process::Stdio::null())
+        .stderr(full)
+        .status()
+        .expect("calm binary runs");
+    assert_eq!(status.code(), Some(1), "{status}");
+}
