@@ -67,6 +67,25 @@ fn spawn_node(exe: &Path, options: &DevOptions, id: u64, log_dir: &Path) -> Resu
         .with_context(|| format!("cannot start node {id} ({})", exe.display()))
 }
 
+/// The last line a node wrote to its log (its error, when it stopped while starting), read
+/// from the last `LOG_TAIL_BYTES` only.
+fn last_log_line(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    const LOG_TAIL_BYTES: u64 = 4096;
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))
+        .ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    String::from_utf8_lossy(&tail)
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .map(str::to_owned)
+}
+
 fn stop_all(children: &mut [(u64, Child)]) {
     for (_, child) in children.iter_mut() {
         // SIGTERM: the node persists its state and exits.
@@ -162,10 +181,19 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> Result<()>
             .find_map(|(id, c)| c.try_wait().ok().flatten().map(|s| (*id, s)))
         {
             stop_all(&mut children);
-            bail!(
-                "node {id} exited ({status}) while starting; see {}",
-                options.data_dir.join(format!("node-{id}.log")).display()
-            );
+            let log = options.data_dir.join(format!("node-{id}.log"));
+            match last_log_line(&log) {
+                // A start-up error is the node's last line, "calm: error: <reason>".
+                Some(line) => bail!(
+                    "node {id} exited ({status}) while starting: {}\n(the node's log: {})",
+                    line.strip_prefix("calm: error: ").unwrap_or(&line),
+                    log.display()
+                ),
+                None => bail!(
+                    "node {id} exited ({status}) while starting and wrote nothing to its log {}; is its disk full?",
+                    log.display()
+                ),
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -177,3 +177,28 @@ fn a_failure_that_cannot_be_printed_still_exits_with_the_failure_code() {
         .expect("calm binary runs");
     assert_eq!(status.code(), Some(1), "{status}");
 }
+
+/// `calm dev` says why a node stopped while starting (the node's last log line), not only
+/// where its log is.
+#[test]
+fn calm_dev_says_why_a_node_did_not_start() {
+    // Node 1's client port (base + 1) is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let base = taken.local_addr().expect("bound address").port() - 1;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let (ok, _, err) = calm(&[
+        "dev",
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+        "--base-port",
+        &base.to_string(),
+    ]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("node 1 exited (exit status: 1) while starting: cannot listen on"),
+        "{err}"
+    );
+    assert!(err.contains("Address already in use"), "{err}");
+    assert!(err.contains("node-1.log"), "{err}");
+}
