@@ -12,15 +12,15 @@
 
 # dev_cluster_start BIN LEADERS: LEADERS is `spread` (wait as above) or `any`.
 dev_cluster_start() {
-    local bin=$1 leaders=$2 script=${0##*/}
+    local leaders=$2 script=${0##*/}
+    dev_bin=$1
     case "$leaders" in
         spread | any) ;;
         *) echo "$script: --leaders takes spread or any, not '$leaders'" >&2; exit 2 ;;
     esac
-    dev_bin=$bin
     dir=$(mktemp -d /tmp/calm-"$script".XXXXXX)
     nodes=""
-    "$bin" dev --data-dir "$dir/data" --base-port 7400 >"$dir/dev.log" 2>&1 &
+    "$dev_bin" dev --data-dir "$dir/data" --base-port 7400 >"$dir/dev.log" 2>&1 &
     dev=$!
     trap dev_cluster_stop EXIT
     for _ in $(seq 1 100); do
@@ -35,7 +35,7 @@ dev_cluster_start() {
         command -v jq >/dev/null || { echo "$script: waiting for the leaders needs jq (apt-get install -y jq), or pass --leaders any" >&2; exit 1; }
         local settled=0
         for _ in $(seq 1 100); do
-            if "$bin" status -w json --endpoints 127.0.0.1:7401 2>/dev/null |
+            if "$dev_bin" status -w json --endpoints 127.0.0.1:7401 2>/dev/null |
                 jq -e '.groups | length > 0 and all(.leader == .group % 3 + 1)' >/dev/null; then
                 settled=1
                 break

@@ -67,23 +67,29 @@ fn spawn_node(exe: &Path, options: &DevOptions, id: u64, log_dir: &Path) -> Resu
         .with_context(|| format!("cannot start node {id} ({})", exe.display()))
 }
 
-/// The last line a node wrote to its log (its error, when it stopped while starting), read
-/// from the last `LOG_TAIL_BYTES` only.
-fn last_log_line(path: &Path) -> Option<String> {
+/// Most bytes [`log_tail`] reads from the end of a log.
+const LOG_TAIL_BYTES_MAX: u64 = 64 << 10;
+
+/// The last `lines` lines of a node's log (empty if it cannot be read), from its last
+/// `LOG_TAIL_BYTES_MAX` bytes: what a message about a node that stopped shows.
+pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     use std::io::{Read, Seek, SeekFrom};
-    const LOG_TAIL_BYTES: u64 = 4096;
-    let mut file = std::fs::File::open(path).ok()?;
-    let len = file.metadata().ok()?.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(LOG_TAIL_BYTES)))
-        .ok()?;
-    let mut tail = Vec::new();
-    file.read_to_end(&mut tail).ok()?;
-    String::from_utf8_lossy(&tail)
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .map(str::to_owned)
+    let read = || -> std::io::Result<String> {
+        let mut file = std::fs::File::open(path)?;
+        let start = file.metadata()?.len().saturating_sub(LOG_TAIL_BYTES_MAX);
+        file.seek(SeekFrom::Start(start))?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail)?;
+        let text = String::from_utf8_lossy(&tail).into_owned();
+        // Started mid-file: the first line is a fragment.
+        Ok(match text.split_once('\n') {
+            Some((_, rest)) if start > 0 => rest.to_owned(),
+            _ => text,
+        })
+    };
+    let text = read().unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
 fn stop_all(children: &mut [(u64, Child)]) {
@@ -182,18 +188,20 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> Result<()>
         {
             stop_all(&mut children);
             let log = options.data_dir.join(format!("node-{id}.log"));
-            match last_log_line(&log) {
-                // A start-up error is the node's last line, "calm: error: <reason>".
-                Some(line) => bail!(
-                    "node {id} exited ({status}) while starting: {}\n(the node's log: {})",
-                    line.strip_prefix("calm: error: ").unwrap_or(&line),
-                    log.display()
-                ),
-                None => bail!(
+            // A start-up error is the node's last line, "calm: error: <reason>".
+            let line = log_tail(&log, 1);
+            let line = line.trim();
+            if line.is_empty() {
+                bail!(
                     "node {id} exited ({status}) while starting and wrote nothing to its log {}; is its disk full?",
                     log.display()
-                ),
+                );
             }
+            bail!(
+                "node {id} exited ({status}) while starting: {}\n(the node's log: {})",
+                line.strip_prefix("calm: error: ").unwrap_or(line),
+                log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

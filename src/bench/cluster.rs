@@ -162,10 +162,7 @@ impl Cluster {
     }
 
     fn log(&self, name: &str) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join(format!("{name}.log")))
-            .unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(15).collect();
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        crate::dev::log_tail(&self.dir.path().join(format!("{name}.log")), 15)
     }
 
     fn check_running(&mut self) -> Result<()> {
