@@ -33,7 +33,7 @@ use calm_raft::local::{FastAdmit, LocalAdmit};
 use calm_raft::wal::AppendTicket;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Status};
@@ -59,6 +59,25 @@ pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
 pub const LEADER_METADATA: &str = "calm-leader";
 /// Metadata key naming that leader's node id.
 pub const LEADER_ID_METADATA: &str = "calm-leader-id";
+
+/// Seconds a successful Write call took inside this node, by the path it took (`fast`,
+/// `escrow`, `consensus`): from the request's arrival to its answer, without the network.
+pub const METRIC_WRITE_SECONDS: &str = "calm_write_seconds";
+
+/// Describe the API's metrics to the installed recorder.
+pub(crate) fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!(
+        "calm_writes_total",
+        Unit::Count,
+        "Writes acknowledged, by path (fast, escrow, consensus)"
+    );
+    describe_histogram!(
+        METRIC_WRITE_SECONDS,
+        Unit::Seconds,
+        "Time a successful Write call took inside the node, by path (fast, escrow, consensus)"
+    );
+}
 
 /// Put the leader hint on `md`.
 fn insert_leader_hint(md: &mut tonic::metadata::MetadataMap, leader: u64, addr: &str) {
@@ -669,9 +688,16 @@ impl Kv for KvService {
         &self,
         request: Request<pb::WriteRequest>,
     ) -> Result<tonic::Response<pb::WriteResponse>, Status> {
+        let started = Instant::now();
         let req = request.into_inner();
         let op = req.op.and_then(|o| o.kind);
         let response = self.node.write(&req.key, op, &req.token).await?;
+        let path = match pb::Path::try_from(response.path) {
+            Ok(pb::Path::Consensus) => "consensus",
+            Ok(pb::Path::Escrow) => "escrow",
+            _ => "fast",
+        };
+        metrics::histogram!(METRIC_WRITE_SECONDS, "path" => path).record(started.elapsed());
         Ok(if response.path == pb::Path::Consensus as i32 {
             self.node.hinted(&req.key, response)
         } else {

@@ -261,7 +261,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn describe_metrics() {
+pub(crate) fn describe_metrics() {
     use metrics::{Unit, describe_counter};
     describe_counter!(
         "calm_gossip_facts_sent_total",
@@ -422,8 +422,6 @@ impl Gossip {
 
     /// Push batching, anti-entropy and pruning until `shutdown` is cancelled.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        // Here rather than in `new`: the node installs its metrics recorder before running.
-        describe_metrics();
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..self.links.len() {
             if self.options.push_enabled {

@@ -14,17 +14,19 @@ use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// The process-wide Prometheus recorder (installed once, shared by every node a process runs).
-fn prometheus() -> &'static PrometheusHandle {
+/// How often histogram observations are folded into their buckets between scrapes.
+const METRICS_UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Installs the process-wide Prometheus recorder (once; every node a process runs shares
+/// it) and returns its handle. A node calls this before it opens its WAL, so that what
+/// recovery and start-up write is counted too.
+pub(crate) fn install_metrics() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        use calm_raft::wal;
+        use calm_raft::{consensus, wal};
         // Histograms with buckets (not summaries) aggregate across nodes, as etcd's do.
         let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                Matcher::Full(wal::METRIC_DURABLE_WRITE_SECONDS.to_string()),
-                &wal::DURABLE_WRITE_SECONDS_BUCKETS,
-            )
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &wal::SECONDS_BUCKETS)
             .and_then(|b| {
                 b.set_buckets_for_metric(
                     Matcher::Full(wal::METRIC_GROUP_BATCHES.to_string()),
@@ -37,7 +39,26 @@ fn prometheus() -> &'static PrometheusHandle {
         // Fails only if another recorder was installed first (e.g. by a test harness); the
         // handle then renders nothing, which is visible on /metrics.
         let _ = metrics::set_global_recorder(recorder);
+        // The recorder keeps every histogram observation until it is folded into buckets, by
+        // a scrape or by this upkeep: without it, a node nobody scrapes grows by a few dozen
+        // bytes per write, forever. A thread, not a task: the recorder outlives any one
+        // runtime (tests run many nodes in one process).
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("calm-metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(METRICS_UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start the metrics upkeep thread; histograms are folded only when /metrics is scraped");
+        }
         wal::describe_metrics();
+        consensus::metrics::describe_metrics();
+        crate::api::describe_metrics();
+        crate::gossip::describe_metrics();
         handle
     })
 }
@@ -48,7 +69,7 @@ struct AppState {
 }
 
 pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: CancellationToken) {
-    let handle = prometheus();
+    let handle = install_metrics();
     let app = Router::new()
         .route("/", get(status_page))
         .route("/healthz", get(|| async { "ok\n" }))

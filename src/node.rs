@@ -240,6 +240,7 @@ impl Node {
         config: NodeConfig,
         shutdown: CancellationToken,
     ) -> Result<Running, StartError> {
+        crate::http::install_metrics();
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
             path: config.data_dir.display().to_string(),
             source,

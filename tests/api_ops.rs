@@ -611,18 +611,12 @@ fn sample(body: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_show_the_wals_group_commits_and_durable_write_times() {
+/// Node `i`'s `/metrics` page.
+async fn scrape(c: &Cluster, i: usize) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let c = Cluster::start(3, &[]).await;
-    let mut kv = c.kv(1).await;
-    for i in 0..20 {
-        let key = format!("metrics:{i}");
-        write(&mut kv, &key, op::put("v")).await.expect("a put");
-    }
-    let mut http = tokio::net::TcpStream::connect(c.nodes[0].http)
+    let mut http = tokio::net::TcpStream::connect(c.nodes[i].http)
         .await
-        .expect("node 1 serves HTTP");
+        .expect("the node serves HTTP");
     http.write_all(b"GET /metrics HTTP/1.1\r\nHost: calm\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
@@ -630,6 +624,18 @@ async fn metrics_show_the_wals_group_commits_and_durable_write_times() {
     http.read_to_string(&mut response).await.unwrap();
     let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_group_commits_and_where_a_writes_time_goes() {
+    let c = Cluster::start(3, &[]).await;
+    let mut kv = c.kv(1).await;
+    for i in 0..20 {
+        let key = format!("metrics:{i}");
+        write(&mut kv, &key, op::put("v")).await.expect("a put");
+    }
+    let body = &scrape(&c, 0).await;
 
     // Node 1's WAL made the cluster's start and these puts durable, in group commits.
     let commits = sample(body, "calm_wal_group_commits_total").expect("group commits counted");
@@ -657,4 +663,50 @@ async fn metrics_show_the_wals_group_commits_and_durable_write_times() {
         "{body}"
     );
     assert!(sample(body, "calm_wal_written_bytes_total").is_some_and(|b| b > 0.0));
+
+    // Where a write's time goes, stage by stage. Node 1 answered every put (whichever node
+    // led the key's group) and appended each entry, as leader or follower.
+    assert_eq!(
+        sample(body, r#"calm_write_seconds_count{path="consensus"}"#),
+        Some(20.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            body,
+            r#"calm_write_seconds_bucket{path="consensus",le="+Inf"}"#
+        ),
+        Some(20.0),
+        "{body}"
+    );
+    assert!(
+        sample(body, "calm_wal_append_seconds_count").is_some_and(|n| n >= 20.0),
+        "{body}"
+    );
+    // The leaders proposed each put once and sent their entries to peers.
+    let mut proposals = 0.0;
+    let mut raft_round_trips = 0.0;
+    for i in 0..3 {
+        let body = scrape(&c, i).await;
+        proposals += sample(&body, "calm_raft_proposal_seconds_count").unwrap_or(0.0);
+        raft_round_trips +=
+            sample(&body, r#"calm_peer_round_trip_seconds_count{lane="raft"}"#).unwrap_or(0.0);
+        for histogram in [
+            "calm_raft_proposal_seconds",
+            "calm_peer_round_trip_seconds",
+            "calm_wal_append_seconds",
+        ] {
+            assert!(
+                !body.contains(&format!("{histogram}_count"))
+                    || body.contains(&format!("# TYPE {histogram} histogram")),
+                "{histogram} has buckets: {body}"
+            );
+        }
+    }
+    // (At least: a cluster's start proposes its rules too.)
+    assert!(
+        proposals >= 20.0,
+        "one proposal per put on the leaders: {proposals}"
+    );
+    assert!(raft_round_trips >= 1.0, "entries went to followers");
 }

@@ -24,11 +24,14 @@
 //! outcome unknown), a call whose caller gave up before its batch left is not sent, and a
 //! batch still unsent when its last deadline passes (say, waiting for a connection) is dropped.
 
+use super::metrics::{
+    METRIC_PEER_BATCHED_CALLS, METRIC_PEER_BATCHES, METRIC_PEER_ROUND_TRIP_SECONDS,
+};
 use super::types::{GroupId, NodeId};
 use super::wire::{GroupMessage, PeerBatch, PeerCall, PeerRpc, raft_peer_client::RaftPeerClient};
 use crate::channel::H2Channel;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::{Code, Status};
 
@@ -255,9 +258,10 @@ async fn send(lane: Lane, mut client: RaftPeerClient<H2Channel>, batch: Vec<Call
         .unzip();
     let count = calls.len();
     let lane = lane.name();
-    metrics::counter!("calm_peer_batches_total", "lane" => lane).increment(1);
-    metrics::counter!("calm_peer_batched_calls_total", "lane" => lane).increment(count as u64);
+    metrics::counter!(METRIC_PEER_BATCHES, "lane" => lane).increment(1);
+    metrics::counter!(METRIC_PEER_BATCHED_CALLS, "lane" => lane).increment(count as u64);
     let mut request = tonic::Request::new(PeerBatch { calls });
+    let sent_at = Instant::now();
     request.set_timeout(ttl);
     // Bounded here too, not only by each caller's wait: a call queued in the channel behind a
     // connection attempt would otherwise still go out once the network heals, long after its
@@ -271,6 +275,8 @@ async fn send(lane: Lane, mut client: RaftPeerClient<H2Channel>, batch: Vec<Call
     };
     match sent {
         Ok(reply) => {
+            metrics::histogram!(METRIC_PEER_ROUND_TRIP_SECONDS, "lane" => lane)
+                .record(sent_at.elapsed());
             let results = reply.into_inner().results;
             if results.len() != count {
                 let status = Status::internal(format!(

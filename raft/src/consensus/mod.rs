@@ -17,6 +17,7 @@
 pub mod batch;
 pub mod commit_notice;
 pub mod log_store;
+pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod service;

@@ -23,6 +23,7 @@
 //! that and read the local replica.
 
 use super::batch::Lane;
+use super::metrics::METRIC_PROPOSAL_SECONDS;
 use super::network::{GroupNetwork, Peers};
 use super::service::{GroupHandles, PeerService};
 use super::state_machine::{FactSource, GroupStateMachine, SharedLocal, lock_local};
@@ -717,10 +718,12 @@ impl Consensus {
                 return Err(self.no_leader(group));
             }
             if leader == self.node {
+                let started = std::time::Instant::now();
                 let write = self.raft(group).client_write(request.clone());
                 match tokio::time::timeout(remaining, write).await {
                     Err(_) => return Err(self.timeout(group)),
                     Ok(Ok(resp)) => {
+                        metrics::histogram!(METRIC_PROPOSAL_SECONDS).record(started.elapsed());
                         return Ok(Proposed {
                             group,
                             index: resp.log_id.index(),

@@ -105,7 +105,9 @@ impl PeerService {
 
     /// One call of a batch, answered like the unary RPC it names.
     async fn batched(&self, call: PeerCall) -> PeerResult {
-        let answer = match (call.message, PeerRpc::try_from(call.rpc)) {
+        let started = std::time::Instant::now();
+        let rpc = PeerRpc::try_from(call.rpc);
+        let answer = match (call.message, rpc) {
             (None, _) => Err(Status::invalid_argument(
                 "a batched call without its message",
             )),
@@ -122,6 +124,10 @@ impl PeerService {
                 call.rpc
             ))),
         };
+        if let Ok(rpc) = rpc {
+            metrics::histogram!(super::metrics::METRIC_PEER_SERVE_SECONDS, "rpc" => rpc_name(rpc))
+                .record(started.elapsed());
+        }
         match answer {
             Ok(reply) => PeerResult {
                 payload: reply.into_inner().payload,
@@ -134,6 +140,19 @@ impl PeerService {
                 message: status.message().to_string(),
             },
         }
+    }
+}
+
+/// The label of `rpc` on [`super::metrics::METRIC_PEER_SERVE_SECONDS`].
+fn rpc_name(rpc: PeerRpc) -> &'static str {
+    match rpc {
+        PeerRpc::Unspecified => "unspecified",
+        PeerRpc::AppendEntries => "append_entries",
+        PeerRpc::Vote => "vote",
+        PeerRpc::PreVote => "pre_vote",
+        PeerRpc::TransferLeader => "transfer_leader",
+        PeerRpc::Propose => "propose",
+        PeerRpc::ReadIndex => "read_index",
     }
 }
 
@@ -270,8 +289,11 @@ impl RaftPeer for PeerService {
             Request::Commands(cmds) => cmds.first().map(|c| c.proposer),
             Request::InitRules { .. } | Request::SetRules { .. } => None,
         };
+        let started = std::time::Instant::now();
         let answer = match raft.client_write(request).await {
             Ok(resp) => {
+                metrics::histogram!(super::metrics::METRIC_PROPOSAL_SECONDS)
+                    .record(started.elapsed());
                 // The proposer usually reads what it wrote next: its commit notice goes with
                 // this answer, not a hold later (`super::commit_notice`).
                 if let Some(node) = proposer {

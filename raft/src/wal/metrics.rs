@@ -2,8 +2,8 @@
 //!
 //! The writer thread records one group commit and one durable write at a time, so operators
 //! can see what etcd's `etcd_disk_wal_fsync_duration_seconds` shows them (how long the disk
-//! takes to make a write durable) and how well group commit is batching (appends per
-//! durable write). Names and bucket bounds are public so that the exporter can give the two
+//! takes to make a write durable), how well group commit is batching (appends per
+//! durable write), and how long appenders wait in all (the disk plus the queue). Names and bucket bounds are public so that the exporter can give the two
 //! histograms Prometheus buckets.
 
 use metrics::{Unit, describe_counter, describe_histogram};
@@ -14,12 +14,17 @@ pub(crate) const METRIC_GROUP_COMMITS: &str = "calm_wal_group_commits_total";
 pub const METRIC_GROUP_BATCHES: &str = "calm_wal_group_batches";
 /// Seconds one durable write took: a direct RWF_DSYNC write, or a write and its fdatasync.
 pub const METRIC_DURABLE_WRITE_SECONDS: &str = "calm_wal_durable_write_seconds";
+/// Seconds from an (eager) append to its batch being durable: the wait for the writer, the
+/// group's durable write, and any group ahead of it. Minus the durable write, what the
+/// writer's queue and wake-up cost.
+pub const METRIC_APPEND_SECONDS: &str = "calm_wal_append_seconds";
 /// Bytes made durable (frames; direct writes also rewrite the partial first block).
 pub(crate) const METRIC_WRITTEN_BYTES: &str = "calm_wal_written_bytes_total";
 
-/// Bucket bounds of [`METRIC_DURABLE_WRITE_SECONDS`]: 25 µs doubling up to ~1.6 s. A healthy
-/// SSD answers in the first few buckets; etcd warns when its WAL fsync passes 1 s.
-pub const DURABLE_WRITE_SECONDS_BUCKETS: [f64; 17] = {
+/// Bucket bounds of calm's latency histograms (every `calm_*_seconds`): 25 µs doubling up to
+/// ~1.6 s. A healthy SSD answers a durable write in the first few buckets; etcd warns when
+/// its WAL fsync passes 1 s.
+pub const SECONDS_BUCKETS: [f64; 17] = {
     let mut bounds = [0.0; 17];
     let mut i = 0;
     let mut bound = 0.000_025;
@@ -58,6 +63,11 @@ pub fn describe_metrics() {
         METRIC_DURABLE_WRITE_SECONDS,
         Unit::Seconds,
         "Time one durable WAL write took (direct synchronous write, or write and fdatasync)"
+    );
+    describe_histogram!(
+        METRIC_APPEND_SECONDS,
+        Unit::Seconds,
+        "Time from a WAL append to its batch being durable (queue, writer wake-up, durable write)"
     );
     describe_counter!(
         METRIC_WRITTEN_BYTES,

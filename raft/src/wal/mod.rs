@@ -82,8 +82,8 @@ use std::thread::JoinHandle;
 pub use error::{WalError, WalIoError, WalIoOp};
 pub use io::{PwriteIo, UringIo, WalIo};
 pub use metrics::{
-    DURABLE_WRITE_SECONDS_BUCKETS, GROUP_BATCHES_BUCKETS, METRIC_DURABLE_WRITE_SECONDS,
-    METRIC_GROUP_BATCHES, describe_metrics,
+    GROUP_BATCHES_BUCKETS, METRIC_APPEND_SECONDS, METRIC_DURABLE_WRITE_SECONDS,
+    METRIC_GROUP_BATCHES, SECONDS_BUCKETS, describe_metrics,
 };
 pub use reader::WalReader;
 pub use record::{WalBatch, WalPosition, WalRecord, WalRecordKind};
@@ -442,7 +442,8 @@ impl Wal {
             encoded,
             resolver,
             append_no,
-            lazy_since: lazy.then(std::time::Instant::now),
+            queued_at: std::time::Instant::now(),
+            lazy,
         });
         if !lazy {
             queue.eager_pending += 1;

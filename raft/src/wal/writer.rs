@@ -27,7 +27,8 @@ use super::error::WalError;
 use super::format::{EncodedBody, SegmentHeader, encode_frame};
 use super::io::WalIo;
 use super::metrics::{
-    METRIC_DURABLE_WRITE_SECONDS, METRIC_GROUP_BATCHES, METRIC_GROUP_COMMITS, METRIC_WRITTEN_BYTES,
+    METRIC_APPEND_SECONDS, METRIC_DURABLE_WRITE_SECONDS, METRIC_GROUP_BATCHES,
+    METRIC_GROUP_COMMITS, METRIC_WRITTEN_BYTES,
 };
 use super::record::WalPosition;
 use super::segment::{SegmentIndex, SegmentMeta, create_segment};
@@ -48,9 +49,11 @@ pub(crate) struct PendingBatch {
     pub resolver: Resolver,
     /// Its place in append order (see `Shared::durable_appends`).
     pub append_no: u64,
-    /// Queued by [`Wal::append_lazy`](super::Wal::append_lazy) at this instant: it does not
-    /// start a group commit by itself (see [`LAZY_WRITE_AFTER`]).
-    pub lazy_since: Option<Instant>,
+    /// When it was queued.
+    pub queued_at: Instant,
+    /// Queued by [`Wal::append_lazy`](super::Wal::append_lazy): it does not start a group
+    /// commit by itself (see [`LAZY_WRITE_AFTER`]).
+    pub lazy: bool,
 }
 
 /// How long a lazily appended batch may wait for another append to start a group commit
@@ -89,7 +92,9 @@ impl Queue {
 
     /// When the oldest lazy batch still queued was appended.
     fn oldest_lazy(&self) -> Option<Instant> {
-        self.pending.iter().find_map(|b| b.lazy_since)
+        self.pending
+            .iter()
+            .find_map(|b| b.lazy.then_some(b.queued_at))
     }
 }
 
@@ -234,6 +239,11 @@ impl Writer {
                         .store(last.append_no, Ordering::Release);
                     metrics::counter!(METRIC_GROUP_COMMITS).increment(1);
                     metrics::histogram!(METRIC_GROUP_BATCHES).record(self.group.len() as f64);
+                    let append_seconds = metrics::histogram!(METRIC_APPEND_SECONDS);
+                    let now = Instant::now();
+                    for batch in self.group.iter().filter(|b| !b.lazy) {
+                        append_seconds.record(now.duration_since(batch.queued_at));
+                    }
                     let durable: Vec<_> = self
                         .group
                         .drain(..)
@@ -320,7 +330,7 @@ impl Writer {
                 break;
             }
             let batch = queue.pending.pop_front().expect("front exists");
-            if batch.lazy_since.is_none() {
+            if !batch.lazy {
                 queue.eager_pending -= 1;
             }
             group_bytes += frame_bytes;
