@@ -63,6 +63,11 @@ pub const LEADER_ID_METADATA: &str = "calm-leader-id";
 /// Seconds a successful Write call took inside this node, by the path it took (`fast`,
 /// `escrow`, `consensus`): from the request's arrival to its answer, without the network.
 pub const METRIC_WRITE_SECONDS: &str = "calm_write_seconds";
+/// Seconds a successful Get call took inside this node, by consistency (`linearizable`,
+/// `serializable`, `causal`).
+pub const METRIC_READ_SECONDS: &str = "calm_read_seconds";
+/// Seconds a Batch call took inside this node (whatever its ops' outcomes).
+pub const METRIC_BATCH_SECONDS: &str = "calm_batch_seconds";
 
 /// Describe the API's metrics to the installed recorder.
 pub(crate) fn describe_metrics() {
@@ -76,6 +81,16 @@ pub(crate) fn describe_metrics() {
         METRIC_WRITE_SECONDS,
         Unit::Seconds,
         "Time a successful Write call took inside the node, by path (fast, escrow, consensus)"
+    );
+    describe_histogram!(
+        METRIC_READ_SECONDS,
+        Unit::Seconds,
+        "Time a successful Get call took inside the node, by consistency"
+    );
+    describe_histogram!(
+        METRIC_BATCH_SECONDS,
+        Unit::Seconds,
+        "Time a Batch call took inside the node"
     );
 }
 
@@ -711,6 +726,7 @@ impl Kv for KvService {
         &self,
         request: Request<pb::BatchRequest>,
     ) -> Result<tonic::Response<pb::BatchResponse>, Status> {
+        let started = Instant::now();
         let ops = request.into_inner().ops;
         if ops.len() > BATCH_OPS_MAX {
             return Err(invalid(format!(
@@ -791,6 +807,7 @@ impl Kv for KvService {
                 }),
             })
             .collect();
+        metrics::histogram!(METRIC_BATCH_SECONDS).record(started.elapsed());
         Ok(tonic::Response::new(pb::BatchResponse { results }))
     }
 
@@ -805,7 +822,14 @@ impl Kv for KvService {
                 req.consistency
             ))
         })?;
+        let started = Instant::now();
         let response = self.node.get(&req.key, consistency, &req.token).await?;
+        let label = match consistency {
+            pb::Consistency::Unspecified | pb::Consistency::Linearizable => "linearizable",
+            pb::Consistency::Serializable => "serializable",
+            pb::Consistency::Causal => "causal",
+        };
+        metrics::histogram!(METRIC_READ_SECONDS, "consistency" => label).record(started.elapsed());
         Ok(match consistency {
             pb::Consistency::Unspecified | pb::Consistency::Linearizable => {
                 self.node.hinted(&req.key, response)

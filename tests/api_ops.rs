@@ -635,6 +635,18 @@ async fn metrics_show_group_commits_and_where_a_writes_time_goes() {
         let key = format!("metrics:{i}");
         write(&mut kv, &key, op::put("v")).await.expect("a put");
     }
+    get_with_token(&mut kv, b"metrics:0", Consistency::Linearizable, &[])
+        .await
+        .expect("a linearizable get");
+    kv.batch(pb::BatchRequest {
+        ops: vec![pb::WriteRequest {
+            key: b"metrics:batch".to_vec(),
+            op: Some(op::add(1)),
+            token: Vec::new(),
+        }],
+    })
+    .await
+    .expect("a batch");
     let body = &scrape(&c, 0).await;
 
     // Node 1's WAL made the cluster's start and these puts durable, in group commits.
@@ -681,6 +693,19 @@ async fn metrics_show_group_commits_and_where_a_writes_time_goes() {
     );
     assert!(
         sample(body, "calm_wal_append_seconds_count").is_some_and(|n| n >= 20.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            body,
+            r#"calm_read_seconds_count{consistency="linearizable"}"#
+        ),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(body, "calm_batch_seconds_count"),
+        Some(1.0),
         "{body}"
     );
     // The leaders proposed each put once and sent their entries to peers.

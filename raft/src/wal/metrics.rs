@@ -3,8 +3,8 @@
 //! The writer thread records one group commit and one durable write at a time, so operators
 //! can see what etcd's `etcd_disk_wal_fsync_duration_seconds` shows them (how long the disk
 //! takes to make a write durable), how well group commit is batching (appends per
-//! durable write), and how long appenders wait in all (the disk plus the queue). Names and bucket bounds are public so that the exporter can give the two
-//! histograms Prometheus buckets.
+//! durable write), and how long appenders wait in all (the disk plus the queue). Names and
+//! bucket bounds are public so that the exporter can give the histograms Prometheus buckets.
 
 use metrics::{Unit, describe_counter, describe_histogram};
 
