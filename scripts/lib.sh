@@ -43,19 +43,20 @@ ensure_test_tools() {
     fi
 }
 
-# A cold build of the test suite writes about 13 GiB under target/ (RocksDB, 40-odd release
-# test binaries with line tables). CI once failed after 20 minutes of compiling with "No space
-# left on device" from the C++ compiler: say so up front instead. Below 3 GiB nothing can
-# finish, so stop; below the estimate, warn and try (an incremental build needs less).
+# A cold build of the test suite and the binaries writes about 3.5 GiB under target/release
+# (RocksDB, 40-odd test binaries of ~70 MB; it was ~40 GiB while RocksDB's C++ carried line
+# tables). CI failed twice with "No space left on device" from the compiler or the linker: say
+# so up front instead. Below 2 GiB nothing can finish, so stop; below the estimate, warn and
+# try (an incremental build needs less).
 ensure_disk_space() {
     local dir="${CARGO_TARGET_DIR:-target}"
     mkdir -p "$dir"
     local free_kib used_kib need_kib
     free_kib=$(df -Pk "$dir" | awk 'NR == 2 { print $4 }')
     used_kib=$(du -sk "$dir" 2>/dev/null | awk '{ print $1 }')
-    need_kib=$(( 13 * 1024 * 1024 - ${used_kib:-0} ))
-    if [ "$free_kib" -lt $(( 3 * 1024 * 1024 )) ]; then
-        echo "calm: only $(( free_kib / 1024 )) MiB free on the disk of $dir; building and testing calm needs about 13 GiB there. Free space (cargo clean in old checkouts, old reports in jepsen/store) or set CARGO_TARGET_DIR to a larger disk, then retry." >&2
+    need_kib=$(( 5 * 1024 * 1024 - ${used_kib:-0} ))
+    if [ "$free_kib" -lt $(( 2 * 1024 * 1024 )) ]; then
+        echo "calm: only $(( free_kib / 1024 )) MiB free on the disk of $dir; building and testing calm needs about 5 GiB there. Free space (cargo clean in old checkouts, old reports in jepsen/store) or set CARGO_TARGET_DIR to a larger disk, then retry." >&2
         exit 1
     elif [ "$need_kib" -gt 0 ] && [ "$free_kib" -lt "$need_kib" ]; then
         echo "calm: warning: $(( free_kib / 1024 / 1024 )) GiB free on the disk of $dir, and this build may need about $(( need_kib / 1024 / 1024 )) GiB more; it may fail with \"No space left on device\"" >&2
