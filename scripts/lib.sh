@@ -44,8 +44,8 @@ ensure_test_tools() {
 }
 
 # A cold build of the test suite and the binaries writes about 3.5 GiB under target/release
-# (RocksDB, 40-odd test binaries of ~70 MB; it was ~40 GiB while RocksDB's C++ carried line
-# tables). CI failed twice with "No space left on device" from the compiler or the linker: say
+# (RocksDB, 40-odd test binaries of ~70 MB; it was ~40 GiB while RocksDB's C++ carried debug
+# info). CI failed twice with "No space left on device" from the compiler or the linker: say
 # so up front instead. Below 2 GiB nothing can finish, so stop; below the estimate, warn and
 # try (an incremental build needs less).
 ensure_disk_space() {
