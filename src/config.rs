@@ -74,8 +74,10 @@ impl Member {
 #[serde(deny_unknown_fields)]
 #[serde(default)]
 pub struct RaftConfig {
-    /// Data groups keys hash onto; fixed when the cluster is created.
-    pub data_groups: u64,
+    /// Data groups keys hash onto; fixed when the cluster is created, which records it in the
+    /// data directory (`cluster.toml`, see `cluster_record`). Unset: the recorded count, or one
+    /// group per member for a new cluster.
+    pub data_groups: Option<u64>,
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
@@ -97,7 +99,7 @@ impl Default for RaftConfig {
     fn default() -> RaftConfig {
         let c = ConsensusOptions::default();
         RaftConfig {
-            data_groups: c.data_groups,
+            data_groups: None,
             heartbeat_ms: c.heartbeat_ms,
             election_timeout_min_ms: c.election_timeout_min_ms,
             election_timeout_max_ms: c.election_timeout_max_ms,
@@ -111,9 +113,13 @@ impl Default for RaftConfig {
 }
 
 impl RaftConfig {
+    /// The options of every group; `data_groups` is the setting or, unset, the Raft crate's
+    /// default: the node replaces it with the count its data directory records.
     pub fn consensus_options(&self) -> ConsensusOptions {
         ConsensusOptions {
-            data_groups: self.data_groups,
+            data_groups: self
+                .data_groups
+                .unwrap_or(ConsensusOptions::default().data_groups),
             heartbeat_ms: self.heartbeat_ms,
             election_timeout_min_ms: self.election_timeout_min_ms,
             election_timeout_max_ms: self.election_timeout_max_ms,
@@ -327,10 +333,11 @@ impl NodeConfig {
                 self.id, self.peer_addr, me.peer
             )));
         }
-        if !(1..=DATA_GROUPS_MAX).contains(&self.raft.data_groups) {
+        if let Some(groups) = self.raft.data_groups
+            && !(1..=DATA_GROUPS_MAX).contains(&groups)
+        {
             return Err(invalid(format!(
-                "raft.data_groups = {} must be within 1..={DATA_GROUPS_MAX}",
-                self.raft.data_groups
+                "raft.data_groups = {groups} must be within 1..={DATA_GROUPS_MAX}"
             )));
         }
         if self.raft.heartbeat_ms == 0

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod bench;
 pub mod client;
+pub mod cluster_record;
 pub mod config;
 pub mod dev;
 pub mod escrow;

@@ -21,7 +21,9 @@ use calm_kernel::{NodeId, VersionVector};
 use calm_raft::consensus::network::Peers;
 use calm_raft::consensus::service::GroupHandles;
 use calm_raft::consensus::types::{BasicNode, RaftMetrics, WatchReceiver};
-use calm_raft::consensus::{CalmRaft, Consensus, FactSource, GroupId, SharedLocal};
+use calm_raft::consensus::{
+    CalmRaft, Consensus, ConsensusOptions, FactSource, GroupId, SharedLocal,
+};
 use calm_raft::local::{LocalOptions, LocalState};
 use calm_raft::wal::{WalBackend, WalOptions};
 use std::collections::BTreeMap;
@@ -51,6 +53,8 @@ pub enum StartError {
     },
     #[error("rules: {0}")]
     Rules(String),
+    #[error("{0}")]
+    ClusterRecord(#[from] crate::cluster_record::ClusterRecordError),
     #[error("recovering the node's state: {0}")]
     Recover(#[from] calm_raft::local::LocalError),
     #[error("starting the Raft groups: {0}")]
@@ -261,6 +265,12 @@ impl Node {
             },
             ..LocalOptions::default()
         };
+        // Before the WAL exists: a directory without one is a new cluster's.
+        let data_groups = crate::cluster_record::settle_data_groups(
+            &config.data_dir,
+            config.raft.data_groups,
+            config.members.len(),
+        )?;
         let (dir, id) = (config.data_dir.clone(), config.id);
         let (local, report) =
             tokio::task::spawn_blocking(move || LocalState::open(dir, id, rules, options))
@@ -313,7 +323,10 @@ impl Node {
             local.clone(),
             gossip.clone() as Arc<dyn FactSource>,
             config.data_dir.join("snapshots"),
-            &config.raft.consensus_options(),
+            &ConsensusOptions {
+                data_groups,
+                ..config.raft.consensus_options()
+            },
             handles,
             peers,
         )

@@ -202,3 +202,54 @@ fn calm_dev_says_why_a_node_did_not_start() {
     assert!(err.contains("Address already in use"), "{err}");
     assert!(err.contains("node-1.log"), "{err}");
 }
+
+/// A data directory keeps the data group count it was created with: a node told another
+/// count refuses to start and names both, instead of looking for its keys in other groups.
+#[test]
+fn a_node_refuses_a_data_group_count_its_directory_was_not_created_with() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("node-1");
+    std::fs::create_dir(&data).expect("create the data directory");
+    std::fs::write(
+        data.join(calm::cluster_record::CLUSTER_RECORD_FILE),
+        "data_groups = 5\n",
+    )
+    .expect("write the record");
+    let log = dir.path().join("node-1.log");
+    let mut node = Command::new(env!("CARGO_BIN_EXE_calm"))
+        .args(["serve", "--id", "1", "--data-dir", data.to_str().unwrap()])
+        .args(["--client-addr", "127.0.0.1:0", "--peer-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .args(["--member", "1=127.0.0.1:0,127.0.0.1:0"])
+        .env("CALM_RAFT__DATA_GROUPS", "3")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("create the log"))
+        .spawn()
+        .expect("calm binary runs");
+    // Bounded: a node that wrongly accepted the count would serve until killed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = node.try_wait().expect("wait for the node") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            node.kill().expect("kill the node");
+            node.wait().expect("reap the node");
+            panic!(
+                "the node started with another data group count: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let err = std::fs::read_to_string(&log).expect("read the log");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("records 5 data groups") && err.contains("raft.data_groups = 3"),
+        "{err}"
+    );
+    assert!(
+        !data.join("wal").exists(),
+        "the node stopped before opening its WAL"
+    );
+}

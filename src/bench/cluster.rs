@@ -197,8 +197,8 @@ fn log_file(dir: &Path, name: &str) -> Result<(Stdio, Stdio)> {
     Ok((log.try_clone()?.into(), log.into()))
 }
 
-/// Start 3 `calm serve` nodes with calm's defaults (durable acknowledgements, 8 data groups)
-/// and `calm dev`'s one worker thread each; wait until every group has a leader and the
+/// Start 3 `calm serve` nodes with calm's defaults (durable acknowledgements, one data group
+/// per node) and `calm dev`'s one worker thread each; wait until every group has a leader and the
 /// leaders sit on their preferred nodes (so no leader transfer happens during the run).
 pub async fn start_calm(calm_exe: &Path) -> Result<Cluster> {
     let dir = TempDir::new("calm-bench-calm")?;

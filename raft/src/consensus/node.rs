@@ -80,7 +80,10 @@ pub struct ConsensusOptions {
 impl Default for ConsensusOptions {
     fn default() -> ConsensusOptions {
         ConsensusOptions {
-            data_groups: 8,
+            // One per member of a 3-node cluster: fewer groups coalesce more commands per
+            // entry (a node derives its own default from its members; see calm's
+            // `cluster_record`).
+            data_groups: 3,
             // Two cores are shared by every node in tests: generous timeouts avoid spurious
             // elections under load, and heartbeats stay a small fraction of idle CPU.
             heartbeat_ms: 100,
