@@ -253,3 +253,24 @@ fn a_node_refuses_a_data_group_count_its_directory_was_not_created_with() {
         "the node stopped before opening its WAL"
     );
 }
+
+/// Without etcd, `calm bench compare` says so before it starts calm's half (minutes of work
+/// that could not end in a comparison).
+#[test]
+fn bench_compare_without_etcd_stops_before_running_anything() {
+    let out = Command::new(env!("CARGO_BIN_EXE_calm"))
+        .args(["bench", "compare", "--seconds", "1"])
+        .env("PATH", "")
+        .output()
+        .expect("calm binary runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("etcd is not installed") && err.contains("--systems calm"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("cluster ready"),
+        "calm was started first: {err}"
+    );
+}
