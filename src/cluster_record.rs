@@ -20,6 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use calm_raft::consensus::DATA_GROUPS_MAX;
+use calm_raft::local::WAL_DIR;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -84,7 +85,7 @@ pub fn settle_data_groups(
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let existing = data_dir.join("wal").exists();
+            let existing = data_dir.join(WAL_DIR).exists();
             let count = configured.unwrap_or(if existing {
                 LEGACY_DATA_GROUPS
             } else {
@@ -180,7 +181,7 @@ mod tests {
     #[test]
     fn a_directory_from_before_the_record_keeps_the_old_default() {
         let dir = tempfile::tempdir().unwrap();
-        fs::create_dir(dir.path().join("wal")).unwrap();
+        fs::create_dir(dir.path().join(WAL_DIR)).unwrap();
         assert_eq!(
             settle_data_groups(dir.path(), None, 3).unwrap(),
             LEGACY_DATA_GROUPS
@@ -191,7 +192,7 @@ mod tests {
             LEGACY_DATA_GROUPS
         );
         let dir = tempfile::tempdir().unwrap();
-        fs::create_dir(dir.path().join("wal")).unwrap();
+        fs::create_dir(dir.path().join(WAL_DIR)).unwrap();
         assert_eq!(settle_data_groups(dir.path(), Some(4), 3).unwrap(), 4);
     }
 

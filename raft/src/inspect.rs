@@ -85,7 +85,7 @@ impl DataDir {
     /// mode sees what was flushed, and the WAL what was written, at open.
     pub fn open(dir: impl AsRef<Path>) -> Result<DataDir, InspectError> {
         let dir = dir.as_ref();
-        let (state, wal_dir) = (dir.join("state"), dir.join("wal"));
+        let (state, wal_dir) = (dir.join("state"), dir.join(crate::local::WAL_DIR));
         if !state.is_dir() || !wal_dir.is_dir() {
             return Err(InspectError::NotDataDir {
                 path: dir.to_path_buf(),

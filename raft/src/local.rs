@@ -51,6 +51,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use thiserror::Error;
 
+/// The WAL's directory inside a node's data directory.
+pub const WAL_DIR: &str = "wal";
+
 #[derive(Debug, Error)]
 pub enum LocalError {
     #[error(transparent)]
@@ -413,8 +416,8 @@ impl LocalState {
             }
         };
         let wal = Arc::new(match io {
-            Some(io) => Wal::open_with_io(dir.join("wal"), options.wal, io)?,
-            None => Wal::open(dir.join("wal"), options.wal)?,
+            Some(io) => Wal::open_with_io(dir.join(WAL_DIR), options.wal, io)?,
+            None => Wal::open(dir.join(WAL_DIR), options.wal)?,
         });
         let raft_logs = Arc::new(RaftLogs::new(wal.clone()));
         let mut replica = Replica::restore(node, rules, meta.vv.clone(), keys);
