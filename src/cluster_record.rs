@@ -15,8 +15,7 @@
 //! Directories written before this record existed hold 8 groups, the default then, unless the
 //! setting said otherwise; the record is written for them on their first start with this code.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use calm_raft::consensus::DATA_GROUPS_MAX;
@@ -91,7 +90,7 @@ pub fn settle_data_groups(
             } else {
                 default_data_groups(members)
             });
-            write(data_dir, &path, count)?;
+            write(&path, count)?;
             Ok(count)
         }
         Err(e) => Err(ClusterRecordError::Unreadable {
@@ -117,27 +116,20 @@ fn parse(text: &str) -> Result<u64, String> {
     Ok(record.data_groups)
 }
 
-/// Writes the record durably: a temporary file, synced, renamed over, the directory synced.
-fn write(data_dir: &Path, path: &Path, data_groups: u64) -> Result<(), ClusterRecordError> {
-    let failed = |source| ClusterRecordError::Write {
-        path: path.to_path_buf(),
-        source,
-    };
+/// Writes the record durably and atomically (`calm_raft::durable_file`).
+fn write(path: &Path, data_groups: u64) -> Result<(), ClusterRecordError> {
     let text = format!(
         "# Written when this data directory was created; read on every start.\n\
          # Keys hash onto the data groups, so the count cannot change for an existing cluster.\n\
          {}",
         toml::to_string(&ClusterRecord { data_groups }).expect("a record serializes")
     );
-    let tmp = data_dir.join(format!("{CLUSTER_RECORD_FILE}.tmp"));
-    let mut file = File::create(&tmp).map_err(failed)?;
-    file.write_all(text.as_bytes()).map_err(failed)?;
-    file.sync_all().map_err(failed)?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(failed)?;
-    File::open(data_dir)
-        .and_then(|dir| dir.sync_all())
-        .map_err(failed)
+    calm_raft::durable_file::replace(path, text.as_bytes()).map_err(|source| {
+        ClusterRecordError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 #[cfg(test)]

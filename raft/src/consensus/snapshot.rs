@@ -16,7 +16,7 @@ use super::types::{GroupId, SnapshotMeta};
 use calm_kernel::KeyState;
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"CALMSNAP";
@@ -113,16 +113,7 @@ pub fn path(dir: &Path, group: GroupId) -> PathBuf {
 /// Make `frame` the current snapshot of its group: temp file, fsync, rename, fsync dir.
 pub fn write(dir: &Path, group: GroupId, frame: &[u8]) -> io::Result<()> {
     fs::create_dir_all(dir)?;
-    let target = path(dir, group);
-    let tmp = target.with_extension("snap.tmp");
-    {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(frame)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, &target)?;
-    fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    crate::durable_file::replace(&path(dir, group), frame)
 }
 
 /// The current snapshot of `group`, verified; `None` when it has none.
