@@ -198,8 +198,8 @@ fn log_file(dir: &Path, name: &str) -> Result<(Stdio, Stdio)> {
 }
 
 /// Start 3 `calm serve` nodes with calm's defaults (durable acknowledgements, one data group
-/// per node) and `calm dev`'s one worker thread each; wait until every group has a leader and the
-/// leaders sit on their preferred nodes (so no leader transfer happens during the run).
+/// per node) and `calm dev`'s one worker thread each; wait until every group has a leader and
+/// the leaders sit on their preferred nodes (so no leader transfer happens during the run).
 pub async fn start_calm(calm_exe: &Path) -> Result<Cluster> {
     let dir = TempDir::new("calm-bench-calm")?;
     let mut cluster = Cluster {
