@@ -115,7 +115,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "not ready: no known leader for groups {missing:?} (no quorum reachable from this node yet)\n"
+                "not ready: no known leader for groups {missing:?} (no quorum reachable from this node yet, or the leader's address not yet replicated here)\n"
             ),
         )
     }

@@ -170,12 +170,17 @@ impl Node {
         lock(&self.local).replica().version_vector().clone()
     }
 
-    /// Groups without a known leader (empty: the node can serve every key).
+    /// Groups without a leader this node can reach: none known, or its address not yet
+    /// known here (empty: the node can serve every key).
     pub fn groups_without_leader(&self) -> Vec<GroupId> {
         self.consensus
             .group_map()
             .all()
-            .filter(|&g| self.consensus.leader_of(g).is_none())
+            .filter(|&g| {
+                self.consensus
+                    .leader_of(g)
+                    .is_none_or(|(_, addr)| addr.is_empty())
+            })
             .collect()
     }
 

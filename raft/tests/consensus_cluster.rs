@@ -57,7 +57,9 @@ fn open_local(dir: &Path, id: u64) -> SharedLocal {
     Arc::new(Mutex::new(local))
 }
 
-async fn start(id: u64, dir: &Path, listener: TcpListener) -> Node {
+/// Start node `id`: its peer server at once, its groups `groups_after` later (meanwhile the
+/// server answers "still starting", as a `calm serve` does while it recovers).
+async fn start(id: u64, dir: &Path, listener: TcpListener, groups_after: Duration) -> Node {
     let local = open_local(dir, id);
     let handles = GroupHandles::new();
     let peers = Peers::new();
@@ -75,6 +77,7 @@ async fn start(id: u64, dir: &Path, listener: TcpListener) -> Node {
             .await
             .unwrap();
     });
+    tokio::time::sleep(groups_after).await;
     let consensus = Consensus::start(
         id,
         local,
@@ -148,17 +151,10 @@ async fn await_leaders(nodes: &[&Node]) {
 /// Three nodes with elected leaders: their data directories, peer addresses and nodes.
 async fn three_nodes() -> (Vec<tempfile::TempDir>, Vec<SocketAddr>, Vec<Node>) {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut listeners = Vec::new();
-    for _ in 0..3 {
-        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
-    }
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let members: BTreeMap<u64, BasicNode> = (0..3)
-        .map(|i| (i as u64 + 1, BasicNode::new(addrs[i].to_string())))
-        .collect();
+    let (listeners, addrs, members) = listeners().await;
     let mut nodes = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
-        nodes.push(start(i as u64 + 1, dirs[i].path(), listener).await);
+        nodes.push(start(i as u64 + 1, dirs[i].path(), listener, Duration::ZERO).await);
     }
     // Every node initializes with the same members, as `calm serve` does.
     for n in &nodes {
@@ -166,6 +162,19 @@ async fn three_nodes() -> (Vec<tempfile::TempDir>, Vec<SocketAddr>, Vec<Node>) {
     }
     await_leaders(&nodes.iter().collect::<Vec<_>>()).await;
     (dirs, addrs, nodes)
+}
+
+/// Three peer listeners on 127.0.0.1, their addresses, and the members they make.
+async fn listeners() -> (Vec<TcpListener>, Vec<SocketAddr>, BTreeMap<u64, BasicNode>) {
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let members = (0..3)
+        .map(|i| (i as u64 + 1, BasicNode::new(addrs[i].to_string())))
+        .collect();
+    (listeners, addrs, members)
 }
 
 /// Entries in every data group's log on `node`.
@@ -386,7 +395,7 @@ async fn three_nodes_elect_forward_read_and_catch_up_from_a_snapshot() {
     // Node 3 restarts on the same address and data and must catch up: its log ends before
     // the leaders' purge points, so only a snapshot install can bring it there.
     let listener = TcpListener::bind(addrs[2]).await.unwrap();
-    let third = start(3, dirs[2].path(), listener).await;
+    let third = start(3, dirs[2].path(), listener, Duration::ZERO).await;
     nodes.push(third);
     for i in written.saturating_sub(40)..written {
         let key = format!("k{}", i % 40);
@@ -399,6 +408,53 @@ async fn three_nodes_elect_forward_read_and_catch_up_from_a_snapshot() {
         );
     }
     for n in nodes {
+        stop(n).await;
+    }
+}
+
+/// A node that starts late learns its group's leader from a heartbeat while the leader's
+/// replication to it is still backing off (its first appends met "still starting"), so for a
+/// while it knows the leader but not the membership that holds the leader's address. A
+/// proposal made then waits for the address rather than forwarding to "" (CI saw `calm
+/// bench` fail so right after start-up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_at_a_node_that_has_just_learned_its_leader_is_forwarded() {
+    use calm_raft::consensus::types::WatchReceiver;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (listeners, _, members) = listeners().await;
+    let mut listeners = listeners.into_iter();
+    let (l1, l2, l3) = (
+        listeners.next().unwrap(),
+        listeners.next().unwrap(),
+        listeners.next().unwrap(),
+    );
+    // Node 2's groups start a second after its server; only node 1 initializes, so it
+    // leads every group (node 3 votes) and node 2 learns everything from it.
+    let late = tokio::spawn({
+        let dir = dirs[1].path().to_path_buf();
+        async move { start(2, &dir, l2, Duration::from_secs(1)).await }
+    });
+    let first = start(1, dirs[0].path(), l1, Duration::ZERO).await;
+    let third = start(3, dirs[2].path(), l3, Duration::ZERO).await;
+    first.consensus.initialize(&members).await.unwrap();
+    let second = late.await.unwrap();
+
+    let key = "just-started";
+    let group = second.consensus.group_map().group_of(key.as_bytes());
+    let mut metrics = second.consensus.raft(group).metrics();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while metrics.borrow_watched().current_leader.is_none() {
+            metrics.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("node 2 learned no leader of the key's group within 10 s");
+
+    let resp = second.consensus.propose(put(key, "v", 2)).await.unwrap();
+    assert_eq!(resp.response, Response::Done { version: 1 });
+    first.consensus.read_barrier(group).await.unwrap();
+    assert_eq!(read(&first, key), Some(b"v".to_vec()));
+    for n in [first, second, third] {
         stop(n).await;
     }
 }

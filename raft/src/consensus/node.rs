@@ -520,7 +520,8 @@ impl Consensus {
         self.raft(group).metrics().borrow_watched().current_leader
     }
 
-    /// The leader of `group` as this node knows it, with its peer address.
+    /// The leader of `group` as this node knows it, with its peer address (empty until this
+    /// node holds the membership that names it).
     pub fn leader_of(&self, group: GroupId) -> Option<(NodeId, String)> {
         let metrics = self.raft(group).metrics();
         let m = metrics.borrow_watched();
@@ -563,14 +564,21 @@ impl Consensus {
         }
     }
 
-    /// Wait (bounded) until `group` knows a leader.
+    /// Wait (bounded) until `group` knows a leader and that leader's address.
+    ///
+    /// The two can arrive apart: a node whose group is still empty (it voted before its own
+    /// `initialize`, so that was refused) learns the leader from the leader's first append,
+    /// and the membership, which holds the address, only once that entry is in its log.
+    /// Forwarding in between would dial the empty string.
     async fn await_leader(
         &self,
         group: GroupId,
         deadline: tokio::time::Instant,
     ) -> Option<(NodeId, String)> {
         loop {
-            if let Some(l) = self.leader_of(group) {
+            if let Some(l) = self.leader_of(group)
+                && !l.1.is_empty()
+            {
                 return Some(l);
             }
             if tokio::time::Instant::now() >= deadline {
