@@ -942,8 +942,7 @@ impl Admin for AdminService {
                 replica.key_state(&key).map(KeyState::value_type),
             )
         };
-        let leader = self.node.consensus.leader_of(group);
-        let leader_id = leader.as_ref().map_or(0, |l| l.0);
+        let leader_id = self.node.consensus.leader_id(group).unwrap_or(0);
         Ok(tonic::Response::new(pb::ExplainResponse {
             rule_index: explanation.rule_index.map_or(-1, |i| i as i32),
             pattern: explanation.pattern,

@@ -176,11 +176,7 @@ impl Node {
         self.consensus
             .group_map()
             .all()
-            .filter(|&g| {
-                self.consensus
-                    .leader_of(g)
-                    .is_none_or(|(_, addr)| addr.is_empty())
-            })
+            .filter(|&g| self.consensus.leader_of(g).is_none())
             .collect()
     }
 

@@ -16,8 +16,8 @@
 //! lone client pays one task hop. When more waits than one entry takes (a limit, or a second
 //! command on a key), a second flush proposes the next entry alongside, up to
 //! [`COALESCED_IN_FLIGHT_MAX`] in flight: batches and hot keys keep a pipeline, while steady
-//! small commands fill fewer, fuller entries. Commands of one entry have distinct keys, the state
-//! machine's condition for applying them all at once; they commit, fail or time out
+//! small commands fill fewer, fuller entries. Commands of one entry have distinct keys, the
+//! state machine's condition for applying them all at once; they commit, fail or time out
 //! together, and all get the entry's index.
 //!
 //! Linearizable reads use read-index: the leader confirms its leadership with a quorum and
@@ -529,19 +529,20 @@ impl Consensus {
         self.raft(group).metrics().borrow_watched().current_leader
     }
 
-    /// The leader of `group` as this node knows it, with its peer address (empty until this
-    /// node holds the membership that names it).
+    /// The leader of `group` as this node knows it, with its peer address: `None` until this
+    /// node knows both.
+    ///
+    /// The two can arrive apart. A node whose group is still empty learns the leader from a
+    /// heartbeat (it carries the leader's committed vote) while the leader's replication to
+    /// it may still be backing off (its first appends met "still starting"); the address is in
+    /// the membership entry, which only that replication brings. A leader without an address
+    /// cannot be forwarded to, so for routing and readiness it is no leader yet.
     pub fn leader_of(&self, group: GroupId) -> Option<(NodeId, String)> {
         let metrics = self.raft(group).metrics();
         let m = metrics.borrow_watched();
         let leader = m.current_leader?;
-        let addr = m
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.addr.clone())
-            .unwrap_or_default();
-        Some((leader, addr))
+        let node = m.membership_config.membership().get_node(&leader)?;
+        Some((leader, node.addr.clone()))
     }
 
     /// Which leadership of `group` this node knows: its leader and the term it leads in.
@@ -555,39 +556,30 @@ impl Consensus {
     }
 
     fn no_leader(&self, group: GroupId) -> ProposeError {
-        let hint = self.leader_of(group);
         ProposeError::NoLeader {
             group,
-            leader: hint.as_ref().map(|h| h.0),
-            addr: hint.map(|h| h.1),
+            leader: self.leader_id(group),
+            addr: self.leader_of(group).map(|h| h.1),
         }
     }
 
     fn timeout(&self, group: GroupId) -> ProposeError {
-        let hint = self.leader_of(group);
         ProposeError::Timeout {
             group,
             timeout_ms: self.request_timeout.as_millis() as u64,
-            leader: hint.as_ref().map(|h| h.0),
-            addr: hint.map(|h| h.1),
+            leader: self.leader_id(group),
+            addr: self.leader_of(group).map(|h| h.1),
         }
     }
 
-    /// Wait (bounded) until `group` knows a leader and that leader's address.
-    ///
-    /// The two can arrive apart: a node whose group is still empty (it voted before its own
-    /// `initialize`, so that was refused) learns the leader from the leader's first append,
-    /// and the membership, which holds the address, only once that entry is in its log.
-    /// Forwarding in between would dial the empty string.
+    /// Wait (bounded) until `group` knows a leader and its address ([`Self::leader_of`]).
     async fn await_leader(
         &self,
         group: GroupId,
         deadline: tokio::time::Instant,
     ) -> Option<(NodeId, String)> {
         loop {
-            if let Some(l) = self.leader_of(group)
-                && !l.1.is_empty()
-            {
+            if let Some(l) = self.leader_of(group) {
                 return Some(l);
             }
             if tokio::time::Instant::now() >= deadline {
