@@ -14,14 +14,16 @@
 //! What it keeps from tonic's channel: one HTTP/2 connection, made on first use and again
 //! after it fails; a connect timeout; an optional local address; TCP_NODELAY; keepalive pings
 //! that close a connection whose peer stopped answering (a SIGSTOPped process keeps its
-//! socket open); the `grpc-timeout` deadline enforced on the client side. Every error is a
+//! socket open); the `grpc-timeout` deadline enforced on the client side. What it adds: while
+//! a connection attempt waits, fresh ones start beside it, so a link is back within ~100 ms
+//! of a partition healing instead of after the kernel's 1 s SYN retry. Every error is a
 //! `tonic::Status`. A call that certainly never left this node (no connection could be made)
 //! fails with `Unavailable` and a message starting with [`CONNECT_ERROR`]: callers rely on
 //! that to retry elsewhere without risking a second application.
 
 use bytes::Bytes;
-use futures::FutureExt;
 use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use h2::client::SendRequest;
 use h2::{Ping, Reason, RecvStream, SendStream};
 use http_body::{Body as _, Frame};
@@ -31,6 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::net::TcpStream;
 use tonic::Status;
 use tonic::body::Body;
 
@@ -42,6 +45,10 @@ const STREAM_WINDOW_BYTES: u32 = 2 << 20;
 const CONNECTION_WINDOW_BYTES: u32 = 5 << 20;
 /// Bytes a piped (streaming) body may have queued before it waits for the window.
 const SEND_BUFFER_BYTES_MAX: usize = 1 << 20;
+/// How long a connection attempt waits before a fresh one starts beside it ([`connect_tcp`]).
+const CONNECT_STAGGER: Duration = Duration::from_millis(100);
+/// Connection attempts at most for one connect (all but the first started by the stagger).
+const CONNECT_ATTEMPTS_MAX: usize = 8;
 
 /// How an [`H2Channel`] connects and keeps its connection.
 #[derive(Clone, Debug)]
@@ -287,6 +294,48 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
     })
 }
 
+/// TCP connections to `target`: a first attempt, and while none has connected, a fresh one
+/// every [`CONNECT_STAGGER`] (at most [`CONNECT_ATTEMPTS_MAX`] in all); the first to connect
+/// wins. A lost SYN is sent again only after 1 s (Linux), so without fresh attempts a
+/// connection begun while a partition dropped packets would wait out the whole connect
+/// timeout after the partition healed. The caller bounds the whole by its connect timeout.
+async fn connect_tcp(shared: &Shared, target: SocketAddr) -> Result<TcpStream, String> {
+    let attempt = || async move {
+        let socket = if target.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .map_err(|e| format!("cannot open a socket: {e}"))?;
+        if let Some(ip) = shared.options.local_ip {
+            socket
+                .bind(SocketAddr::new(ip, 0))
+                .map_err(|e| format!("cannot bind the local address {ip}: {e}"))?;
+        }
+        socket
+            .set_nodelay(true)
+            .map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
+        socket.connect(target).await.map_err(|e| e.to_string())
+    };
+    let mut attempts = futures::stream::FuturesUnordered::new();
+    attempts.push(attempt());
+    let mut started = 1;
+    loop {
+        tokio::select! {
+            Some(result) = attempts.next() => match result {
+                Ok(tcp) => return Ok(tcp),
+                // A refusal or other error is the answer, unless another attempt still waits.
+                Err(e) if attempts.is_empty() => return Err(e),
+                Err(_) => {}
+            },
+            () = tokio::time::sleep(CONNECT_STAGGER), if started < CONNECT_ATTEMPTS_MAX => {
+                attempts.push(attempt());
+                started += 1;
+            }
+        }
+    }
+}
+
 async fn connect(shared: &Shared) -> Result<Conn, Status> {
     let addr = &shared.addr;
     let fail = |what: String| Status::unavailable(format!("{CONNECT_ERROR}: {addr}: {what}"));
@@ -296,24 +345,7 @@ async fn connect(shared: &Shared) -> Result<Conn, Status> {
             .map_err(|e| fail(format!("cannot resolve the address: {e}")))?
             .next()
             .ok_or_else(|| fail("the address resolves to nothing".into()))?;
-        let socket = if target.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()
-        } else {
-            tokio::net::TcpSocket::new_v6()
-        }
-        .map_err(|e| fail(format!("cannot open a socket: {e}")))?;
-        if let Some(ip) = shared.options.local_ip {
-            socket
-                .bind(SocketAddr::new(ip, 0))
-                .map_err(|e| fail(format!("cannot bind the local address {ip}: {e}")))?;
-        }
-        socket
-            .set_nodelay(true)
-            .map_err(|e| fail(format!("cannot set TCP_NODELAY: {e}")))?;
-        let tcp = socket
-            .connect(target)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let tcp = connect_tcp(shared, target).await.map_err(fail)?;
         h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW_BYTES)
             .initial_connection_window_size(CONNECTION_WINDOW_BYTES)

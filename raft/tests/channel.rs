@@ -371,3 +371,49 @@ async fn dropping_every_clone_closes_the_connection() {
     .await;
     server.abort();
 }
+
+/// A listener whose accept queue is full drops new SYNs, as a partition does, and Linux sends
+/// a lost SYN again only after 1 s. So a connect made while the queue was full, with a 900 ms
+/// timeout, succeeds after the queue drains only if the channel starts fresh attempts while
+/// the first waits (it does, every 100 ms): how a link is back at once after a partition heals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_attempt_whose_syn_was_dropped_is_overtaken_by_a_fresh_one() {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Fill the accept queue: connections complete until it is full, then a SYN goes unanswered.
+    let mut fillers = Vec::new();
+    loop {
+        assert!(fillers.len() < 16, "the accept queue never filled");
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => fillers.push(s),
+            Err(_) => break,
+        }
+    }
+    let connecting = tokio::spawn(async move {
+        let options = ChannelOptions {
+            connect_timeout: Duration::from_millis(900),
+            ..ChannelOptions::default()
+        };
+        H2Channel::connect(&addr.to_string(), options).await
+    });
+    // The first SYN is dropped; then the queue drains (the server accepts the fillers, which
+    // closed) well before the kernel would resend it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(fillers);
+    let server = serve_on(listener);
+    let channel = bounded(connecting)
+        .await
+        .unwrap()
+        .expect("a fresh attempt connects once the queue has room");
+    let mut kv = RaftPeerClient::new(channel);
+    let reply = bounded(kv.append_entries(GroupMessage {
+        group: 7,
+        payload: b"back".to_vec(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(reply.into_inner().payload, b"back");
+    server.stop().await;
+}
