@@ -182,9 +182,20 @@ fn a_failure_that_cannot_be_printed_still_exits_with_the_failure_code() {
 /// where its log is.
 #[test]
 fn calm_dev_says_why_a_node_did_not_start() {
-    // Node 1's client port (base + 1) is taken.
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    let base = taken.local_addr().expect("bound address").port() - 1;
+    // Node 1's client port (base + 1) is taken, and the node's other ports were free. The base
+    // is below the ephemeral port range: a port the kernel hands out (to another test's
+    // outgoing connection, say) could otherwise take one of the other nodes' ports first.
+    let (base, _taken) = (10_000..30_000u16)
+        .step_by(300)
+        .map(|b| b + (std::process::id() % 97) as u16)
+        .find_map(|base| {
+            let all_free = (1..=3u16)
+                .flat_map(|i| [base + i, base + 100 + i, base + 200 + i])
+                .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
+            let taken = std::net::TcpListener::bind(("127.0.0.1", base + 1)).ok()?;
+            all_free.then_some((base, taken))
+        })
+        .expect("a base port whose nine ports are free");
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     let (ok, _, err) = calm(&[
