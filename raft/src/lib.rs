@@ -2,6 +2,7 @@
 pub mod channel;
 pub mod checkpoint;
 pub mod consensus;
+pub mod dir_lock;
 pub mod durable_file;
 pub mod inspect;
 pub mod local;

@@ -38,6 +38,7 @@
 use crate::checkpoint::{CHECKPOINTS_KEPT_DEFAULT, CheckpointError, Checkpoints};
 use crate::consensus::RaftLogs;
 use crate::consensus::state_machine::decode_applied;
+use crate::dir_lock::{DataDirLock, DirLockError};
 use crate::store::{AppliedMeta, StateStore, StoreError};
 use crate::wal::{AppendTicket, Wal, WalError, WalIo, WalOptions, WalRecord, WalRecordKind};
 use calm_kernel::fact::{FactRef, decode_fact};
@@ -56,6 +57,18 @@ pub const WAL_DIR: &str = "wal";
 
 #[derive(Debug, Error)]
 pub enum LocalError {
+    #[error(transparent)]
+    DirLock(#[from] DirLockError),
+    #[error(
+        "the state store at {path} is locked by another process ({reason}); stop the process using this data directory before starting a node on it (nothing was changed)"
+    )]
+    StoreInUse { path: PathBuf, reason: String },
+    #[error("cannot create the data directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Wal(#[from] WalError),
     #[error(transparent)]
@@ -354,17 +367,31 @@ pub struct LocalState {
     /// observing them waits (see `own_facts_barrier`). Bounded by the WAL's queue, since
     /// durable ones leave it at every admission.
     own_in_flight: VecDeque<(u64, u64)>,
+    /// The data directory's lock, held for as long as this state is open (see `dir_lock`).
+    _dir_lock: DataDirLock,
 }
 
 impl LocalState {
-    /// Open `dir` (created if new) and recover.
+    /// Open `dir` (created if new) and recover. Takes the directory's lock first (see
+    /// `dir_lock`): a directory another process holds is refused before anything is read.
     pub fn open(
         dir: impl AsRef<Path>,
         node: NodeId,
         rules: CompiledRules,
         options: LocalOptions,
     ) -> Result<(LocalState, RecoveryReport), LocalError> {
-        LocalState::open_inner(dir.as_ref(), node, rules, options, None)
+        LocalState::open_inner(lock_new_dir(dir.as_ref())?, node, rules, options, None)
+    }
+
+    /// Like [`open`](Self::open) on a directory whose lock the caller took already (a node
+    /// locks its directory before it writes anything else there).
+    pub fn open_locked(
+        lock: DataDirLock,
+        node: NodeId,
+        rules: CompiledRules,
+        options: LocalOptions,
+    ) -> Result<(LocalState, RecoveryReport), LocalError> {
+        LocalState::open_inner(lock, node, rules, options, None)
     }
 
     /// Like [`open`](Self::open) with a caller-supplied WAL I/O backend (tests hold or fail
@@ -376,21 +403,31 @@ impl LocalState {
         options: LocalOptions,
         io: Box<dyn WalIo>,
     ) -> Result<(LocalState, RecoveryReport), LocalError> {
-        LocalState::open_inner(dir.as_ref(), node, rules, options, Some(io))
+        LocalState::open_inner(lock_new_dir(dir.as_ref())?, node, rules, options, Some(io))
     }
 
     fn open_inner(
-        dir: &Path,
+        dir_lock: DataDirLock,
         node: NodeId,
         rules: CompiledRules,
         options: LocalOptions,
         io: Option<Box<dyn WalIo>>,
     ) -> Result<(LocalState, RecoveryReport), LocalError> {
+        let dir = dir_lock.dir().to_path_buf();
         let mut report = RecoveryReport::default();
         let checkpoints = Checkpoints::open(dir.join("checkpoints"), options.checkpoints_kept)?;
         let state_dir = dir.join("state");
         let (store, meta, keys) = match open_store(&state_dir) {
             Ok(loaded) => loaded,
+            // Another process holds RocksDB's own lock (one that did not take the directory's
+            // lock: an older calm, a tool). That is no damage: moving the store aside would
+            // destroy a live node's state.
+            Err(StoreError::Open { path, source }) if is_lock_held(&source) => {
+                return Err(LocalError::StoreInUse {
+                    path,
+                    reason: source.to_string(),
+                });
+            }
             Err(damage) => {
                 tracing::error!(error = %damage, "state store unusable; restoring a checkpoint");
                 let selection = checkpoints.latest_valid()?;
@@ -495,6 +532,7 @@ impl LocalState {
             unarchived,
             checkpointed_vv,
             own_in_flight: VecDeque::new(),
+            _dir_lock: dir_lock,
         };
         Ok((state, report))
     }
@@ -939,6 +977,22 @@ type Loaded = (
     AppliedMeta,
     Vec<(Vec<u8>, calm_kernel::KeyState)>,
 );
+
+/// Create `dir` if it is new and take its lock.
+fn lock_new_dir(dir: &Path) -> Result<DataDirLock, LocalError> {
+    std::fs::create_dir_all(dir).map_err(|source| LocalError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    Ok(DataDirLock::acquire(dir)?)
+}
+
+/// Whether RocksDB refused to open because another process holds its `LOCK` file
+/// ("IO error: While lock file: .../LOCK: Resource temporarily unavailable").
+fn is_lock_held(error: &rocksdb::Error) -> bool {
+    let text = error.to_string();
+    text.contains("lock file") || text.contains("LOCK:")
+}
 
 fn open_store(path: &Path) -> Result<Loaded, StoreError> {
     let store = StateStore::open(path)?;
