@@ -63,6 +63,8 @@ pub struct ChannelOptions {
     pub keepalive_timeout: Duration,
     /// The deadline of a call that carries none (`grpc-timeout`); `None`: no deadline.
     pub call_timeout: Option<Duration>,
+    /// Headers every call carries (a peer's cluster id, say).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl Default for ChannelOptions {
@@ -73,6 +75,7 @@ impl Default for ChannelOptions {
             keepalive_interval: None,
             keepalive_timeout: Duration::from_secs(20),
             call_timeout: None,
+            headers: Vec::new(),
         }
     }
 }
@@ -221,6 +224,9 @@ impl H2Channel {
             .build()
             .map_err(|e| Status::internal(format!("cannot build the call's URI: {e}")))?;
         parts.version = http::Version::HTTP_2;
+        for (name, value) in &self.shared.options.headers {
+            parts.headers.insert(name.clone(), value.clone());
+        }
         let head = http::Request::from_parts(parts, ());
         let end_of_stream = body.is_end_stream();
 

@@ -16,6 +16,7 @@
 
 pub mod batch;
 pub mod commit_notice;
+pub mod health;
 pub mod log_store;
 pub mod metrics;
 pub mod network;

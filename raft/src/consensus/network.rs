@@ -42,6 +42,9 @@ pub struct Peers {
     channels: Mutex<HashMap<NodeId, (String, H2Channel)>>,
     batchers: Mutex<HashMap<(NodeId, Lane), (String, Batcher)>>,
     local_ip: Option<IpAddr>,
+    /// Sent with every call (`super::service::CLUSTER_ID_HEADER`), so that peers refuse this
+    /// node if it belongs to another cluster.
+    cluster_id: Option<http::HeaderValue>,
 }
 
 impl Peers {
@@ -56,6 +59,17 @@ impl Peers {
             channels: Mutex::default(),
             batchers: Mutex::default(),
             local_ip: (!ip.is_unspecified()).then_some(ip),
+            cluster_id: None,
+        })
+    }
+
+    /// Like [`bound_to`](Self::bound_to), naming this node's cluster on every call.
+    pub fn for_cluster(ip: IpAddr, cluster_id: &str) -> Arc<Peers> {
+        Arc::new(Peers {
+            channels: Mutex::default(),
+            batchers: Mutex::default(),
+            local_ip: (!ip.is_unspecified()).then_some(ip),
+            cluster_id: http::HeaderValue::from_str(cluster_id).ok(),
         })
     }
 
@@ -107,6 +121,16 @@ impl Peers {
             keepalive_timeout: Duration::from_secs(2),
             // Callers bound their own calls (openraft's TTLs, the batcher's deadlines).
             call_timeout: None,
+            headers: self
+                .cluster_id
+                .iter()
+                .map(|id| {
+                    (
+                        http::HeaderName::from_static(super::service::CLUSTER_ID_HEADER),
+                        id.clone(),
+                    )
+                })
+                .collect(),
         };
         let channel = H2Channel::lazy(addr, options).map_err(|e| {
             tonic::Status::invalid_argument(format!("peer {node}: {}", e.message()))

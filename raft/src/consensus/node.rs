@@ -26,12 +26,15 @@
 //! that and read the local replica.
 
 use super::batch::Lane;
+use super::health::GroupHealth;
 use super::metrics::METRIC_PROPOSAL_SECONDS;
 use super::network::{GroupNetwork, Peers};
 use super::service::{GroupHandles, PeerService};
 use super::state_machine::{FactSource, GroupStateMachine, SharedLocal, lock_local};
 use super::types::WatchReceiver;
-use super::types::{BasicNode, Config, GroupId, NodeId, ReadPolicy, Request, Response};
+use super::types::{
+    BasicNode, CalmRaft, Config, GroupId, NodeId, RaftMetrics, ReadPolicy, Request, Response,
+};
 use super::wire::{self, PeerRpc, ProposeReply, ReadIndexReply, raft_peer_server::RaftPeerServer};
 use super::{ClientWriteError, GroupMap, Raft};
 use calm_kernel::command::Command;
@@ -286,6 +289,27 @@ fn can_take_over(
         && matched.map(|l| l.index) == m.last_log_index
 }
 
+/// Count `group`'s leader changes on `calm_raft_leader_changes_total` until the group stops.
+/// A change is a new leader id, or no leader after one: several changes between two looks at
+/// the metrics count once, as etcd's counter counts the changes it saw.
+async fn count_leader_changes(
+    group: GroupId,
+    mut metrics: openraft::type_config::alias::WatchReceiverOf<CalmRaft, RaftMetrics<CalmRaft>>,
+) {
+    let counter =
+        metrics::counter!(super::health::METRIC_LEADER_CHANGES, "group" => group.to_string());
+    let mut seen = metrics.borrow_watched().current_leader;
+    while metrics.changed().await.is_ok() {
+        let leader = metrics.borrow_watched().current_leader;
+        if leader != seen {
+            if leader.is_some() {
+                counter.increment(1);
+            }
+            seen = leader;
+        }
+    }
+}
+
 /// Whether a failed call certainly never reached the peer's group, so that retrying a
 /// proposal elsewhere cannot apply it twice: the connection could not be made or closed
 /// before the call was queued ([`crate::channel::CONNECT_ERROR`]), or the peer's groups had
@@ -409,6 +433,8 @@ pub struct Consensus {
     local: SharedLocal,
     request_timeout: Duration,
     heartbeat: Duration,
+    /// A leader not heard from for longer is not live (`super::health`).
+    election_timeout: Duration,
     /// Per group (index = group id), the proposals waiting to be coalesced.
     waiting: Arc<[Mutex<Waiting>]>,
 }
@@ -471,6 +497,9 @@ impl Consensus {
             });
         }
         let rafts = futures::future::try_join_all(starting).await?;
+        for (group, raft) in rafts.iter().enumerate() {
+            tokio::spawn(count_leader_changes(group as GroupId, raft.metrics()));
+        }
         handles.set(rafts);
         Ok(Consensus {
             node,
@@ -480,6 +509,7 @@ impl Consensus {
             local,
             request_timeout: Duration::from_millis(options.request_timeout_ms),
             heartbeat: Duration::from_millis(options.heartbeat_ms),
+            election_timeout: Duration::from_millis(options.election_timeout_max_ms),
             waiting: map.all().map(|_| Mutex::default()).collect(),
         })
     }
@@ -543,6 +573,27 @@ impl Consensus {
         let leader = m.current_leader?;
         let node = m.membership_config.membership().get_node(&leader)?;
         Some((leader, node.addr.clone()))
+    }
+
+    /// Whether `group`'s leader is alive as this node sees it (see `super::health`).
+    pub fn health(&self, group: GroupId) -> GroupHealth {
+        let metrics = self.raft(group).metrics();
+        let m = metrics.borrow_watched();
+        match self.handles.contacts() {
+            Some(contacts) => {
+                super::health::group_health(&m, self.node, group, contacts, self.election_timeout)
+            }
+            None => GroupHealth {
+                leader: m.current_leader,
+                last_contact: None,
+                live: false,
+            },
+        }
+    }
+
+    /// The election timeout a live leader was heard from within.
+    pub fn election_timeout(&self) -> Duration {
+        self.election_timeout
     }
 
     /// Which leadership of `group` this node knows: its leader and the term it leads in.

@@ -5,6 +5,7 @@
 //! UNAVAILABLE and openraft retries.
 
 use super::commit_notice::RELEASE_WINDOW;
+use super::health::LeaderContacts;
 use super::network::Peers;
 use super::snapshot;
 use super::types::{GroupId, ReadPolicy, Request, Snapshot, SnapshotMeta, Vote};
@@ -19,6 +20,58 @@ use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming}
 /// How an UNAVAILABLE answer from a node whose groups are not running yet begins.
 pub const GROUPS_STARTING: &str = "this node's Raft groups are still starting";
 
+/// Header naming the caller's cluster on every peer call (`crate::consensus::network::Peers`).
+pub const CLUSTER_ID_HEADER: &str = "calm-cluster-id";
+/// How the refusal of a call from another cluster's node begins.
+pub const OTHER_CLUSTER: &str = "refused: the caller belongs to another cluster";
+
+/// An interceptor for the peer server: calls naming another cluster than `cluster_id` are
+/// refused with FAILED_PRECONDITION before any service sees them. A node started with
+/// another member list computes another cluster id, so it can neither vote in, nor send
+/// entries or facts to, this cluster. Calls without the header (tools, tests) pass.
+pub fn check_cluster(
+    cluster_id: String,
+) -> impl FnMut(GrpcRequest<()>) -> Result<GrpcRequest<()>, Status> + Clone {
+    // One warning per 10 s at most: a refused node retries every heartbeat, in every group.
+    let last_warned = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    move |request: GrpcRequest<()>| {
+        let Some(theirs) = request.metadata().get(CLUSTER_ID_HEADER) else {
+            return Ok(request);
+        };
+        let theirs = theirs.to_str().unwrap_or("(not text)");
+        if theirs == cluster_id {
+            return Ok(request);
+        }
+        let from = request
+            .remote_addr()
+            .map_or("an unknown address".to_string(), |a| a.to_string());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = last_warned.load(std::sync::atomic::Ordering::Relaxed);
+        if now >= last + 10
+            && last_warned
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            tracing::warn!(
+            caller = %from,
+            caller_cluster = theirs,
+            cluster = %cluster_id,
+            "refused a peer call from a node of another cluster (started with another member list)"
+            );
+        }
+        Err(Status::failed_precondition(format!(
+            "{OTHER_CLUSTER} ({theirs}, this node's is {cluster_id}): it was started with another member list than this cluster was created with. Start it with the cluster's member list (see `calm status` on a member), on an empty data directory if it never was a member"
+        )))
+    }
+}
+
 /// The node's groups. Each group serves peers as soon as it has started, before the others:
 /// a group re-applying its log at start may wait for a command another group must first
 /// receive from its leader (see `Consensus::start`).
@@ -28,6 +81,8 @@ pub struct GroupHandles {
     slots: OnceLock<Box<[OnceLock<Raft>]>>,
     /// Every group, once all have started.
     rafts: OnceLock<Vec<Raft>>,
+    /// When each group last heard from its leader (see `health`).
+    contacts: OnceLock<LeaderContacts>,
 }
 
 impl GroupHandles {
@@ -39,6 +94,7 @@ impl GroupHandles {
     pub fn prepare(&self, groups: usize) {
         let slots = (0..groups).map(|_| OnceLock::new()).collect();
         assert!(self.slots.set(slots).is_ok(), "groups are prepared once");
+        let _ = self.contacts.set(LeaderContacts::new(groups));
     }
 
     /// `group` has started: serve its peers' messages from now on.
@@ -67,6 +123,11 @@ impl GroupHandles {
     /// How many groups this node has (0 before they are prepared).
     pub fn count(&self) -> usize {
         self.slots.get().map_or(0, |s| s.len())
+    }
+
+    /// When each group last heard from its leader (`None` before the groups are prepared).
+    pub fn contacts(&self) -> Option<&LeaderContacts> {
+        self.contacts.get()
     }
 
     /// Every group, once all have started (empty before).
@@ -180,9 +241,24 @@ impl RaftPeer for PeerService {
         &self,
         req: GrpcRequest<GroupMessage>,
     ) -> Result<GrpcResponse<GroupMessage>, Status> {
+        use openraft::vote::RaftLeaderId;
+        let group = req.get_ref().group;
+        let contacts = self.handles.contacts();
         self.call(
             req,
-            |raft, rpc| async move { raft.append_entries(rpc).await },
+            |raft, rpc: super::types::AppendEntriesRequest| async move {
+                let leader = *rpc.vote.leader_id().node_id();
+                let answer = raft.append_entries(rpc).await;
+                // Accepted from a leader this node recognises (not refused for a stale term):
+                // the leader is alive as far as this node can tell (`health`).
+                if let Ok(resp) = &answer
+                    && !matches!(resp, super::types::AppendEntriesResponse::HigherVote(_))
+                    && let Some(contacts) = contacts
+                {
+                    contacts.heard(group, leader);
+                }
+                answer
+            },
         )
         .await
     }
