@@ -15,17 +15,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect::<Result<_, _>>()?;
     protos.retain(|p| p.extension().is_some_and(|e| e == "proto"));
     protos.sort();
-    protos.push("proto/calm/internal/v1/gossip.proto".into());
     println!("cargo:rerun-if-changed=proto/calm/v1");
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());
     }
+    // The descriptor set is what server reflection shows on the client port: the public API
+    // only, so peer services (gossip, Raft) are compiled apart from it.
     let descriptors = PathBuf::from(std::env::var("OUT_DIR")?).join("calm_descriptor.bin");
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
         .file_descriptor_set_path(descriptors)
         .compile_protos(&protos, &[PathBuf::from("proto")])?;
+    let gossip = "proto/calm/internal/v1/gossip.proto";
+    println!("cargo:rerun-if-changed={gossip}");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&[gossip], &["proto"])?;
     // Only a client: the bench talks to real etcd members.
     println!("cargo:rerun-if-changed=proto/etcd/rpc.proto");
     tonic_prost_build::configure()

@@ -33,6 +33,29 @@ pub enum ConfigError {
 const GOSSIP_PUSH_INTERVAL_MS_MAX: u64 = 1_000;
 const GOSSIP_ANTI_ENTROPY_INTERVAL_MS_MAX: u64 = 60_000;
 
+/// A required setting nobody gave, named as the flag that gives it; other errors as figment
+/// words them.
+fn missing_setting(error: figment::Error) -> ConfigError {
+    if let figment::error::Kind::MissingField(field) = &error.kind {
+        let how = match field.as_ref() {
+            "id" => "pass --id N (this node's id, >= 1)",
+            "data_dir" => "pass --data-dir DIR",
+            "client_addr" => "pass --client-addr HOST:PORT (the public API)",
+            "peer_addr" => "pass --peer-addr HOST:PORT (Raft and gossip)",
+            "http_addr" => "pass --http-addr HOST:PORT (metrics, health, status page)",
+            "members" => {
+                "pass --member ID=PEER_ADDR,CLIENT_ADDR once for every member, this node included"
+            }
+            _ => return ConfigError::Load(Box::new(error)),
+        };
+        return ConfigError::Invalid(format!(
+            "no {field} given: {how}, or set `{field}` in the config file (--config) or CALM_{}",
+            field.to_uppercase()
+        ));
+    }
+    ConfigError::Load(Box::new(error))
+}
+
 fn invalid(message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid(message.into())
 }
@@ -282,7 +305,7 @@ impl NodeConfig {
             .merge(settings)
             .merge(Serialized::defaults(overrides))
             .extract()
-            .map_err(Box::new)?;
+            .map_err(missing_setting)?;
         config.validate()?;
         Ok(config)
     }

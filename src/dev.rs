@@ -51,18 +51,35 @@ fn spawn_node(exe: &Path, options: &DevOptions, id: u64, log_dir: &Path) -> Resu
         // Several nodes share this machine's cores: one worker each wakes faster (measured
         // in docs/benchmarks.md).
         .args(["--threads", "1"]);
-    for m in 1..=options.nodes {
-        let a = addrs(options.base_port, m);
-        cmd.args(["--member", &format!("{m}={},{}", a.peer, a.client)]);
+    for m in members(options) {
+        cmd.args(["--member", &format!("{}={},{}", m.id, m.peer, m.client)]);
     }
     if let Some(rules) = &options.rules {
         cmd.arg("--rules").arg(rules);
     }
-    let log = std::fs::File::create(log_dir.join(format!("node-{id}.log")))
-        .context("cannot create the node's log file")?;
+    // Appended to, never truncated: the log of an earlier run (or of a crash being looked
+    // into) stays, with this run's lines after it.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_dir.join(format!("node-{id}.log")))
+        .context("cannot open the node's log file")?;
     cmd.stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
+    // A node outlives no `calm dev`: killed (or crashed) without its Ctrl-C handling, it
+    // would leave the nodes running on their ports and directories. The kernel sends SIGTERM
+    // when the thread that started the node exits (a runtime worker: the process's life).
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     cmd.spawn()
         .with_context(|| format!("cannot start node {id} ({})", exe.display()))
 }
@@ -73,17 +90,27 @@ const LOG_TAIL_BYTES_MAX: u64 = 64 << 10;
 /// The last `lines` lines of a node's log (empty if it cannot be read), from its last
 /// `LOG_TAIL_BYTES_MAX` bytes: what a message about a node that stopped shows.
 pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
+    log_tail_after(path, 0, lines)
+}
+
+/// Like [`log_tail`], reading only what was written at or after byte `from` (logs are
+/// appended to across runs: a message about this run must not quote an earlier one).
+fn log_tail_after(path: &Path, from: u64, lines: usize) -> String {
     use std::io::{Read, Seek, SeekFrom};
     let read = || -> std::io::Result<String> {
         let mut file = std::fs::File::open(path)?;
-        let start = file.metadata()?.len().saturating_sub(LOG_TAIL_BYTES_MAX);
+        let start = file
+            .metadata()?
+            .len()
+            .saturating_sub(LOG_TAIL_BYTES_MAX)
+            .max(from);
         file.seek(SeekFrom::Start(start))?;
         let mut tail = Vec::new();
         file.read_to_end(&mut tail)?;
         let text = String::from_utf8_lossy(&tail).into_owned();
         // Started mid-file: the first line is a fragment.
         Ok(match text.split_once('\n') {
-            Some((_, rest)) if start > 0 => rest.to_owned(),
+            Some((_, rest)) if start > from => rest.to_owned(),
             _ => text,
         })
     };
@@ -92,8 +119,8 @@ pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
-fn stop_all(children: &mut [(u64, Child)]) {
-    for (_, child) in children.iter_mut() {
+fn stop_all(nodes: &mut [DevNode]) {
+    for DevNode { child, .. } in nodes.iter_mut() {
         // SIGTERM: the node persists its state and exits.
         // SAFETY: kill(2) on a child's pid that we have not reaped yet.
         unsafe {
@@ -101,7 +128,7 @@ fn stop_all(children: &mut [(u64, Child)]) {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    for (id, child) in children.iter_mut() {
+    for DevNode { id, child, .. } in nodes.iter_mut() {
         loop {
             match child.try_wait() {
                 Ok(Some(_)) => break,
@@ -119,18 +146,119 @@ fn stop_all(children: &mut [(u64, Child)]) {
     }
 }
 
-async fn ready(http: &str) -> bool {
+/// What a node's `/readyz` answered.
+enum Readiness {
+    /// Nothing answered, or not ready yet.
+    No,
+    Ready,
+    /// Another process answered: its PID (from the `calm-pid` header), if it said.
+    Stranger(Option<u32>),
+}
+
+/// Ask `http`'s `/readyz`, and check that process `pid` answered.
+async fn ready(http: &str, pid: u32) -> Readiness {
     let Ok(mut stream) = tokio::net::TcpStream::connect(http).await else {
-        return false;
+        return Readiness::No;
     };
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let request = format!("GET /readyz HTTP/1.0\r\nHost: {http}\r\n\r\n");
     if stream.write_all(request.as_bytes()).await.is_err() {
-        return false;
+        return Readiness::No;
     }
     let mut response = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.read_to_end(&mut response)).await;
-    response.starts_with(b"HTTP/1.0 200") || response.starts_with(b"HTTP/1.1 200")
+    let text = String::from_utf8_lossy(&response);
+    let Some((head, _)) = text.split_once("\r\n\r\n") else {
+        return Readiness::No;
+    };
+    let answered_by = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case(crate::http::PID_HEADER)
+            .then(|| value.trim().parse::<u32>().ok())?
+    });
+    if answered_by != Some(pid) {
+        return Readiness::Stranger(answered_by);
+    }
+    if head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200") {
+        Readiness::Ready
+    } else {
+        Readiness::No
+    }
+}
+
+/// Every port the cluster would use, checked free before any node starts: a port another
+/// process holds would otherwise stop one node, or worse, answer our readiness checks for
+/// it (another `calm dev` on the same base port).
+fn check_ports_free(options: &DevOptions) -> Result<()> {
+    for id in 1..=options.nodes {
+        let a = addrs(options.base_port, id);
+        for (addr, what) in [
+            (&a.client, "client API"),
+            (&a.peer, "peer traffic"),
+            (&a.http, "HTTP"),
+        ] {
+            if let Err(e) = std::net::TcpListener::bind(addr.as_str()) {
+                bail!(
+                    "port {addr} (node {id}'s {what}) is not free ({e}); another calm dev or another program uses it: stop it, or pick other ports with --base-port (node i uses base+i, base+100+i and base+200+i)"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The member list every node is started with.
+fn members(options: &DevOptions) -> Vec<crate::config::Member> {
+    (1..=options.nodes)
+        .map(|id| {
+            let a = addrs(options.base_port, id);
+            crate::config::Member {
+                id,
+                peer: a.peer,
+                client: a.client,
+            }
+        })
+        .collect()
+}
+
+/// Every node's directory from an earlier run must be of this cluster (the same members:
+/// `--nodes` and `--base-port` as then), checked before any node starts, so that a mismatch
+/// leaves nothing half started (nodes 4 and 5 of `--nodes 5` on a 3-node directory would
+/// otherwise record a cluster of their own).
+fn check_existing(options: &DevOptions) -> Result<()> {
+    let members = members(options);
+    for id in 1..=options.nodes {
+        let dir = options.data_dir.join(format!("node-{id}"));
+        crate::cluster_record::check(&dir, id, &members).with_context(|| {
+            format!(
+                "{} holds a cluster created with other settings; run calm dev with the --nodes and --base-port it was created with, or pass another --data-dir (or remove {}) for a new cluster",
+                options.data_dir.display(),
+                options.data_dir.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The nodes of an earlier run whose data this run continues.
+fn existing_nodes(options: &DevOptions) -> Vec<u64> {
+    (1..=options.nodes)
+        .filter(|id| {
+            options
+                .data_dir
+                .join(format!("node-{id}"))
+                .join(crate::cluster_record::CLUSTER_RECORD_FILE)
+                .exists()
+        })
+        .collect()
+}
+
+/// A started node: its process, and where this run's part of its log begins.
+struct DevNode {
+    id: u64,
+    child: Child,
+    log: PathBuf,
+    log_from: u64,
 }
 
 pub async fn run(options: DevOptions, shutdown: CancellationToken) -> Result<()> {
@@ -145,51 +273,93 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> Result<()>
     }
     std::fs::create_dir_all(&options.data_dir)
         .with_context(|| format!("cannot create {}", options.data_dir.display()))?;
+    // One `calm dev` per directory: a second one would start nodes on directories in use
+    // (they refuse) and write into the running cluster's logs. Held until we return.
+    let _dir_lock = calm_raft::dir_lock::DataDirLock::acquire(&options.data_dir)?;
+    check_existing(&options)?;
+    check_ports_free(&options)?;
+    let existing = existing_nodes(&options);
     let exe = std::env::current_exe().context("cannot find the calm binary itself")?;
-    let mut children = Vec::new();
+    let mut nodes: Vec<DevNode> = Vec::new();
     for id in 1..=options.nodes {
+        let log = options.data_dir.join(format!("node-{id}.log"));
+        let log_from = std::fs::metadata(&log).map_or(0, |m| m.len());
         match spawn_node(&exe, &options, id, &options.data_dir) {
-            Ok(child) => children.push((id, child)),
+            Ok(child) => nodes.push(DevNode {
+                id,
+                child,
+                log,
+                log_from,
+            }),
             Err(e) => {
-                stop_all(&mut children);
+                stop_all(&mut nodes);
                 return Err(e);
             }
         }
     }
-    println!(
-        "calm dev: {} nodes, data under {}",
-        options.nodes,
-        options.data_dir.display()
-    );
-    for id in 1..=options.nodes {
-        let a = addrs(options.base_port, id);
+    let data = options.data_dir.display();
+    if existing.is_empty() {
         println!(
-            "  node {id}: client {}  peer {}  http http://{}  log {}",
+            "calm dev: a new {}-node cluster, data under {data}",
+            options.nodes
+        );
+    } else {
+        println!(
+            "calm dev: {} nodes, continuing the cluster whose data is under {data} (nodes {} have data from an earlier run; remove {data} for a fresh cluster)",
+            options.nodes,
+            existing
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for n in &nodes {
+        let a = addrs(options.base_port, n.id);
+        println!(
+            "  node {}: client {}  peer {}  http http://{}  log {}  (PID {})",
+            n.id,
             a.client,
             a.peer,
             a.http,
-            options.data_dir.join(format!("node-{id}.log")).display()
+            n.log.display(),
+            n.child.id()
         );
     }
     let started = Instant::now();
     let mut all_ready = false;
     while started.elapsed() < READY_WAIT && !shutdown.is_cancelled() {
         let mut ok = true;
-        for id in 1..=options.nodes {
-            ok &= ready(&addrs(options.base_port, id).http).await;
+        let mut stranger = None;
+        for n in &nodes {
+            let a = addrs(options.base_port, n.id);
+            match ready(&a.http, n.child.id()).await {
+                Readiness::Ready => {}
+                Readiness::No => ok = false,
+                Readiness::Stranger(pid) => {
+                    stranger = Some((n.id, a.http, pid));
+                    break;
+                }
+            }
+        }
+        if let Some((id, http, pid)) = stranger {
+            stop_all(&mut nodes);
+            bail!(
+                "{http} (node {id}'s HTTP port) is answered by another process{}, not by this cluster's node; stop it, or pick other ports with --base-port",
+                pid.map(|p| format!(" (PID {p})")).unwrap_or_default()
+            );
         }
         if ok {
             all_ready = true;
             break;
         }
-        if let Some((id, status)) = children
-            .iter_mut()
-            .find_map(|(id, c)| c.try_wait().ok().flatten().map(|s| (*id, s)))
-        {
-            stop_all(&mut children);
-            let log = options.data_dir.join(format!("node-{id}.log"));
+        if let Some((id, status, log, log_from)) = nodes.iter_mut().find_map(|n| {
+            let status = n.child.try_wait().ok().flatten()?;
+            Some((n.id, status, n.log.clone(), n.log_from))
+        }) {
+            stop_all(&mut nodes);
             // A start-up error is the node's last line, "calm: error: <reason>".
-            let line = log_tail(&log, 1);
+            let line = log_tail_after(&log, log_from, 1);
             let line = line.trim();
             if line.is_empty() {
                 bail!(
@@ -205,15 +375,18 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> Result<()>
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let endpoints: Vec<String> = (1..=options.nodes)
+        .map(|id| addrs(options.base_port, id).client)
+        .collect();
+    let endpoints = endpoints.join(",");
     if all_ready {
-        let first = addrs(options.base_port, 1).client;
         println!(
-            "calm dev: ready in {:.1} s. Try:\n  calm put greeting hello\n  calm get greeting\n  calm add hits 1\n  calm status\n(clients use {first} by default; Ctrl-C stops the cluster)",
+            "calm dev: ready in {:.1} s. In another shell:\n  export CALM_ENDPOINTS={endpoints}\n  calm put greeting hello\n  calm get greeting\n  calm add hits 1\n  calm status --cluster\n(Ctrl-C here stops the cluster; its data stays for the next calm dev)",
             started.elapsed().as_secs_f64()
         );
     } else if !shutdown.is_cancelled() {
         println!(
-            "calm dev: not every group has a leader after {} s; the nodes keep trying (see their logs)",
+            "calm dev: not every group has a leader after {} s; the nodes keep trying (see their logs). Clients: export CALM_ENDPOINTS={endpoints}",
             READY_WAIT.as_secs()
         );
     }
@@ -225,13 +398,14 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> Result<()>
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        for (id, child) in children.iter_mut() {
-            if let Ok(Some(status)) = child.try_wait()
-                && reported.insert(*id)
+        for n in nodes.iter_mut() {
+            if let Ok(Some(status)) = n.child.try_wait()
+                && reported.insert(n.id)
             {
                 println!(
-                    "calm dev: node {id} exited ({status}); the others keep running. Its log: {}",
-                    options.data_dir.join(format!("node-{id}.log")).display()
+                    "calm dev: node {} exited ({status}); the others keep running. Its log: {}",
+                    n.id,
+                    n.log.display()
                 );
             }
         }
@@ -243,6 +417,6 @@ pub async fn run(options: DevOptions, shutdown: CancellationToken) -> Result<()>
         }
     }
     println!("calm dev: stopping");
-    stop_all(&mut children);
+    stop_all(&mut nodes);
     Ok(())
 }

@@ -15,9 +15,12 @@
 //! Refills are best effort: a lost or refused grant only means later spends take the Raft
 //! path; nothing is ever overdrawn.
 //!
-//! When the pool cannot cover a spend either (RESOURCE_EXHAUSTED), the API asks the peers
-//! for the missing rights (`Gossip::ask_escrow`): each gives what it can spare as transfer
-//! facts it issues itself, durable before it answers, and the spend runs once more. Rights
+//! When the pool cannot cover a spend either (RESOURCE_EXHAUSTED), the API gathers the
+//! missing rights into this node's own quota and runs the spend once more, locally: what the
+//! pool still holds by a grant, the rest from the peers (`Gossip::ask_escrow`), each giving
+//! what it can spare as transfer facts it issues itself, durable before it answers. A spend
+//! is paid from one place, so a Raft spend of 2 with 1 in the pool and 1 in this node's quota
+//! would be refused for ever although the cluster holds both; gathered, it succeeds. Rights
 //! held by other nodes are thus never stranded while those nodes are reachable.
 
 use crate::node::{Node, lock};
@@ -105,18 +108,26 @@ pub async fn run(node: Arc<Node>, mut rx: mpsc::Receiver<Vec<u8>>, shutdown: Can
 
 async fn refill(node: &Node, key: &[u8]) {
     let members = node.config.members.len() as u64;
+    let wanted = lock(&node.local)
+        .replica()
+        .key_state(key)
+        .and_then(|s| refill_wanted(s, node.id(), members));
+    if let Some((down, up)) = wanted {
+        grant(node, key, down, up).await;
+    }
+}
+
+/// Ask the pool of the bounded counter `key` for `down` decrement and `up` increment rights
+/// for this node, through the key's Raft group; true when they were granted (the pool is
+/// checked when the grant applies, so a short pool refuses it and nothing moves). Either
+/// way this node's replica has applied the grant's entry, and every one before it (e.g. a
+/// racing refill), when it returns in time.
+pub async fn grant(node: &Node, key: &[u8], down: i64, up: i64) -> bool {
     let (cmd, barrier) = {
         let mut local = lock(&node.local);
-        let replica = local.replica();
-        let Some((down, up)) = replica
-            .key_state(key)
-            .and_then(|s| refill_wanted(s, node.id(), members))
-        else {
-            return;
-        };
-        let cmd = match replica.prepare_grant(key, down, up, node.hlc.now()) {
+        let cmd = match local.replica().prepare_grant(key, down, up, node.hlc.now()) {
             Ok(cmd) => cmd,
-            Err(_) => return,
+            Err(_) => return false,
         };
         let barrier = local
             .own_facts_barrier()
@@ -126,13 +137,18 @@ async fn refill(node: &Node, key: &[u8]) {
     node.own_facts_durable(barrier).await;
     match node.consensus.propose(cmd).await {
         Ok(p) => {
+            let deadline = tokio::time::Instant::now()
+                + std::time::Duration::from_millis(node.config.raft.request_timeout_ms);
+            node.await_applied(p.group, p.index, deadline).await;
             let granted = matches!(p.response, calm_raft::consensus::Response::Done { .. });
             metrics::counter!("calm_escrow_grants_total", "outcome" => if granted { "granted" } else { "refused" })
                 .increment(1);
+            granted
         }
         Err(e) => {
             metrics::counter!("calm_escrow_grants_total", "outcome" => "unavailable").increment(1);
-            tracing::debug!(error = %e, "escrow refill not granted now");
+            tracing::debug!(error = %e, "escrow grant not granted now");
+            false
         }
     }
 }

@@ -57,11 +57,15 @@ pub(crate) fn install_metrics() -> &'static PrometheusHandle {
         }
         wal::describe_metrics();
         consensus::metrics::describe_metrics();
+        consensus::health::describe_metrics();
         crate::api::describe_metrics();
         crate::gossip::describe_metrics();
         handle
     })
 }
+
+/// Response header naming the PID of the process that served an HTTP request.
+pub const PID_HEADER: &str = "calm-pid";
 
 #[derive(Clone)]
 struct AppState {
@@ -81,7 +85,18 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: Cancellatio
                 handle.render()
             }),
         )
-        .with_state(AppState { node });
+        .with_state(AppState { node })
+        // Who answered: `calm dev` checks that its own node did, not another process that
+        // holds the port.
+        .layer(axum::middleware::map_response(
+            |mut response: axum::response::Response| async move {
+                response.headers_mut().insert(
+                    PID_HEADER,
+                    axum::http::HeaderValue::from(std::process::id()),
+                );
+                response
+            },
+        ));
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
@@ -102,22 +117,20 @@ fn record_raft_gauges(node: &Node) {
             0.0
         });
         metrics::gauge!("calm_raft_term", "group" => group.clone()).set(m.current_term as f64);
+        let live = node.consensus.health(g).live;
+        metrics::gauge!(calm_raft::consensus::health::METRIC_HAS_LEADER, "group" => group.clone())
+            .set(if live { 1.0 } else { 0.0 });
         metrics::gauge!("calm_raft_applied_index", "group" => group)
             .set(m.last_applied.map_or(0, |l| l.index) as f64);
     }
 }
 
+/// 200 while every group has a live leader (see `crate::api::health`), else 503 saying
+/// which groups lack one.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let missing = state.node.groups_without_leader();
-    if missing.is_empty() {
-        (StatusCode::OK, "ready\n".to_string())
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "not ready: no known leader for groups {missing:?} (no quorum reachable from this node yet, or the leader's address not yet replicated here)\n"
-            ),
-        )
+    match state.node.not_ready_reason() {
+        None => (StatusCode::OK, "ready\n".to_string()),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
     }
 }
 
@@ -127,30 +140,66 @@ fn escape(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// How often the status page reloads itself.
+const STATUS_PAGE_REFRESH_SECONDS: u32 = 5;
+
 async fn status_page(State(state): State<AppState>) -> Html<String> {
     let s = state.node.status();
+    // Every member's own answer (bounded per member), for up/down and the links to their
+    // pages: only a member's own status knows its HTTP address.
+    let views = crate::cli::cluster::member_statuses(&s.members).await;
     let mut page = String::new();
     let _ = write!(
         page,
         "<!doctype html><html><head><meta charset=utf-8><title>calm node {id}</title>\
+         <meta http-equiv=refresh content={refresh}>\
          <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}\
-         td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:right}}</style></head><body>\
-         <h1>calm node {id}</h1><p>version {version}, up {up} s, {keys} keys, rules version {rules}, \
-         WAL {backend} (next LSN {lsn}), last checkpoint {cp}</p><h2>Members</h2><table>\
-         <tr><th>id</th><th>client</th><th>peer</th></tr>",
+         td,th{{border:1px solid #ccc;padding:.2em .6em;text-align:right}}\
+         .down{{color:#b00;font-weight:bold}}.up{{color:#070}}</style></head><body>\
+         <h1>calm node {id}</h1><p>cluster {cluster}, {ready}, version {version}, up {up} s, \
+         {keys} keys, {disk} on disk, rules version {rules}, WAL {backend} (next LSN {lsn}), \
+         last checkpoint {cp}. This page reloads every {refresh} s.</p><h2>Members</h2><table>\
+         <tr><th>id</th><th>state</th><th>client</th><th>peer</th><th>last contact</th>\
+         <th>ready</th><th>page</th></tr>",
         id = s.node_id,
+        refresh = STATUS_PAGE_REFRESH_SECONDS,
+        cluster = escape(&s.cluster_id),
+        ready = if s.ready {
+            "ready".to_string()
+        } else {
+            format!("<span class=down>{}</span>", escape(&s.not_ready_reason))
+        },
         version = escape(&s.version),
-        up = state.node.started.elapsed().as_secs(),
+        up = s.uptime_seconds,
         keys = s.keys,
+        disk = crate::cli::admin::bytes_text(s.disk_bytes),
         rules = s.rules_version,
         backend = s.wal.as_ref().map_or(String::new(), |w| escape(&w.backend)),
         lsn = s.wal.as_ref().map_or(0, |w| w.next_lsn),
         cp = s.checkpoint,
     );
-    for m in &s.members {
+    for v in &views {
+        let m = &v.member;
+        let (state_cell, ready, link) = match &v.status {
+            Ok(other) => (
+                "<span class=up>up</span>".to_string(),
+                if other.ready { "yes" } else { "no" },
+                format!("<a href=\"http://{0}/\">{0}</a>", escape(&other.http_addr)),
+            ),
+            Err(e) => (
+                format!("<span class=down title=\"{}\">down</span>", escape(e)),
+                "",
+                String::new(),
+            ),
+        };
+        let contact = if m.id == s.node_id {
+            "(this node)".to_string()
+        } else {
+            crate::cli::admin::ago(m.last_contact_ms)
+        };
         let _ = write!(
             page,
-            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{state_cell}</td><td>{}</td><td>{}</td><td>{contact}</td><td>{ready}</td><td>{link}</td></tr>",
             m.id,
             escape(&m.client_addr),
             escape(&m.peer_addr)
@@ -166,7 +215,7 @@ async fn status_page(State(state): State<AppState>) -> Html<String> {
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             g.id,
             g.role,
-            g.leader,
+            escape(&crate::cli::admin::leader_cell(g)),
             g.term,
             g.last_log_index,
             g.applied_index,

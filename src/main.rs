@@ -17,13 +17,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use anyhow::{Context, Result, bail};
 use calm::api::pb;
+use calm::cli::{self, CliError, Exit};
 use calm::client::{self, Output};
 use calm::config::{Member, NodeConfig, Overrides};
 use calm::node::DEFAULT_RULES;
 use calm_kernel::rules::{CompiledRules, RuleSet, Severity};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
 
@@ -44,8 +44,18 @@ struct ClientArgs {
     /// Nodes to try, in order (host:port of their client API).
     #[arg(long, env = "CALM_ENDPOINTS", value_delimiter = ',', default_value = client::DEFAULT_ENDPOINT, global = true)]
     endpoints: Vec<String>,
+    /// table (for people) or json (one document on stdout, errors included).
     #[arg(short = 'w', long = "write-out", value_enum, default_value_t = Output::Table, global = true)]
     output: Output,
+    /// Keys, values and elements are hex, on the command line and in the output.
+    #[arg(long, global = true)]
+    hex: bool,
+}
+
+impl ClientArgs {
+    fn encoding(&self) -> cli::Encoding {
+        cli::Encoding { hex: self.hex }
+    }
 }
 
 /// A write command's connection plus an optional session token.
@@ -59,6 +69,13 @@ struct WriteArgs {
     #[arg(long)]
     token: Option<String>,
 }
+
+/// The limits `--help` names: those of `calm_kernel::fact` (tests/cli.rs compares them).
+const LIMITS: &str =
+    "Keys are 1 to 4096 bytes; a value or set element is at most 1 MiB (1048576 bytes).";
+
+/// The exit codes of client commands (`calm::cli`).
+const EXIT_CODES: &str = "Exit codes: 0 done; 1 refused, missing or not applied; 2 bad command line or input; 3 no answer (unreachable, or UNAVAILABLE / DEADLINE_EXCEEDED: a write's outcome is unknown).";
 
 #[derive(Subcommand)]
 enum Command {
@@ -77,14 +94,19 @@ enum Command {
         #[arg(long)]
         rules: Option<PathBuf>,
     },
-    /// Write a register.
+    /// Write a register: VALUE, or - to read it from stdin, or --file.
+    #[command(after_help = format!("{LIMITS}\n{EXIT_CODES}"))]
     Put {
         key: String,
-        value: String,
+        value: Option<String>,
+        /// Read the value from this file.
+        #[arg(long)]
+        file: Option<PathBuf>,
         #[command(flatten)]
         client: WriteArgs,
     },
-    /// Read a key.
+    /// Read a key (exit 1 when it does not exist).
+    #[command(after_help = format!("{LIMITS}\n{EXIT_CODES}"))]
     Get {
         key: String,
         #[arg(long, value_enum, default_value_t = ConsistencyArg::Linearizable)]
@@ -95,17 +117,23 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Delete a register.
+    /// Delete a register, through its Raft group.
+    #[command(after_help = EXIT_CODES)]
     Del {
         key: String,
         #[command(flatten)]
         client: WriteArgs,
     },
-    /// Compare-and-set a register: write VALUE (or delete) only if it matches the expectation.
+    /// Compare-and-set a register: write VALUE (or delete) only if it matches the expectation
+    /// (exit 1 when it did not).
+    #[command(after_help = format!("{LIMITS}\n{EXIT_CODES}"))]
     Cas {
         key: String,
-        /// The new value (omit with --delete).
+        /// The new value, or - to read it from stdin (omit with --delete or --file).
         value: Option<String>,
+        /// Read the new value from this file.
+        #[arg(long)]
+        file: Option<PathBuf>,
         /// Expect this version (0: the key does not exist).
         #[arg(long, conflicts_with_all = ["expect_value", "expect_absent"])]
         expect_version: Option<u64>,
@@ -121,6 +149,7 @@ enum Command {
         client: WriteArgs,
     },
     /// Add to a counter or bounded counter (negative to subtract).
+    #[command(after_help = EXIT_CODES)]
     Add {
         key: String,
         #[arg(allow_hyphen_values = true)]
@@ -129,6 +158,7 @@ enum Command {
         client: WriteArgs,
     },
     /// Set a counter or bounded counter (through Raft).
+    #[command(after_help = EXIT_CODES)]
     Set {
         key: String,
         #[arg(allow_hyphen_values = true)]
@@ -137,6 +167,7 @@ enum Command {
         client: WriteArgs,
     },
     /// Raise a max register.
+    #[command(after_help = EXIT_CODES)]
     Max {
         key: String,
         #[arg(allow_hyphen_values = true)]
@@ -145,6 +176,7 @@ enum Command {
         client: WriteArgs,
     },
     /// Add elements to a set.
+    #[command(after_help = format!("{LIMITS}\n{EXIT_CODES}"))]
     Sadd {
         key: String,
         #[arg(required = true)]
@@ -153,6 +185,7 @@ enum Command {
         client: WriteArgs,
     },
     /// Remove elements from a set (through Raft).
+    #[command(after_help = format!("{LIMITS}\n{EXIT_CODES}"))]
     Srem {
         key: String,
         #[arg(required = true)]
@@ -161,17 +194,28 @@ enum Command {
         client: WriteArgs,
     },
     /// List a set's elements.
+    #[command(after_help = EXIT_CODES)]
     Smembers {
         key: String,
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Members, groups, leaders and lag as a node sees them.
+    /// Members, groups, leaders and lag as a node sees them; --cluster: one row per member.
     Status {
+        /// Ask every member for its own status (id, addresses, version, keys, disk, leaders
+        /// held, last contact, lag of each follower), like `etcdctl endpoint status --cluster`.
+        #[arg(long)]
+        cluster: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// How the cluster classifies keys: rule, mode, type, group and leader.
+    /// Whether every member is reachable and ready, with its lag; exit 1 when one is not
+    /// (like `etcdctl endpoint health --cluster`).
+    Health {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// How the cluster classifies keys: rule, mode, type, bounds, group and leader.
     Explain {
         #[arg(required = true)]
         keys: Vec<String>,
@@ -363,7 +407,12 @@ fn shutdown_on_signals() -> CancellationToken {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CALM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Colours only for a person at a terminal: a node's log file must hold plain text.
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
 }
 
 /// `calm serve` builds its runtime from the configuration (the thread count is a setting).
@@ -404,39 +453,65 @@ fn serve(args: ServeArgs) -> Result<()> {
     })
 }
 
-fn bytes(s: String) -> Vec<u8> {
-    s.into_bytes()
-}
-
-/// Client write commands: each op in turn, stopping at the first error.
+/// Client write commands: each op in turn, stopping at the first not done.
 async fn writes(
-    args: WriteArgs,
+    args: &WriteArgs,
     key: &str,
-    ops: impl IntoIterator<Item = pb::op::Kind>,
-) -> Result<()> {
+    ops: impl FnOnce(cli::Encoding) -> Result<Vec<pb::op::Kind>, CliError>,
+) -> Result<Exit> {
+    let enc = args.client.encoding();
+    let key = enc.decode("key", key)?;
     let token = args
         .token
         .as_deref()
-        .map(client::parse_hex)
+        .map(cli::parse_token)
         .transpose()?
         .unwrap_or_default();
-    for op in ops {
-        client::write(&args.client.endpoints, key, op, &token, args.client.output).await?;
-    }
-    Ok(())
+    let ops = ops(enc)?;
+    Ok(cli::kv::write(
+        &args.client.endpoints,
+        &key,
+        ops,
+        &token,
+        args.client.output,
+    )
+    .await?)
 }
 
-/// An error and its causes on one line, skipping a cause its wrapper already quotes.
-fn error_chain(e: &anyhow::Error) -> String {
-    let mut text = e.to_string();
-    for cause in e.chain().skip(1) {
-        let cause = cause.to_string();
-        if !text.contains(&cause) {
-            text.push_str(": ");
-            text.push_str(&cause);
-        }
+impl Command {
+    /// How the command prints, errors included.
+    fn output(&self) -> Output {
+        use Command::*;
+        let client = match self {
+            Put { client, .. }
+            | Del { client, .. }
+            | Cas { client, .. }
+            | Add { client, .. }
+            | Set { client, .. }
+            | Max { client, .. }
+            | Sadd { client, .. }
+            | Srem { client, .. } => &client.client,
+            Get { client, .. }
+            | Smembers { client, .. }
+            | Status { client, .. }
+            | Health { client }
+            | Explain { client, .. }
+            | Checkpoint { client }
+            | Bench { client, .. } => client,
+            Rules {
+                command: RulesCommand::Get { client } | RulesCommand::Set { client, .. },
+            } => client,
+            Rules {
+                command: RulesCommand::Check { output, .. } | RulesCommand::Explain { output, .. },
+            } => return *output,
+            _ => return Output::Table,
+        };
+        client.output
     }
-    text
+}
+
+fn init_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("cannot start the async runtime")
 }
 
 fn main() -> std::process::ExitCode {
@@ -451,27 +526,34 @@ fn main() -> std::process::ExitCode {
         // SAFETY: setting a signal disposition before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
+    let output = cli.command.output();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
-        Command::Debug { command } => debug::run(command),
-        command => tokio::runtime::Runtime::new()
-            .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(run(command))),
+        Command::Serve(args) => serve(args).map(|()| Exit::Done),
+        Command::Debug { command } => debug::run(command).map(|()| Exit::Done),
+        command => init_runtime().and_then(|rt| rt.block_on(run(command))),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(exit) => std::process::ExitCode::from(exit as u8),
         Err(e) => {
             // The whole chain, without a backtrace: users need the reason, not our stack.
-            // Not `eprintln!`, which panics when stderr cannot be written (a node's log on a
-            // full disk): the exit code must still say "failed", not "panicked".
-            let _ = writeln!(std::io::stderr(), "calm: error: {}", error_chain(&e));
-            std::process::ExitCode::FAILURE
+            let e = CliError::of(&e);
+            e.print(output);
+            std::process::ExitCode::from(e.exit as u8)
         }
     }
 }
 
-async fn run(command: Command) -> Result<()> {
+fn consistency(arg: ConsistencyArg) -> pb::Consistency {
+    match arg {
+        ConsistencyArg::Linearizable => pb::Consistency::Linearizable,
+        ConsistencyArg::Serializable => pb::Consistency::Serializable,
+        ConsistencyArg::Causal => pb::Consistency::Causal,
+    }
+}
+
+async fn run(command: Command) -> Result<Exit> {
     use pb::op::Kind;
+    let done = |r: Result<()>| r.map(|()| Exit::Done);
     match command {
         Command::Serve(_) => unreachable!("serve builds its own runtime"),
         Command::Debug { .. } => unreachable!("debug needs no runtime"),
@@ -480,7 +562,7 @@ async fn run(command: Command) -> Result<()> {
             data_dir,
             base_port,
             rules,
-        } => {
+        } => done(
             calm::dev::run(
                 calm::dev::DevOptions {
                     nodes,
@@ -490,34 +572,51 @@ async fn run(command: Command) -> Result<()> {
                 },
                 shutdown_on_signals(),
             )
+            .await,
+        ),
+        Command::Put {
+            key,
+            value,
+            file,
+            client,
+        } => {
+            writes(&client, &key, |enc| {
+                let value = enc.value(value.as_deref(), file.as_deref())?;
+                Ok(vec![Kind::Put(pb::Put { value })])
+            })
             .await
-        }
-        Command::Put { key, value, client } => {
-            let value = bytes(value);
-            writes(client, &key, [Kind::Put(pb::Put { value })]).await
         }
         Command::Get {
             key,
-            consistency,
+            consistency: c,
             token,
             client,
         } => {
-            let consistency = match consistency {
-                ConsistencyArg::Linearizable => pb::Consistency::Linearizable,
-                ConsistencyArg::Serializable => pb::Consistency::Serializable,
-                ConsistencyArg::Causal => pb::Consistency::Causal,
-            };
+            let enc = client.encoding();
+            let key = enc.decode("key", &key)?;
             let token = token
                 .as_deref()
-                .map(client::parse_hex)
+                .map(cli::parse_token)
                 .transpose()?
                 .unwrap_or_default();
-            client::get(&client.endpoints, &key, consistency, token, client.output).await
+            let exit = cli::kv::get(
+                &client.endpoints,
+                &key,
+                consistency(c),
+                token,
+                client.output,
+                enc,
+            )
+            .await?;
+            Ok(exit)
         }
-        Command::Del { key, client } => writes(client, &key, [Kind::Delete(pb::Delete {})]).await,
+        Command::Del { key, client } => {
+            writes(&client, &key, |_| Ok(vec![Kind::Delete(pb::Delete {})])).await
+        }
         Command::Cas {
             key,
             value,
+            file,
             expect_version,
             expect_value,
             expect_absent,
@@ -525,72 +624,123 @@ async fn run(command: Command) -> Result<()> {
             client,
         } => {
             use pb::cas::Expect;
-            let expect = match (expect_version, expect_value, expect_absent) {
-                (Some(v), None, false) => Expect::Version(v),
-                (None, Some(v), false) => Expect::Value(bytes(v)),
-                (None, None, true) => Expect::Absent(true),
-                _ => bail!(
-                    "say what to expect: --expect-version N, --expect-value V or --expect-absent"
-                ),
-            };
-            if delete == value.is_some() {
-                bail!("give either a new VALUE or --delete");
-            }
-            let op = pb::Cas {
-                expect: Some(expect),
-                new_value: value.map(bytes).unwrap_or_default(),
-                delete,
-            };
-            writes(client, &key, [Kind::Cas(op)]).await
+            writes(&client, &key, |enc| {
+                let expect = match (expect_version, expect_value, expect_absent) {
+                    (Some(v), None, false) => Expect::Version(v),
+                    (None, Some(v), false) => Expect::Value(enc.decode("expected value", &v)?),
+                    (None, None, true) => Expect::Absent(true),
+                    _ => {
+                        return Err(CliError::usage(
+                            "say what to expect: --expect-version N, --expect-value V or --expect-absent",
+                        ));
+                    }
+                };
+                let new_value = if delete {
+                    if value.is_some() || file.is_some() {
+                        return Err(CliError::usage(
+                            "--delete takes no new value; give either a new value or --delete",
+                        ));
+                    }
+                    Vec::new()
+                } else {
+                    enc.value(value.as_deref(), file.as_deref())?
+                };
+                Ok(vec![Kind::Cas(pb::Cas {
+                    expect: Some(expect),
+                    new_value,
+                    delete,
+                })])
+            })
+            .await
         }
         Command::Add { key, delta, client } => {
-            writes(client, &key, [Kind::Add(pb::Add { delta })]).await
+            writes(&client, &key, |_| Ok(vec![Kind::Add(pb::Add { delta })])).await
         }
         Command::Set { key, value, client } => {
-            writes(client, &key, [Kind::SetValue(pb::SetValue { value })]).await
+            writes(&client, &key, |_| {
+                Ok(vec![Kind::SetValue(pb::SetValue { value })])
+            })
+            .await
         }
         Command::Max { key, value, client } => {
-            writes(client, &key, [Kind::Raise(pb::Raise { value })]).await
+            writes(&client, &key, |_| {
+                Ok(vec![Kind::Raise(pb::Raise { value })])
+            })
+            .await
         }
         Command::Sadd {
             key,
             elements,
             client,
         } => {
-            let ops = elements
-                .into_iter()
-                .map(|e| Kind::SetAdd(pb::SetAdd { element: bytes(e) }));
-            writes(client, &key, ops).await
+            writes(&client, &key, |enc| {
+                elements
+                    .iter()
+                    .map(|e| {
+                        Ok(Kind::SetAdd(pb::SetAdd {
+                            element: enc.decode("element", e)?,
+                        }))
+                    })
+                    .collect()
+            })
+            .await
         }
         Command::Srem {
             key,
             elements,
             client,
         } => {
-            let ops = elements
-                .into_iter()
-                .map(|e| Kind::SetRemove(pb::SetRemove { element: bytes(e) }));
-            writes(client, &key, ops).await
+            writes(&client, &key, |enc| {
+                elements
+                    .iter()
+                    .map(|e| {
+                        Ok(Kind::SetRemove(pb::SetRemove {
+                            element: enc.decode("element", e)?,
+                        }))
+                    })
+                    .collect()
+            })
+            .await
         }
         Command::Smembers { key, client } => {
-            client::get(
+            let enc = client.encoding();
+            let key = enc.decode("key", &key)?;
+            Ok(cli::kv::get(
                 &client.endpoints,
                 &key,
                 pb::Consistency::Linearizable,
                 Vec::new(),
                 client.output,
+                enc,
             )
-            .await
+            .await?)
         }
-        Command::Status { client } => client::status(&client.endpoints, client.output).await,
+        Command::Status {
+            cluster: false,
+            client,
+        } => Ok(cli::admin::status(&client.endpoints, client.output).await?),
+        Command::Status {
+            cluster: true,
+            client,
+        } => Ok(cli::cluster::status(&client.endpoints, client.output).await?),
+        Command::Health { client } => {
+            Ok(cli::cluster::health(&client.endpoints, client.output).await?)
+        }
         Command::Explain { keys, client } => {
-            client::explain(&client.endpoints, &keys, client.output).await
+            let enc = client.encoding();
+            let keys = keys
+                .iter()
+                .map(|k| enc.decode("key", k))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(cli::admin::explain(&client.endpoints, &keys, client.output, enc).await?)
         }
-        Command::Checkpoint { client } => client::checkpoint(&client.endpoints).await,
+        Command::Checkpoint { client } => {
+            Ok(cli::admin::checkpoint(&client.endpoints, client.output).await?)
+        }
         Command::Bench {
             compare: Some(compare),
             ..
-        } => bench_compare(compare).await,
+        } => done(bench_compare(compare).await),
         Command::Bench {
             compare: None,
             workload,
@@ -622,27 +772,33 @@ async fn run(command: Command) -> Result<()> {
                 &report,
                 client.output == Output::Json,
             );
-            Ok(())
+            Ok(Exit::Done)
         }
         Command::Rules { command } => match command {
-            RulesCommand::Check { file, output } => rules_check(file.as_deref(), output),
+            RulesCommand::Check { file, output } => done(rules_check(file.as_deref(), output)),
             RulesCommand::Explain {
                 keys,
                 rules,
                 output,
-            } => rules_explain(&keys, rules.as_deref(), output),
+            } => done(rules_explain(&keys, rules.as_deref(), output)),
             RulesCommand::Example => {
                 print!("{DEFAULT_RULES}");
-                Ok(())
+                Ok(Exit::Done)
             }
             RulesCommand::Get { client } => {
-                client::rules_get(&client.endpoints, client.output).await
+                Ok(cli::admin::rules_get(&client.endpoints, client.output).await?)
             }
             RulesCommand::Set {
                 file,
                 expected_version,
                 client,
-            } => client::rules_set(&client.endpoints, &file, expected_version, client.output).await,
+            } => Ok(cli::admin::rules_set(
+                &client.endpoints,
+                &file,
+                expected_version,
+                client.output,
+            )
+            .await?),
         },
     }
 }

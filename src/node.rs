@@ -51,6 +51,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    DirLock(#[from] calm_raft::dir_lock::DirLockError),
     #[error("rules: {0}")]
     Rules(String),
     #[error("{0}")]
@@ -129,6 +131,8 @@ pub struct Node {
     /// out. Fast-path write tokens carry it, so a session's add covers the Raft writes the
     /// same node acknowledged before it, even ones this replica has not applied yet.
     pub tokens_issued: Vec<AtomicU64>,
+    /// The cluster this node belongs to (see `cluster_record`).
+    pub cluster_id: crate::cluster_record::ClusterId,
 }
 
 impl Node {
@@ -160,6 +164,29 @@ impl Node {
             .map_or(0, |l| l.index)
     }
 
+    /// Wait until this node applied `group` through `index`, or `deadline`; whether it did.
+    pub async fn await_applied(
+        &self,
+        group: GroupId,
+        index: u64,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        let mut metrics = self.consensus.raft(group).metrics();
+        loop {
+            let applied = metrics
+                .borrow_watched()
+                .last_applied
+                .is_some_and(|l| l.index >= index);
+            if applied {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return false,
+            }
+        }
+    }
+
     /// Note that a token naming `index` of `group` went to a client; returns the watermark.
     pub fn issue_index(&self, group: GroupId, index: u64) -> u64 {
         let slot = &self.tokens_issued[group as usize];
@@ -168,16 +195,6 @@ impl Node {
 
     pub fn version_vector(&self) -> VersionVector {
         lock(&self.local).replica().version_vector().clone()
-    }
-
-    /// Groups without a leader this node can reach: none known, or its address not yet
-    /// known here (empty: the node can serve every key).
-    pub fn groups_without_leader(&self) -> Vec<GroupId> {
-        self.consensus
-            .group_map()
-            .all()
-            .filter(|&g| self.consensus.leader_of(g).is_none())
-            .collect()
     }
 
     /// Persist applied state now (blocking: call from a blocking thread).
@@ -250,6 +267,9 @@ impl Node {
             path: config.data_dir.display().to_string(),
             source,
         })?;
+        // Before anything else in the directory is read or written: a second process on a
+        // directory in use must stop here, not after it touched the live node's files.
+        let dir_lock = calm_raft::dir_lock::DataDirLock::acquire(&config.data_dir)?;
         let initial_rules = load_rules(config.rules_file.as_deref()).map_err(StartError::Rules)?;
         let rules = compile_rules(&initial_rules)?;
         // Listen first: a port in use is the most common start failure, and peers can reach
@@ -267,16 +287,19 @@ impl Node {
             ..LocalOptions::default()
         };
         // Before the WAL exists: a directory without one is a new cluster's.
-        let data_groups = crate::cluster_record::settle_data_groups(
+        let settled = crate::cluster_record::settle(
             &config.data_dir,
+            config.id,
+            &config.members,
             config.raft.data_groups,
-            config.members.len(),
         )?;
-        let (dir, id) = (config.data_dir.clone(), config.id);
-        let (local, report) =
-            tokio::task::spawn_blocking(move || LocalState::open(dir, id, rules, options))
-                .await
-                .expect("recovery does not panic")?;
+        let data_groups = settled.data_groups;
+        let id = config.id;
+        let (local, report) = tokio::task::spawn_blocking(move || {
+            LocalState::open_locked(dir_lock, id, rules, options)
+        })
+        .await
+        .expect("recovery does not panic")?;
         tracing::info!(
             node = id,
             replayed_batches = report.replayed_batches,
@@ -286,11 +309,13 @@ impl Node {
             waiting_own_facts = local.replica().own_pending_facts(),
             replayed_raft_records = report.replayed_raft_records,
             wal = local.wal().backend_name(),
+            cluster = %settled.cluster_id,
+            new_directory = settled.created,
             "recovered"
         );
         let local: SharedLocal = Arc::new(Mutex::new(local));
         let hlc = Arc::new(Hlc::new(id));
-        let peers = Peers::bound_to(config.peer_addr.ip());
+        let peers = Peers::for_cluster(config.peer_addr.ip(), &settled.cluster_id.to_string());
         let gossip = Gossip::new(
             id,
             local.clone(),
@@ -307,6 +332,11 @@ impl Node {
         let handles = GroupHandles::new();
         let mut tasks = Vec::new();
         let peer_server = tonic::transport::Server::builder()
+            // A node of another cluster (another member list) is refused before any of its
+            // calls reaches a group or gossip.
+            .layer(tonic::service::InterceptorLayer::new(
+                calm_raft::consensus::service::check_cluster(settled.cluster_id.to_string()),
+            ))
             .add_service(Consensus::peer_service(handles.clone(), peers.clone()))
             .add_service(gossip.service())
             .serve_with_incoming_shutdown(
@@ -357,6 +387,7 @@ impl Node {
             last_checkpoint: AtomicU64::new(0),
             refills,
             tokens_issued,
+            cluster_id: settled.cluster_id,
         });
         tasks.push(tokio::spawn(crate::escrow::run(
             node.clone(),

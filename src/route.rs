@@ -191,6 +191,7 @@ mod tests {
                     id: i,
                     client_addr: format!("127.0.0.1:{}", 7000 + i),
                     peer_addr: format!("127.0.0.1:{}", 7100 + i),
+                    last_contact_ms: None,
                 })
                 .collect(),
             groups: groups

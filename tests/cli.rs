@@ -178,26 +178,60 @@ fn a_failure_that_cannot_be_printed_still_exits_with_the_failure_code() {
     assert_eq!(status.code(), Some(1), "{status}");
 }
 
-/// `calm dev` says why a node stopped while starting (the node's last log line), not only
-/// where its log is.
-#[test]
-fn calm_dev_says_why_a_node_did_not_start() {
-    // Node 1's client port (base + 1) is taken, and the node's other ports were free. The base
-    // is below the ephemeral port range: a port the kernel hands out (to another test's
-    // outgoing connection, say) could otherwise take one of the other nodes' ports first.
-    let (base, _taken) = (10_000..30_000u16)
+/// A base port below the ephemeral range whose nine ports (three nodes) are free now: a
+/// port the kernel hands out (to another test's outgoing connection, say) could otherwise
+/// take one of them first.
+fn free_dev_base(salt: u16) -> u16 {
+    (10_000..30_000u16)
         .step_by(300)
-        .map(|b| b + (std::process::id() % 97) as u16)
-        .find_map(|base| {
-            let all_free = (1..=3u16)
+        .map(|b| b + (std::process::id() % 9) as u16 * 30 + salt * 10)
+        .find(|&base| {
+            (1..=3u16)
                 .flat_map(|i| [base + i, base + 100 + i, base + 200 + i])
-                .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok());
-            let taken = std::net::TcpListener::bind(("127.0.0.1", base + 1)).ok()?;
-            all_free.then_some((base, taken))
+                .all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
         })
-        .expect("a base port whose nine ports are free");
+        .expect("a base port whose nine ports are free")
+}
+
+/// `calm dev` refuses ports that something else holds before it starts any node: nothing
+/// else could stop a node, or answer its readiness checks in its place.
+#[test]
+fn calm_dev_refuses_ports_in_use_before_starting_anything() {
+    let base = free_dev_base(0);
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", base + 202)).expect("take a port");
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
+    let (ok, out, err) = calm(&[
+        "dev",
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+        "--base-port",
+        &base.to_string(),
+    ]);
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains(&format!(
+            "port 127.0.0.1:{} (node 2's HTTP) is not free",
+            base + 202
+        )) && err.contains("--base-port"),
+        "{err}"
+    );
+    assert!(!data.join("node-1").exists(), "a node was started");
+}
+
+/// `calm dev` says why a node stopped while starting (the node's last log line of this run),
+/// not only where its log is.
+#[test]
+fn calm_dev_says_why_a_node_did_not_start() {
+    let base = free_dev_base(1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // Node 2's data directory is in use (this test holds its lock). An earlier run's log
+    // line must not be quoted as this run's reason.
+    std::fs::create_dir_all(data.join("node-2")).unwrap();
+    let _held = calm_raft::dir_lock::DataDirLock::acquire(&data.join("node-2")).unwrap();
+    std::fs::write(data.join("node-2.log"), "calm: error: an old reason\n").unwrap();
     let (ok, _, err) = calm(&[
         "dev",
         "--data-dir",
@@ -207,11 +241,160 @@ fn calm_dev_says_why_a_node_did_not_start() {
     ]);
     assert!(!ok, "{err}");
     assert!(
-        err.contains("node 1 exited (exit status: 1) while starting: cannot listen on"),
+        err.contains(&format!(
+            "node 2 exited (exit status: 1) while starting: the data directory {} is in use by another calm process (PID {})",
+            data.join("node-2").display(),
+            std::process::id()
+        )),
         "{err}"
     );
-    assert!(err.contains("Address already in use"), "{err}");
-    assert!(err.contains("node-1.log"), "{err}");
+    assert!(!err.contains("an old reason"), "{err}");
+    assert!(err.contains("node-2.log"), "{err}");
+}
+
+/// `calm dev` prints the endpoints to use, says when it continues an earlier run, refuses a
+/// second `calm dev` on its directory (naming the PID, and leaving the running cluster's
+/// logs alone) and a node count its directory was not created with.
+#[test]
+fn calm_dev_tells_the_truth_about_its_cluster() {
+    use std::io::{BufRead, BufReader};
+    let base = free_dev_base(2);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().expect("utf-8 path").to_string();
+    let start = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_calm"))
+            .args([
+                "dev",
+                "--data-dir",
+                &data_arg,
+                "--base-port",
+                &base.to_string(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("calm dev starts")
+    };
+    // Reads calm dev's output (bounded) until it says ready.
+    let await_ready = |dev: &mut std::process::Child| -> String {
+        let stdout = dev.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut text = String::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !text.contains("Ctrl-C here stops the cluster") {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+                Err(_) => {
+                    let _ = dev.kill();
+                    panic!("calm dev did not get ready: {text}");
+                }
+            }
+        }
+        // Keep draining so the pipe never fills.
+        std::thread::spawn(move || while rx.recv().is_ok() {});
+        text
+    };
+    let stop = |dev: &mut std::process::Child| {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(dev.id() as i32, libc::SIGTERM) };
+        let status = dev.wait().expect("calm dev stops");
+        assert!(status.success(), "{status}");
+    };
+    /// Kills a `calm dev` left running by a failed assertion (its nodes follow it).
+    struct KillOnDrop(Option<std::process::Child>);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Some(mut dev) = self.0.take() {
+                let _ = dev.kill();
+                let _ = dev.wait();
+            }
+        }
+    }
+
+    let mut guard = KillOnDrop(Some(start()));
+    let dev = guard.0.as_mut().unwrap();
+    let text = await_ready(dev);
+    assert!(text.contains("a new 3-node cluster"), "{text}");
+    let endpoints = format!(
+        "export CALM_ENDPOINTS=127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}",
+        base + 1,
+        base + 2,
+        base + 3
+    );
+    assert!(text.contains(&endpoints), "{text}");
+    let log = data.join("node-1.log");
+    let log_bytes = std::fs::metadata(&log).unwrap().len();
+    let (ok, _, err) = calm(&[
+        "dev",
+        "--data-dir",
+        &data_arg,
+        "--base-port",
+        &base.to_string(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains(&format!(
+            "is in use by another calm process (PID {})",
+            dev.id()
+        )),
+        "{err}"
+    );
+    assert!(
+        std::fs::metadata(&log).unwrap().len() >= log_bytes,
+        "the running cluster's log was truncated"
+    );
+    let (ok, out, err) = calm(&[
+        "put",
+        "greeting",
+        "hello",
+        "--endpoints",
+        &format!("127.0.0.1:{}", base + 2),
+    ]);
+    assert!(ok, "{out}{err}");
+    stop(dev);
+    guard.0 = None;
+
+    let mut guard = KillOnDrop(Some(start()));
+    let dev = guard.0.as_mut().unwrap();
+    let text = await_ready(dev);
+    assert!(
+        text.contains("continuing the cluster") && text.contains("nodes 1, 2, 3"),
+        "{text}"
+    );
+    assert!(
+        std::fs::read_to_string(&log).unwrap().len() as u64 > log_bytes,
+        "the log of the first run is gone"
+    );
+    stop(dev);
+    guard.0 = None;
+
+    let (ok, _, err) = calm(&[
+        "dev",
+        "--data-dir",
+        &data_arg,
+        "--base-port",
+        &base.to_string(),
+        "--nodes",
+        "5",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("was created with the members") && err.contains("node 4 is not a member"),
+        "{err}"
+    );
+    assert!(!data.join("node-4").exists(), "node 4 was started");
 }
 
 /// A data directory keeps the data group count it was created with: a node told another
@@ -283,5 +466,53 @@ fn bench_compare_without_etcd_stops_before_running_anything() {
     assert!(
         !err.contains("cluster ready"),
         "calm was started first: {err}"
+    );
+}
+
+/// `--help` names the limits the node enforces, and they are the kernel's.
+#[test]
+fn help_names_the_key_and_value_limits() {
+    use calm_kernel::fact::{KEY_BYTES_MAX, PAYLOAD_BYTES_MAX};
+    for command in ["put", "get", "cas", "sadd"] {
+        let (ok, out, err) = calm(&[command, "--help"]);
+        assert!(ok, "{err}");
+        assert!(
+            out.contains(&format!("Keys are 1 to {KEY_BYTES_MAX} bytes"))
+                && out.contains(&format!("({PAYLOAD_BYTES_MAX} bytes)")),
+            "{command}: {out}"
+        );
+        assert!(
+            out.contains("Exit codes: 0 done; 1 refused"),
+            "{command}: {out}"
+        );
+    }
+}
+
+/// A setting nobody gave is named by the flag that gives it.
+#[test]
+fn serve_names_the_flag_of_a_missing_setting() {
+    let (ok, _, err) = calm(&["serve"]);
+    assert!(!ok);
+    assert!(err.contains("pass --id N"), "{err}");
+    let (ok, _, err) = calm(&["serve", "--id", "1", "--data-dir", "/tmp/unused"]);
+    assert!(!ok);
+    assert!(err.contains("pass --client-addr"), "{err}");
+    let (ok, _, err) = calm(&[
+        "serve",
+        "--id",
+        "1",
+        "--data-dir",
+        "/tmp/unused",
+        "--client-addr",
+        "127.0.0.1:1",
+        "--peer-addr",
+        "127.0.0.1:2",
+        "--http-addr",
+        "127.0.0.1:3",
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("pass --member ID=PEER_ADDR,CLIENT_ADDR"),
+        "{err}"
     );
 }

@@ -318,3 +318,61 @@ async fn a_node_out_of_rights_gets_them_from_its_peers() {
         assert_eq!(v, Some(MIN), "node {at}");
     }
 }
+
+/// A spend the cluster's rights cover succeeds, however the rights are spread: with value 2
+/// in bounds [0, 10] on three nodes, a refill leaves one right with each of two nodes and
+/// none in the pool, and `add -2` was refused ("only 1 can be granted now") for as long as
+/// anyone tried, while two `add -1` succeeded. `explain` shows the key's own bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_the_cluster_covers_succeeds_however_its_rights_are_spread() {
+    let c = Cluster::start(3, &[]).await;
+    support::await_leaders_balanced(&c).await;
+    let key = "stock:42";
+    let mut kv1 = c.kv(1).await;
+    write(&mut kv1, key, op::set_bounds(0, 10)).await.unwrap();
+    write(&mut kv1, key, op::set_value(2)).await.unwrap();
+    // Node 1's refill takes one right of each direction; one of each stays in the pool.
+    // Two spends of 1 at node 1 succeed, on its quota once the refill is in.
+    let mut escrow = false;
+    for _ in 0..50 {
+        write(&mut kv1, key, op::add(1)).await.unwrap();
+        let r = write(&mut kv1, key, op::add(-1)).await.unwrap();
+        if r.path == Path::Escrow as i32 {
+            escrow = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(escrow, "node 1 never got escrow quota");
+
+    let explained = c
+        .admin(1)
+        .await
+        .explain(calm::api::pb::ExplainRequest { key: key.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (explained.min, explained.max),
+        (Some(0), Some(10)),
+        "explain shows the rule's bounds, not the key's: {explained:?}"
+    );
+    assert_eq!(
+        (explained.rule_min, explained.rule_max),
+        (Some(MIN), Some(MAX))
+    );
+
+    for at in 1..=3 {
+        let mut kv = c.kv(at).await;
+        let r = write(&mut kv, key, op::add(-2)).await;
+        assert!(
+            r.as_ref().is_ok_and(|r| r.succeeded),
+            "node {at}: a spend of 2 with 2 left was refused: {r:?}"
+        );
+        write(&mut kv, key, op::add(2)).await.unwrap();
+    }
+    // Exactly the rights there are, no more.
+    write(&mut kv1, key, op::add(-2)).await.unwrap();
+    let s = write(&mut kv1, key, op::add(-1)).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+}

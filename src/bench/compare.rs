@@ -176,14 +176,14 @@ async fn connect(system: System, addr: SocketAddr) -> Result<Conn> {
 /// Where a leader-routed task of `system` connects: calm's layout (every task builds its
 /// own router from it), or the address of etcd's leader.
 enum Layout {
-    Calm(pb::StatusResponse, SocketAddr),
+    Calm(Box<pb::StatusResponse>, SocketAddr),
     Etcd(SocketAddr),
 }
 
 async fn leader_layout(system: System, endpoints: &[SocketAddr]) -> Result<Layout> {
     match system {
         System::Calm => Ok(Layout::Calm(
-            layout(channel(endpoints[0]).await?).await?,
+            Box::new(layout(channel(endpoints[0]).await?).await?),
             endpoints[0],
         )),
         System::Etcd => {

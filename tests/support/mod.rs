@@ -116,22 +116,49 @@ impl Cluster {
 
     /// Start node `i` (1-based) on its addresses and data directory.
     pub fn spawn(&mut self, i: usize) {
-        assert!(self.children[i - 1].is_none(), "node {i} is running");
+        let cmd = self.command(i);
+        self.spawn_command(i, cmd);
+    }
+
+    /// The `calm serve` command that starts node `i`, for a test to change before
+    /// [`spawn_command`](Self::spawn_command).
+    pub fn command(&self, i: usize) -> Command {
+        self.command_as(i, i as u64, &self.members())
+    }
+
+    /// The cluster's member list, as `--member` flags spell it.
+    pub fn members(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(j, m)| format!("{}={},{}", j + 1, m.peer, m.client))
+            .collect()
+    }
+
+    /// Node `i`'s command (its addresses and data directory) with another `--id` and member
+    /// list: what an operator's mistake looks like.
+    pub fn command_as(&self, i: usize, id: u64, members: &[String]) -> Command {
         let me = &self.nodes[i - 1];
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_calm"));
         cmd.arg("serve")
-            .args(["--id", &i.to_string()])
+            .args(["--id", &id.to_string()])
             .arg("--data-dir")
             .arg(self.data_dir(i))
             .args(["--client-addr", &me.client.to_string()])
             .args(["--peer-addr", &me.peer.to_string()])
             .args(["--http-addr", &me.http.to_string()]);
-        for (j, m) in self.nodes.iter().enumerate() {
-            cmd.args(["--member", &format!("{}={},{}", j + 1, m.peer, m.client)]);
+        for m in members {
+            cmd.args(["--member", m]);
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        cmd
+    }
+
+    /// Start node `i` with `cmd`, its output appended to its log.
+    pub fn spawn_command(&mut self, i: usize, mut cmd: Command) {
+        assert!(self.children[i - 1].is_none(), "node {i} is running");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -141,6 +168,28 @@ impl Cluster {
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         self.children[i - 1] = Some(cmd.spawn().expect("calm serve starts"));
+    }
+
+    /// The PID of node `i`'s process.
+    pub fn pid(&self, i: usize) -> u32 {
+        self.children[i - 1].as_ref().expect("node is running").id()
+    }
+
+    /// Wait (bounded by `timeout`) until node `i` exits; its exit status, or `None` if it
+    /// still runs (it is left running).
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.children[i - 1].as_mut().expect("node was started");
+            if let Some(status) = child.try_wait().unwrap() {
+                self.children[i - 1] = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `kill -9` node `i`.
@@ -375,6 +424,31 @@ pub fn register(value: &Option<pb::value::Kind>) -> Option<String> {
         None => None,
         other => panic!("not a register: {other:?}"),
     }
+}
+
+/// `GET path` on `addr` (HTTP/1.0, bounded): the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: calm\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_string());
+        Ok((code, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("HTTP request timed out")))
 }
 
 /// Why a test that needs root and iptables cannot run here, if it cannot.

@@ -1,0 +1,166 @@
+//! The `calm.v1.Kv` service: Write, Batch and Get.
+
+use super::ops::kernel_op;
+use super::pb::kv_server::Kv;
+use super::write::{KeyOps, Pending};
+use super::{
+    BATCH_OPS_MAX, METRIC_BATCH_SECONDS, METRIC_READ_SECONDS, METRIC_WRITE_SECONDS, invalid, pb,
+};
+use crate::node::{Node, fatal};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+use tonic::{Request, Status};
+
+pub struct KvService {
+    pub(super) node: Arc<Node>,
+}
+
+fn error_of(status: &Status) -> pb::Error {
+    pb::Error {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+    }
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn write(
+        &self,
+        request: Request<pb::WriteRequest>,
+    ) -> Result<tonic::Response<pb::WriteResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let op = req.op.and_then(|o| o.kind);
+        let response = self.node.write(&req.key, op, &req.token).await?;
+        let path = match pb::Path::try_from(response.path) {
+            Ok(pb::Path::Consensus) => "consensus",
+            Ok(pb::Path::Escrow) => "escrow",
+            _ => "fast",
+        };
+        metrics::histogram!(METRIC_WRITE_SECONDS, "path" => path).record(started.elapsed());
+        Ok(if response.path == pb::Path::Consensus as i32 {
+            self.node.hinted(&req.key, response)
+        } else {
+            tonic::Response::new(response)
+        })
+    }
+
+    /// Ops of one key are admitted and proposed in request order; different keys proceed
+    /// concurrently, and fast-path ops share group commits.
+    async fn batch(
+        &self,
+        request: Request<pb::BatchRequest>,
+    ) -> Result<tonic::Response<pb::BatchResponse>, Status> {
+        let started = Instant::now();
+        let ops = request.into_inner().ops;
+        if ops.len() > BATCH_OPS_MAX {
+            return Err(invalid(format!(
+                "the batch has {} ops; send at most {BATCH_OPS_MAX} per call",
+                ops.len()
+            )));
+        }
+        let mut by_key: BTreeMap<Vec<u8>, KeyOps> = BTreeMap::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            by_key
+                .entry(op.key)
+                .or_default()
+                .push((i, op.op.and_then(|o| o.kind), op.token));
+        }
+        let node = &self.node;
+        let mut results = Vec::with_capacity(by_key.len());
+        let (admitted, durable, rest) = node.admit_leading_fast(by_key, &mut results);
+        let fast = async {
+            if let Some(durable) = durable
+                && let Err(e) = durable.await
+            {
+                fatal("making a batch's facts durable", &e);
+            }
+            node.gossip
+                .publish_many(admitted.iter().map(|(_, f, _)| f.fact.as_slice()));
+            let escrow = admitted.iter().filter(|(_, f, _)| f.escrow).count() as u64;
+            metrics::counter!("calm_writes_total", "path" => "escrow").increment(escrow);
+            metrics::counter!("calm_writes_total", "path" => "fast")
+                .increment(admitted.len() as u64 - escrow);
+            admitted
+                .iter()
+                .map(|(i, f, group)| (*i, Ok(node.fast_response(f.id, f.escrow, *group))))
+                .collect::<Vec<_>>()
+        };
+        // The rest of each key, in order, one op at a time (as `write` would); phase one
+        // checked the key already.
+        let per_key = rest.into_iter().map(|(key, ops)| async move {
+            let mut done = Vec::with_capacity(ops.len());
+            let mut fast = Vec::new();
+            for (i, op, token) in ops {
+                let op = match kernel_op(node, &key, op) {
+                    Ok(op) => op,
+                    Err(e) => {
+                        done.push((i, Err(e)));
+                        continue;
+                    }
+                };
+                if let Err(e) = node.await_write_token(&key, &token).await {
+                    done.push((i, Err(e)));
+                    continue;
+                }
+                let result = match node.admit(&key, &op) {
+                    // Durability is awaited below, together: later ops need not wait for it.
+                    Ok(p @ Pending::Fast { .. }) => {
+                        fast.push((i, p));
+                        continue;
+                    }
+                    Ok(p @ Pending::Consensus { .. }) => node.finish(p).await,
+                    Err(e) => Err(e),
+                };
+                done.push((i, node.after_exhausted(&key, &op, result).await));
+            }
+            for (i, p) in fast {
+                done.push((i, node.finish(p).await));
+            }
+            done
+        });
+        let (fast, rest) = tokio::join!(fast, futures::future::join_all(per_key));
+        results.extend(fast);
+        results.extend(rest.into_iter().flatten());
+        results.sort_unstable_by_key(|(i, _)| *i);
+        let results = results
+            .into_iter()
+            .map(|(_, r)| pb::BatchResult {
+                result: Some(match r {
+                    Ok(ok) => pb::batch_result::Result::Ok(ok),
+                    Err(e) => pb::batch_result::Result::Error(error_of(&e)),
+                }),
+            })
+            .collect();
+        metrics::histogram!(METRIC_BATCH_SECONDS).record(started.elapsed());
+        Ok(tonic::Response::new(pb::BatchResponse { results }))
+    }
+
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<tonic::Response<pb::GetResponse>, Status> {
+        let req = request.into_inner();
+        let consistency = pb::Consistency::try_from(req.consistency).map_err(|_| {
+            invalid(format!(
+                "consistency {} is not one of LINEARIZABLE (1), SERIALIZABLE (2), CAUSAL (3)",
+                req.consistency
+            ))
+        })?;
+        let started = Instant::now();
+        let response = self.node.get(&req.key, consistency, &req.token).await?;
+        let label = match consistency {
+            pb::Consistency::Unspecified | pb::Consistency::Linearizable => "linearizable",
+            pb::Consistency::Serializable => "serializable",
+            pb::Consistency::Causal => "causal",
+        };
+        metrics::histogram!(METRIC_READ_SECONDS, "consistency" => label).record(started.elapsed());
+        Ok(match consistency {
+            pb::Consistency::Unspecified | pb::Consistency::Linearizable => {
+                self.node.hinted(&req.key, response)
+            }
+            _ => tonic::Response::new(response),
+        })
+    }
+}

@@ -1,0 +1,243 @@
+//! The command line's contract against a real cluster: exit codes, `-w json` for every
+//! outcome (errors included), gRPC codes as the README spells them, binary-safe values
+//! (stdin, `--file`, `--hex`, base64 in JSON), and the cluster-wide views.
+
+mod support;
+
+use base64::Engine as _;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use support::Cluster;
+
+struct Run {
+    code: i32,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Run {
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.out(), self.stderr))
+    }
+}
+
+/// `calm ARGS` against `c`'s node 1, with `stdin` fed in.
+fn calm(c: &Cluster, args: &[&str], stdin: &[u8]) -> Run {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_calm"))
+        .args(args)
+        .env("CALM_ENDPOINTS", c.nodes[0].client.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("calm runs");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    Run {
+        code: out.status.code().expect("exited"),
+        stdout: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_json_errors_and_binary_values() {
+    let c = Cluster::start(3, &[]).await;
+
+    // Done: 0.
+    let r = calm(&c, &["put", "greeting", "hello"], b"");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.out().starts_with("OK (consensus), version 1"),
+        "{}",
+        r.out()
+    );
+
+    // Missing: 1, in both outputs; JSON says found = false.
+    let r = calm(&c, &["get", "nothing-here"], b"");
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("NOT_FOUND"), "{}", r.stderr);
+    let r = calm(&c, &["get", "nothing-here", "-w", "json"], b"");
+    assert_eq!(r.code, 1);
+    assert_eq!(r.json()["found"], false);
+
+    // Not applied: 1, with the current version.
+    let r = calm(&c, &["cas", "greeting", "x", "--expect-version", "7"], b"");
+    assert_eq!(r.code, 1);
+    assert!(r.out().contains("NOT APPLIED"), "{}", r.out());
+    let r = calm(
+        &c,
+        &[
+            "cas",
+            "greeting",
+            "x",
+            "--expect-version",
+            "7",
+            "-w",
+            "json",
+        ],
+        b"",
+    );
+    assert_eq!((r.code, r.json()["succeeded"].clone()), (1, false.into()));
+
+    // Refused: 1, the code spelt as gRPC spells it, in JSON too.
+    let r = calm(&c, &["add", "greeting", "1"], b"");
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.starts_with("calm: error: FAILED_PRECONDITION: "),
+        "{}",
+        r.stderr
+    );
+    let r = calm(&c, &["add", "greeting", "1", "-w", "json"], b"");
+    assert_eq!(r.code, 1);
+    let doc = r.json();
+    assert_eq!(doc["error"]["code"], "FAILED_PRECONDITION", "{doc}");
+    assert!(
+        doc["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("greeting")
+    );
+    assert!(
+        r.stderr.is_empty(),
+        "JSON errors go to stdout only: {}",
+        r.stderr
+    );
+
+    // Bad input: 2, before anything is sent.
+    let r = calm(&c, &["put", "k", "zz", "--hex", "-w", "json"], b"");
+    assert_eq!(r.code, 2);
+    assert_eq!(r.json()["error"]["code"], "INVALID_ARGUMENT");
+    let r = calm(&c, &["put", "k", "--file", "/nonexistent/value"], b"");
+    assert_eq!(r.code, 2, "{}", r.stderr);
+
+    // No answer: 3.
+    let mut unreachable = Command::new(env!("CARGO_BIN_EXE_calm"));
+    let out = unreachable
+        .args(["get", "k", "-w", "json", "--endpoints", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["error"]["code"], "UNAVAILABLE");
+
+    // Binary-safe values: from stdin, from a file, in hex; back out raw, as hex, as base64.
+    let binary: Vec<u8> = (0..=255u8).chain([0, b'\n', 0xff]).collect();
+    let r = calm(&c, &["put", "bin", "-"], &binary);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = calm(&c, &["get", "bin"], b"");
+    assert_eq!(r.code, 0);
+    assert_eq!(
+        &r.stdout[..r.stdout.len() - 1],
+        &binary[..],
+        "raw bytes, then a newline"
+    );
+    let r = calm(&c, &["get", "bin", "-w", "json"], b"");
+    let doc = r.json();
+    assert_eq!(doc["value"]["value"], serde_json::Value::Null, "not UTF-8");
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(doc["value"]["value_base64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(decoded, binary);
+    // --hex reads the key as hex too.
+    let r = calm(&c, &["get", &hex::encode("bin"), "--hex"], b"");
+    assert_eq!(r.out().trim(), hex::encode(&binary));
+    let r = calm(&c, &["get", "bin", "--hex"], b"");
+    assert_eq!(r.code, 2, "'bin' is no hex key");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("value");
+    std::fs::write(&file, &binary[..10]).unwrap();
+    let r = calm(
+        &c,
+        &["put", "from-file", "--file", file.to_str().unwrap()],
+        b"",
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = calm(&c, &["get", &hex::encode("from-file"), "--hex"], b"");
+    assert_eq!(r.out().trim(), hex::encode(&binary[..10]));
+    // A hex key and value, and a set element in hex.
+    let r = calm(&c, &["put", "00ff", "0a0b", "--hex"], b"");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = calm(&c, &["get", "00ff", "--hex", "-w", "json"], b"");
+    assert_eq!(r.json()["key_base64"], "AP8=");
+    assert_eq!(r.json()["value"]["value_base64"], "Cgs=");
+    let tags = hex::encode("tags");
+    let r = calm(&c, &["sadd", &tags, "ff00", "--hex"], b"");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = calm(&c, &["smembers", &tags, "--hex"], b"");
+    assert_eq!(r.out().trim(), "ff00");
+
+    // Every admin command speaks JSON.
+    for args in [
+        &["status", "-w", "json"][..],
+        &["status", "--cluster", "-w", "json"],
+        &["health", "-w", "json"],
+        &["explain", "greeting", "-w", "json"],
+        &["rules", "get", "-w", "json"],
+        &["checkpoint", "-w", "json"],
+    ] {
+        let r = calm(&c, args, b"");
+        assert_eq!(r.code, 0, "{args:?}: {}{}", r.out(), r.stderr);
+        r.json();
+    }
+}
+
+/// `calm status --cluster` has one row per member with its own answer; `calm health` says
+/// each member is healthy and exits 0, and 1 once a member is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_views_cover_every_member() {
+    let mut c = Cluster::start(3, &[]).await;
+    let r = calm(&c, &["status", "--cluster", "-w", "json"], b"");
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let doc = r.json();
+    let members = doc["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    let leaders: u64 = members
+        .iter()
+        .map(|m| {
+            assert_eq!(m["reachable"], true, "{m}");
+            assert!(m["status"]["disk_bytes"].as_u64().unwrap() > 0, "{m}");
+            assert_eq!(m["status"]["version"], env!("CARGO_PKG_VERSION"));
+            m["leaders_held"].as_u64().unwrap()
+        })
+        .sum();
+    // Every group (4 data groups in the tests, plus the metadata group) has one leader.
+    assert_eq!(leaders, 5, "{doc}");
+    let r = calm(&c, &["status", "--cluster"], b"");
+    assert_eq!(r.code, 0);
+    for n in &c.nodes {
+        assert!(r.out().contains(&n.client.to_string()), "{}", r.out());
+    }
+
+    let r = calm(&c, &["health"], b"");
+    assert_eq!(r.code, 0, "{}{}", r.out(), r.stderr);
+    assert_eq!(r.out().matches("is healthy").count(), 3, "{}", r.out());
+
+    c.stop(3);
+    let r = calm(&c, &["health", "-w", "json"], b"");
+    assert_eq!(r.code, 1, "{}", r.out());
+    let doc = r.json();
+    assert_eq!(doc["healthy"], false);
+    let third = &doc["members"][2];
+    assert_eq!(
+        (third["id"].clone(), third["reachable"].clone()),
+        (3.into(), false.into())
+    );
+    let r = calm(&c, &["status", "--cluster"], b"");
+    assert!(r.out().contains("node 3 is unreachable"), "{}", r.out());
+    // The status page shows it down, links the others, and reloads itself.
+    let (code, page) = support::http_get(c.nodes[0].http, "/").await.unwrap();
+    assert_eq!(code, 200);
+    assert!(page.contains("http-equiv=refresh"), "{page}");
+    assert!(page.contains(">down<"), "{page}");
+    assert!(
+        page.contains(&format!("href=\"http://{}/\"", c.nodes[1].http)),
+        "{page}"
+    );
+}
