@@ -121,23 +121,24 @@ async fn readiness_follows_the_quorum_not_a_remembered_leader() {
     let http = c.nodes[0].http;
     let (code, body) = http_get(http, "/readyz").await.unwrap();
     assert_eq!(code, 200, "{body}");
-    let mut health = tonic_health::pb::health_client::HealthClient::new(c.channel(1).await);
-    let serving = |status: i32| {
-        status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    };
-    let check = tonic_health::pb::HealthCheckRequest {
-        service: String::new(),
-    };
-    // Follows readiness every 250 ms: it may lag /readyz by that much.
-    let started = Instant::now();
-    while !serving(
-        health
-            .check(check.clone())
+    let health = tonic_health::pb::health_client::HealthClient::new(c.channel(1).await);
+    // Whether node 1's gRPC health says SERVING for the whole server.
+    let serving = async || {
+        let check = tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        };
+        let status = health
+            .clone()
+            .check(check)
             .await
             .unwrap()
             .into_inner()
-            .status,
-    ) {
+            .status;
+        status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    };
+    // Follows readiness every 250 ms: it may lag /readyz by that much.
+    let started = Instant::now();
+    while !serving().await {
         assert!(started.elapsed() < Duration::from_secs(5), "never SERVING");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -164,14 +165,7 @@ async fn readiness_follows_the_quorum_not_a_remembered_leader() {
     );
     assert!(body.contains("election timeout"), "{body}");
     let started = Instant::now();
-    while serving(
-        health
-            .check(check.clone())
-            .await
-            .unwrap()
-            .into_inner()
-            .status,
-    ) {
+    while serving().await {
         assert!(started.elapsed() < SLACK, "gRPC health still SERVING");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
