@@ -166,6 +166,18 @@ enum Command {
         #[command(flatten)]
         client: WriteArgs,
     },
+    /// Change a bounded counter's bounds [MIN, MAX] (through Raft; refused while the value or
+    /// the nodes' escrow quota would not fit); `calm explain` shows them.
+    #[command(after_help = EXIT_CODES)]
+    Bounds {
+        key: String,
+        #[arg(allow_hyphen_values = true)]
+        min: i64,
+        #[arg(allow_hyphen_values = true)]
+        max: i64,
+        #[command(flatten)]
+        client: WriteArgs,
+    },
     /// Raise a max register.
     #[command(after_help = EXIT_CODES)]
     Max {
@@ -488,6 +500,7 @@ impl Command {
             | Cas { client, .. }
             | Add { client, .. }
             | Set { client, .. }
+            | Bounds { client, .. }
             | Max { client, .. }
             | Sadd { client, .. }
             | Srem { client, .. } => &client.client,
@@ -659,6 +672,17 @@ async fn run(command: Command) -> Result<Exit> {
         Command::Set { key, value, client } => {
             writes(&client, &key, |_| {
                 Ok(vec![Kind::SetValue(pb::SetValue { value })])
+            })
+            .await
+        }
+        Command::Bounds {
+            key,
+            min,
+            max,
+            client,
+        } => {
+            writes(&client, &key, |_| {
+                Ok(vec![Kind::SetBounds(pb::SetBounds { min, max })])
             })
             .await
         }

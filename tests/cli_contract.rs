@@ -5,6 +5,7 @@
 mod support;
 
 use base64::Engine as _;
+use serde_json::json;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use support::Cluster;
@@ -186,6 +187,35 @@ async fn exit_codes_json_errors_and_binary_values() {
         assert_eq!(r.code, 0, "{args:?}: {}{}", r.out(), r.stderr);
         r.json();
     }
+
+    // A key's own bounds, set from the CLI, are what explain shows (beside the rule's).
+    let r = calm(&c, &["bounds", "stock:cli", "0", "10"], b"");
+    assert_eq!(r.code, 0, "{}{}", r.out(), r.stderr);
+    // Node 1 may apply the write a moment after the group's leader answered it.
+    let mut e = serde_json::Value::Null;
+    for _ in 0..50 {
+        e = calm(&c, &["explain", "stock:cli", "-w", "json"], b"").json()[0].clone();
+        if e["max"] == json!(10) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!((&e["min"], &e["max"]), (&json!(0), &json!(10)), "{e}");
+    assert_eq!(e["rule_max"], json!(1_000_000), "{e}");
+    let r = calm(&c, &["explain", "stock:cli"], b"");
+    assert!(
+        r.out().contains("[0, 10] (key's own; rule's [0, 1000000])"),
+        "{}",
+        r.out()
+    );
+    let r = calm(&c, &["bounds", "stock:cli", "5", "1", "-w", "json"], b"");
+    assert_eq!(r.code, 1, "{}{}", r.out(), r.stderr);
+    assert_eq!(
+        r.json()["error"]["code"],
+        json!("INVALID_ARGUMENT"),
+        "{}",
+        r.out()
+    );
 }
 
 /// `calm status --cluster` has one row per member with its own answer; `calm health` says
