@@ -169,13 +169,22 @@ async fn readiness_follows_the_quorum_not_a_remembered_leader() {
         assert!(started.elapsed() < SLACK, "gRPC health still SERVING");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = c.status(1).await.unwrap();
-    assert!(!status.ready, "{status:?}");
-    assert!(
-        status.groups.iter().all(|g| !g.leader_live),
-        "a group still shows a live leader: {:?}",
-        status.groups
-    );
+    // Readiness turns false with the first group whose leader went silent; the others'
+    // last heartbeats arrived a few milliseconds apart, so each follows within the bound.
+    loop {
+        let status = c.status(1).await.unwrap();
+        assert!(!status.ready, "{status:?}");
+        if status.groups.iter().all(|g| !g.leader_live) {
+            break;
+        }
+        assert!(
+            stopped.elapsed() < bound,
+            "a group still shows a live leader {:?} after 2 of 3 nodes stopped: {:?}",
+            stopped.elapsed(),
+            status.groups
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (_, metrics) = http_get(http, "/metrics").await.unwrap();
     assert!(
         metrics.contains("calm_raft_has_leader{group=\"1\"} 0"),
