@@ -86,5 +86,6 @@ pub fn drop_acked_write(op: &Op) -> Option<pb::WriteResponse> {
         succeeded: true,
         version: 0,
         token: Vec::new(),
+        deleted: matches!(op, Op::RegisterDelete),
     })
 }

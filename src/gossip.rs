@@ -58,7 +58,7 @@
 //! deadline (`rpc_timeout_ms`).
 
 use calm_kernel::clock::{BloomClock, Hlc};
-use calm_kernel::fact::{FACT_HEADER_BYTES, KEY_BYTES_MAX, PAYLOAD_BYTES_MAX, decode_facts};
+use calm_kernel::fact::{FACT_HEADER_BYTES_MAX, KEY_BYTES_MAX, PAYLOAD_BYTES_MAX, decode_facts};
 use calm_kernel::{HlcTimestamp, KeyState, NodeId, VersionVector};
 use calm_raft::channel::H2Channel;
 use calm_raft::consensus::network::Peers;
@@ -82,7 +82,7 @@ use wire::gossip_peer_client::GossipPeerClient;
 use wire::gossip_peer_server::{GossipPeer, GossipPeerServer};
 
 /// Largest encoded fact: header, longest key, longest payload.
-pub const FACT_BYTES_MAX: usize = FACT_HEADER_BYTES + KEY_BYTES_MAX + PAYLOAD_BYTES_MAX;
+pub const FACT_BYTES_MAX: usize = FACT_HEADER_BYTES_MAX + KEY_BYTES_MAX + PAYLOAD_BYTES_MAX;
 /// Most facts in one push batch.
 pub const PUSH_BATCH_FACTS_MAX: usize = 4096;
 /// Most fact bytes in one push batch; a single larger fact travels alone.

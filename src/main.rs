@@ -117,7 +117,9 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Delete a register, through its Raft group.
+    /// Delete a key of any type, through its Raft group (a register in available mode:
+    /// last-writer-wins). Exit 1, NOT FOUND, when there was nothing to delete. A deleted key
+    /// can be written again with any type.
     #[command(after_help = EXIT_CODES)]
     Del {
         key: String,

@@ -326,7 +326,7 @@ async fn bad_input_gets_the_documented_code_and_changes_nothing() {
         ("bad:ctr", op::set_bounds(0, 10)),
         ("bad:set", op::cas_version(1, "x")),
         ("bad:max", op::add(1)),
-        ("bad:max", op::delete()),
+        ("bad:max", op::put("x")),
     ];
     for (i, (key, o)) in wrong.iter().enumerate() {
         expect_code(

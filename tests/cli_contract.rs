@@ -271,3 +271,54 @@ async fn the_cluster_views_cover_every_member() {
         "{page}"
     );
 }
+
+/// `calm del` deletes a key of every type through Raft, says NOT FOUND (exit 1, `"deleted":
+/// false`) when there was nothing to delete, and a deleted key can be written again, with
+/// another type too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_can_be_deleted_and_recreated() {
+    let c = Cluster::start(3, &[]).await;
+    let ok = |args: &[&str]| {
+        let r = calm(&c, args, b"");
+        assert_eq!(r.code, 0, "calm {args:?}: {} {}", r.out(), r.stderr);
+        r
+    };
+    let missing = |key: &str| {
+        let r = calm(&c, &["get", key], b"");
+        assert_eq!(r.code, 1, "{key} is still there: {}", r.out());
+    };
+    ok(&["put", "reg", "v"]);
+    ok(&["add", "hits", "5"]);
+    ok(&["max", "high", "7"]);
+    ok(&["sadd", "tags", "a"]);
+    ok(&["add", "stock:9", "5"]);
+    for key in ["reg", "hits", "high", "tags", "stock:9"] {
+        let r = ok(&["del", key, "-w", "json"]);
+        let doc = r.json();
+        assert_eq!(doc["deleted"], true, "{key}: {doc}");
+        assert_eq!(doc["path"], "consensus", "{key}: {doc}");
+        missing(key);
+        // Deleting again: nothing to delete.
+        let r = calm(&c, &["del", key], b"");
+        assert_eq!(r.code, 1, "{key}: {}", r.out());
+        assert!(r.out().starts_with("NOT FOUND"), "{key}: {}", r.out());
+    }
+    let r = calm(&c, &["del", "never-written", "-w", "json"], b"");
+    assert_eq!((r.code, r.json()["deleted"].clone()), (1, false.into()));
+
+    // Written again: the same type starts from nothing, another type is a new key.
+    ok(&["add", "hits", "2"]);
+    assert_eq!(ok(&["get", "hits"]).out().trim(), "2");
+    ok(&["sadd", "high", "x"]);
+    assert_eq!(
+        ok(&["get", "high", "-w", "json"]).json()["value"]["type"],
+        "set"
+    );
+    ok(&["put", "tags", "now a register"]);
+    assert_eq!(ok(&["get", "tags"]).out().trim(), "now a register");
+    // A bounded counter's new generation starts again at 0 (its bounds' value closest to 0).
+    ok(&["add", "stock:9", "1"]);
+    let doc = ok(&["get", "stock:9", "-w", "json"]).json();
+    assert_eq!(doc["value"]["type"], "bounded_counter", "{doc}");
+    assert_eq!(doc["value"]["value"], 1, "{doc}");
+}

@@ -30,12 +30,57 @@ pub struct KeyFrontier {
     pub entries: Vec<FrontierEntry>,
 }
 
+/// Node id 0 is reserved, so an entry for it is never a fact: it carries the generation of
+/// the key the frontier was taken on (see `state.rs`, "Deletes and generations"). Commands
+/// on generation 0 (every key never recreated with another type) have no such entry, which
+/// keeps their encoding what it was before deletes existed.
+const GENERATION_ORIGIN: NodeId = 0;
+
 impl KeyFrontier {
     pub fn seq_of(&self, origin: NodeId) -> u64 {
         self.entries
             .iter()
             .find(|e| e.origin == origin)
             .map_or(0, |e| e.seq)
+    }
+
+    pub fn total_of(&self, origin: NodeId) -> i64 {
+        self.entries
+            .iter()
+            .find(|e| e.origin == origin)
+            .map_or(0, |e| e.total)
+    }
+
+    /// The generation of the key this frontier was taken on.
+    pub fn generation(&self) -> u64 {
+        match self.entries.first() {
+            Some(e) if e.origin == GENERATION_ORIGIN => e.seq,
+            _ => 0,
+        }
+    }
+
+    /// Record the key's generation (entries stay sorted by origin: 0 sorts first).
+    pub fn with_generation(mut self, generation: u64) -> KeyFrontier {
+        debug_assert_eq!(self.generation(), 0, "one generation per frontier");
+        if generation > 0 {
+            self.entries.insert(
+                0,
+                FrontierEntry {
+                    origin: GENERATION_ORIGIN,
+                    seq: generation,
+                    total: 0,
+                },
+            );
+        }
+        self
+    }
+
+    /// The entries that name facts (without the generation's).
+    pub fn facts(&self) -> &[FrontierEntry] {
+        match self.entries.first() {
+            Some(e) if e.origin == GENERATION_ORIGIN => &self.entries[1..],
+            _ => &self.entries,
+        }
     }
 }
 
@@ -105,11 +150,16 @@ pub enum CommandBody {
     SetRemove {
         element: Vec<u8>,
     },
+    /// Delete the key, whatever its type (observed-reset: what the frontier names is gone,
+    /// facts it did not observe stay; see `state.rs`, "Deletes and generations"). Appended
+    /// last so the encoding of every older body is unchanged.
+    Delete,
 }
 
 impl CommandBody {
-    pub const fn value_type(&self) -> ValueType {
-        match self {
+    /// The type a body writes; `None` for a delete, which applies to any type.
+    pub const fn value_type(&self) -> Option<ValueType> {
+        Some(match self {
             CommandBody::RegisterPut { .. }
             | CommandBody::RegisterDelete
             | CommandBody::RegisterCas { .. } => ValueType::Register,
@@ -121,7 +171,8 @@ impl CommandBody {
             | CommandBody::EscrowGrant { .. } => ValueType::BoundedCounter,
             CommandBody::MaxRaise { .. } | CommandBody::MaxSet { .. } => ValueType::Max,
             CommandBody::SetAdd { .. } | CommandBody::SetRemove { .. } => ValueType::Set,
-        }
+            CommandBody::Delete => return None,
+        })
     }
 
     /// Bounds to use if this command creates a bounded counter.

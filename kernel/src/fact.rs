@@ -5,9 +5,12 @@
 //! gaps, so a replica that applies each origin's facts in order can deduplicate with a single
 //! comparison against its version vector. That is what makes every fact idempotent by id.
 //!
-//! Encoding: a fixed 56-byte little-endian header (`FactHeader`, read and written with
+//! Encoding: a fixed 48-byte little-endian header (`FactHeader`, read and written with
 //! `zerocopy`, so decoding is a bounds check and a cast) followed by the key and one optional
-//! byte payload (a set element or a register value). Lengths are bounded by `KEY_BYTES_MAX` and
+//! byte payload (a set element or a register value). A fact on a key that was deleted and
+//! recreated with another type (generation above 0, see `state.rs`) is format 2: the same
+//! header followed by its generation as 8 more bytes. Generation-0 facts stay format 1, so
+//! everything written before deletes existed reads unchanged. Lengths are bounded by `KEY_BYTES_MAX` and
 //! `PAYLOAD_BYTES_MAX`; a decoder never trusts a length it has not checked against both the
 //! limit and the buffer.
 
@@ -22,6 +25,8 @@ pub const KEY_BYTES_MAX: usize = 4 * 1024;
 pub const PAYLOAD_BYTES_MAX: usize = 1024 * 1024;
 /// Version of the fact encoding, bumped on any incompatible change.
 pub const FACT_FORMAT_VERSION: u8 = 1;
+/// Format 1 followed by the fact's key generation (only written when it is above 0).
+pub const FACT_FORMAT_GENERATION: u8 = 2;
 
 /// Identity of a fact: who admitted it and its position in that node's sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -83,6 +88,8 @@ pub struct FactHeader {
 
 pub const FACT_HEADER_BYTES: usize = size_of::<FactHeader>();
 const _: () = assert!(FACT_HEADER_BYTES == 48);
+/// The longest header: format 2 adds the generation.
+pub const FACT_HEADER_BYTES_MAX: usize = FACT_HEADER_BYTES + size_of::<u64>();
 
 /// A decoded fact borrowing its key and payload from the buffer it was read from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +99,9 @@ pub struct FactRef<'a> {
     pub hlc: HlcTimestamp,
     pub arg: i64,
     pub peer: NodeId,
+    /// The key's generation when the fact was admitted (0 until the key is deleted and
+    /// recreated with another type): facts of an older generation are dropped on delivery.
+    pub generation: u64,
     pub key: &'a [u8],
     pub payload: &'a [u8],
 }
@@ -104,6 +114,7 @@ pub struct Fact {
     pub hlc: HlcTimestamp,
     pub arg: i64,
     pub peer: NodeId,
+    pub generation: u64,
     pub key: Vec<u8>,
     pub payload: Vec<u8>,
 }
@@ -116,6 +127,7 @@ impl Fact {
             hlc: self.hlc,
             arg: self.arg,
             peer: self.peer,
+            generation: self.generation,
             key: &self.key,
             payload: &self.payload,
         }
@@ -130,6 +142,7 @@ impl FactRef<'_> {
             hlc: self.hlc,
             arg: self.arg,
             peer: self.peer,
+            generation: self.generation,
             key: self.key.to_vec(),
             payload: self.payload.to_vec(),
         }
@@ -137,14 +150,26 @@ impl FactRef<'_> {
 
     /// Bytes this fact occupies when encoded.
     pub fn encoded_len(&self) -> usize {
-        FACT_HEADER_BYTES + self.key.len() + self.payload.len()
+        self.header_len() + self.key.len() + self.payload.len()
+    }
+
+    fn header_len(&self) -> usize {
+        if self.generation == 0 {
+            FACT_HEADER_BYTES
+        } else {
+            FACT_HEADER_BYTES_MAX
+        }
     }
 
     /// Append the encoding to `out`. Does not allocate when `out` has room.
     pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), FactError> {
         check_lengths(self.key.len(), self.payload.len())?;
         let header = FactHeader {
-            format: FACT_FORMAT_VERSION,
+            format: if self.generation == 0 {
+                FACT_FORMAT_VERSION
+            } else {
+                FACT_FORMAT_GENERATION
+            },
             kind: self.kind as u8,
             key_bytes: U16::new(self.key.len() as u16),
             payload_bytes: U32::new(self.payload.len() as u32),
@@ -155,6 +180,9 @@ impl FactRef<'_> {
             peer: U64::new(self.peer),
         };
         out.extend_from_slice(header.as_bytes());
+        if self.generation != 0 {
+            out.extend_from_slice(U64::new(self.generation).as_bytes());
+        }
         out.extend_from_slice(self.key);
         out.extend_from_slice(self.payload);
         Ok(())
@@ -180,11 +208,21 @@ pub fn decode_fact(buf: &[u8]) -> Result<(FactRef<'_>, usize), FactError> {
         needed: FACT_HEADER_BYTES,
         available: buf.len(),
     })?;
-    if header.format != FACT_FORMAT_VERSION {
-        return Err(FactError::UnknownFormat {
-            format: header.format,
-        });
-    }
+    let (generation, rest, header_len) = match header.format {
+        FACT_FORMAT_VERSION => (0, rest, FACT_HEADER_BYTES),
+        FACT_FORMAT_GENERATION => {
+            let (generation, rest) =
+                U64::read_from_prefix(rest).map_err(|_| FactError::Truncated {
+                    needed: FACT_HEADER_BYTES_MAX,
+                    available: buf.len(),
+                })?;
+            if generation.get() == 0 {
+                return Err(FactError::ZeroGeneration);
+            }
+            (generation.get(), rest, FACT_HEADER_BYTES_MAX)
+        }
+        format => return Err(FactError::UnknownFormat { format }),
+    };
     let kind =
         FactKind::from_u8(header.kind).ok_or(FactError::UnknownKind { kind: header.kind })?;
     let key_len = header.key_bytes.get() as usize;
@@ -192,7 +230,7 @@ pub fn decode_fact(buf: &[u8]) -> Result<(FactRef<'_>, usize), FactError> {
     check_lengths(key_len, payload_len)?;
     if rest.len() < key_len + payload_len {
         return Err(FactError::Truncated {
-            needed: FACT_HEADER_BYTES + key_len + payload_len,
+            needed: header_len + key_len + payload_len,
             available: buf.len(),
         });
     }
@@ -209,10 +247,11 @@ pub fn decode_fact(buf: &[u8]) -> Result<(FactRef<'_>, usize), FactError> {
         hlc: HlcTimestamp(header.hlc.get()),
         arg: header.arg.get(),
         peer: header.peer.get(),
+        generation,
         key: &rest[..key_len],
         payload: &rest[key_len..key_len + payload_len],
     };
-    Ok((fact, FACT_HEADER_BYTES + key_len + payload_len))
+    Ok((fact, header_len + key_len + payload_len))
 }
 
 /// Iterate over a buffer holding facts back to back (a gossip batch or a WAL record).
@@ -239,7 +278,7 @@ pub enum FactError {
     #[error("fact is truncated: needs {needed} bytes, {available} available")]
     Truncated { needed: usize, available: usize },
     #[error(
-        "fact has format version {format}, this build reads version {FACT_FORMAT_VERSION}; upgrade the node"
+        "fact has format version {format}, this build reads versions {FACT_FORMAT_VERSION} and {FACT_FORMAT_GENERATION}; upgrade the node"
     )]
     UnknownFormat { format: u8 },
     #[error("fact has unknown kind {kind}; the sender runs a newer version, upgrade this node")]
@@ -254,6 +293,10 @@ pub enum FactError {
     PayloadTooLong { len: usize },
     #[error("fact has sequence 0; sequences start at 1")]
     ZeroSequence,
+    #[error(
+        "fact is format 2 with generation 0, which is always written as format 1; the sender is broken, report it"
+    )]
+    ZeroGeneration,
 }
 
 #[cfg(test)]
@@ -268,6 +311,7 @@ mod tests {
             hlc: HlcTimestamp(123),
             arg: -4,
             peer: 0,
+            generation: 0,
             key: b"tags:1".to_vec(),
             payload: b"red".to_vec(),
         };
@@ -289,6 +333,26 @@ mod tests {
             decode_fact(&bad).unwrap_err(),
             FactError::UnknownKind { kind: 99 }
         );
+        // A recreated key's fact carries its generation in 8 more bytes; generation 0 is
+        // byte-for-byte format 1.
+        let recreated = Fact {
+            generation: 3,
+            ..fact.clone()
+        };
+        let mut two = Vec::new();
+        recreated.as_ref().encode_into(&mut two).unwrap();
+        assert_eq!(two.len(), one + 8);
+        assert_eq!(two[0], FACT_FORMAT_GENERATION);
+        assert_eq!(buf[0], FACT_FORMAT_VERSION);
+        let (back, used) = decode_fact(&two).unwrap();
+        assert_eq!((back.to_owned(), used), (recreated, two.len()));
+        assert!(matches!(
+            decode_fact(&two[..FACT_HEADER_BYTES + 4]),
+            Err(FactError::Truncated { .. })
+        ));
+        two[FACT_HEADER_BYTES..FACT_HEADER_BYTES_MAX].fill(0);
+        assert_eq!(decode_fact(&two).unwrap_err(), FactError::ZeroGeneration);
+
         let long_key = vec![b'k'; KEY_BYTES_MAX + 1];
         let too_long = FactRef {
             key: &long_key,

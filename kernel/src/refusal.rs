@@ -16,6 +16,8 @@ pub enum StatusCode {
     ResourceExhausted,
     /// Transient: retrying shortly succeeds.
     Unavailable,
+    /// A conflict with a concurrent change; nothing happened, retrying the whole op is safe.
+    Aborted,
 }
 
 /// Which escrow rights were short.
@@ -59,6 +61,9 @@ pub enum Refusal {
     /// escrow spends wait for the Raft grants that funded them). A new fact now would take a
     /// sequence number one of them holds, so fast-path admission pauses until they apply.
     OwnFactsPending { waiting: usize },
+    /// A command prepared against a key that was deleted and recreated (a new generation)
+    /// before it was ordered: what it observed is gone, so it was not applied.
+    KeyRecreated,
 }
 
 impl Refusal {
@@ -75,6 +80,7 @@ impl Refusal {
             | Refusal::BadAmount
             | Refusal::BoundsTooWide { .. } => StatusCode::InvalidArgument,
             Refusal::OwnFactsPending { .. } => StatusCode::Unavailable,
+            Refusal::KeyRecreated => StatusCode::Aborted,
         }
     }
 
@@ -162,6 +168,10 @@ impl fmt::Display for KeyRefusal<'_> {
                 f,
                 "key '{key}': this node is still re-applying {waiting} of its own earlier writes after a restart \
                  (they wait for escrow rights its Raft groups restore); retry in a moment or at another node"
+            ),
+            Refusal::KeyRecreated => write!(
+                f,
+                "key '{key}' was deleted and recreated while this write was on its way, so it was not applied;                  read the key again and retry"
             ),
         }
     }

@@ -43,7 +43,7 @@ use crate::command::{Command, CommandBody};
 use crate::fact::{Fact, FactError, FactId, FactKind, FactRef};
 use crate::refusal::Refusal;
 use crate::rules::CompiledRules;
-use crate::state::{KeyState, Outcome, Value};
+use crate::state::{KeyRecord, KeyState, Outcome, Value};
 use crate::value::{Mode, Op, OpKind, ValueType};
 use crate::vv::VersionVector;
 use std::collections::{BTreeMap, HashMap};
@@ -85,7 +85,7 @@ type KeyMap = HashMap<Box<[u8]>, KeyEntry, BuildHasherDefault<KeyHasher>>;
 
 #[derive(Clone, Debug)]
 struct KeyEntry {
-    state: KeyState,
+    record: KeyRecord,
     /// The key's mode under `rules_version` (resolving a glob per op would cost more than the
     /// whole fast path).
     rules_version: u64,
@@ -221,16 +221,16 @@ impl Replica {
         node: NodeId,
         rules: CompiledRules,
         vv: VersionVector,
-        keys: impl IntoIterator<Item = (Vec<u8>, KeyState)>,
+        keys: impl IntoIterator<Item = (Vec<u8>, KeyRecord)>,
     ) -> Replica {
         let mut replica = Replica::new(node, rules);
         replica.vv = vv;
-        for (key, state) in keys {
+        for (key, record) in keys {
             let mode = replica.rules.resolve(&key).mode;
             let previous = replica.keys.insert(
                 key.into_boxed_slice(),
                 KeyEntry {
-                    state,
+                    record,
                     rules_version: replica.rules_version,
                     mode,
                     dirty: false,
@@ -244,12 +244,12 @@ impl Replica {
     /// Hand every key changed since the last call to `sink` (with its state), oldest change
     /// first, and mark them clean. The node writes them with the version vector and applied
     /// indexes in one batch.
-    pub fn take_dirty(&mut self, mut sink: impl FnMut(&[u8], &KeyState)) {
+    pub fn take_dirty(&mut self, mut sink: impl FnMut(&[u8], &KeyRecord)) {
         for key in self.dirty.drain(..) {
             let entry = self.keys.get_mut(&key).expect("dirty keys exist");
             debug_assert!(entry.dirty);
             entry.dirty = false;
-            sink(&key, &entry.state);
+            sink(&key, &entry.record);
         }
     }
 
@@ -294,26 +294,37 @@ impl Replica {
         self.rules = rules;
     }
 
+    /// The key's value; `None` when it does not exist or is deleted.
     pub fn read(&self, key: &[u8]) -> Option<Value> {
-        self.keys.get(key).map(|e| e.state.value())
+        self.key_state(key).map(KeyState::value)
     }
 
+    /// The key's state; `None` when it does not exist or is deleted.
     pub fn key_state(&self, key: &[u8]) -> Option<&KeyState> {
-        self.keys.get(key).map(|e| &e.state)
+        self.keys
+            .get(key)
+            .filter(|e| e.record.visible())
+            .map(|e| &e.record.state)
     }
 
+    /// The key as stored, deleted or not.
+    pub fn key_record(&self, key: &[u8]) -> Option<&KeyRecord> {
+        self.keys.get(key).map(|e| &e.record)
+    }
+
+    /// Keys stored, deleted ones' tombstones included.
     pub fn key_count(&self) -> usize {
         self.keys.len()
     }
 
     /// Every key `pred` selects with a copy of its state, sorted by key: what a Raft group
     /// snapshot of this replica holds (pass the group's membership test).
-    pub fn keys_matching(&self, pred: impl Fn(&[u8]) -> bool) -> Vec<(Vec<u8>, KeyState)> {
-        let mut out: Vec<(Vec<u8>, KeyState)> = self
+    pub fn keys_matching(&self, pred: impl Fn(&[u8]) -> bool) -> Vec<(Vec<u8>, KeyRecord)> {
+        let mut out: Vec<(Vec<u8>, KeyRecord)> = self
             .keys
             .iter()
             .filter(|(key, _)| pred(key))
-            .map(|(key, entry)| (key.to_vec(), entry.state.clone()))
+            .map(|(key, entry)| (key.to_vec(), entry.record.clone()))
             .collect();
         // The map's order is arbitrary; outputs must not depend on it.
         out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
@@ -335,30 +346,23 @@ impl Replica {
     /// this replica's prefix) is `BadSnapshot` and leaves the replica untouched.
     pub fn install_snapshot(
         &mut self,
-        keys: impl IntoIterator<Item = (Vec<u8>, KeyState)>,
+        keys: impl IntoIterator<Item = (Vec<u8>, KeyRecord)>,
         in_group: impl Fn(&[u8]) -> bool,
     ) -> Result<usize, ReplicaError> {
         let bad = |key: &[u8], problem: String| ReplicaError::BadSnapshot {
             key: crate::refusal::DisplayKey(key).to_string(),
             problem,
         };
-        let snapshot: BTreeMap<Vec<u8>, KeyState> = {
+        let snapshot: BTreeMap<Vec<u8>, KeyRecord> = {
             let mut map = BTreeMap::new();
             for (key, state) in keys {
                 if !in_group(&key) {
                     return Err(bad(&key, "is not in the snapshot's group".into()));
                 }
                 if let Some(local) = self.keys.get(key.as_slice())
-                    && local.state.value_type() != state.value_type()
+                    && let Err(problem) = local.record.check_join(&state)
                 {
-                    return Err(bad(
-                        &key,
-                        format!(
-                            "is {} in the snapshot but {} here",
-                            state.value_type(),
-                            local.state.value_type()
-                        ),
-                    ));
+                    return Err(bad(&key, problem));
                 }
                 if map.contains_key(&key) {
                     return Err(bad(&key, "appears twice".into()));
@@ -386,7 +390,7 @@ impl Replica {
         for (key, state) in snapshot {
             match self.keys.get_mut(key.as_slice()) {
                 Some(entry) => {
-                    entry.state.join_snapshot(&state);
+                    entry.record.join_snapshot(&state);
                     mark_dirty(&mut self.dirty, entry, &key);
                 }
                 None => {
@@ -396,7 +400,7 @@ impl Replica {
                     self.keys.insert(
                         key,
                         KeyEntry {
-                            state,
+                            record: state,
                             rules_version: self.rules_version,
                             mode,
                             dirty: true,
@@ -414,7 +418,7 @@ impl Replica {
 
     /// This node's quota on a bounded counter key.
     pub fn escrow_view(&self, key: &[u8]) -> Option<EscrowView> {
-        match self.keys.get(key).map(|e| &e.state) {
+        match self.keys.get(key).map(|e| &e.record.state) {
             Some(KeyState::Bounded(b)) => {
                 let (down, up) = b.rights_of(self.node);
                 Some(EscrowView {
@@ -506,7 +510,26 @@ impl Replica {
             entry.mode = self.rules.resolve(key).mode;
             entry.rules_version = rules_version;
         }
-        let escrow = match &entry.state {
+        let key_type = entry.record.state.value_type();
+        // A delete of any other type than a register: through Raft, like a set.
+        if kind == OpKind::RegisterDelete && key_type != ValueType::Register {
+            return match entry.mode {
+                Mode::Available => Err(RefusedOp::new(
+                    key,
+                    Refusal::NeedsConsensus { key_type, op: kind },
+                )),
+                _ => Ok(Admitted::Consensus(ConsensusReason::NonCommutative)),
+            };
+        }
+        // A deleted key written with another type is created anew, in Raft order.
+        if entry.record.tombstone.is_some() && kind.value_type() != key_type {
+            return match classify(entry.mode, None, kind, arg, None) {
+                Admission::Consensus(reason) => Ok(Admitted::Consensus(reason)),
+                Admission::Refused(r) => Err(RefusedOp::new(key, r)),
+                other => unreachable!("a key without a type is never admitted locally: {other:?}"),
+            };
+        }
+        let escrow = match &entry.record.state {
             KeyState::Bounded(b) => {
                 let (down, up) = b.rights_of(self.node);
                 Some(EscrowView {
@@ -517,20 +540,14 @@ impl Replica {
             }
             _ => None,
         };
-        let escrow_path = match classify(
-            entry.mode,
-            Some(entry.state.value_type()),
-            kind,
-            arg,
-            escrow,
-        ) {
+        let escrow_path = match classify(entry.mode, Some(key_type), kind, arg, escrow) {
             Admission::FastPath => false,
             Admission::EscrowLocal => true,
             Admission::Consensus(reason) => return Ok(Admitted::Consensus(reason)),
             Admission::Refused(r) => return Err(RefusedOp::new(key, r)),
         };
         if kind == OpKind::CounterAdd
-            && let KeyState::Counter(n) = &entry.state
+            && let KeyState::Counter(n) = &entry.record.state
             && n.value().checked_add(arg).is_none()
         {
             return Err(RefusedOp::new(key, Refusal::Overflow { op: kind }));
@@ -548,6 +565,7 @@ impl Replica {
             hlc,
             arg,
             peer: 0,
+            generation: entry.record.generation,
             key,
             payload,
         };
@@ -555,8 +573,8 @@ impl Replica {
             refusal: Refusal::BadAmount,
             message: e.to_string(),
         })?;
-        debug_assert!(entry.state.can_apply(&fact));
-        entry.state.apply_fact(&fact);
+        debug_assert!(entry.record.state.can_apply(&fact));
+        entry.record.state.apply_fact(&fact);
         mark_dirty(&mut self.dirty, entry, key);
         self.vv.advance(self.node, id.seq);
         Ok(Admitted::Local {
@@ -579,10 +597,14 @@ impl Replica {
             return Err(RefusedOp::new(key, Refusal::BadAmount));
         }
         self.check_no_own_pending(key)?;
-        let Some(KeyState::Bounded(b)) = self.keys.get(key).map(|e| &e.state) else {
+        let Some((KeyState::Bounded(b), generation)) = self
+            .keys
+            .get(key)
+            .map(|e| (&e.record.state, e.record.generation))
+        else {
             let refusal = match self.keys.get(key) {
                 Some(e) => Refusal::TypeMismatch {
-                    key_type: e.state.value_type(),
+                    key_type: e.record.state.value_type(),
                     op: OpKind::BoundedAdd,
                 },
                 None => Refusal::MissingBounds,
@@ -601,6 +623,7 @@ impl Replica {
             hlc,
             arg: amount,
             peer: to,
+            generation,
             key,
             payload: &[],
         };
@@ -609,7 +632,7 @@ impl Replica {
             message: e.to_string(),
         })?;
         let entry = self.keys.get_mut(key).expect("checked above");
-        entry.state.apply_fact(&fact);
+        entry.record.state.apply_fact(&fact);
         mark_dirty(&mut self.dirty, entry, key);
         self.vv.advance(self.node, id.seq);
         Ok(id)
@@ -624,7 +647,9 @@ impl Replica {
         hlc: HlcTimestamp,
     ) -> Result<Command, RefusedOp> {
         let resolved = self.rules.resolve(key);
-        let existing = self.keys.get(key).map(|e| &e.state);
+        let record = self.keys.get(key).map(|e| &e.record);
+        let generation = record.map_or(0, |r| r.generation);
+        let existing = record.map(|r| &r.state);
         let bounds = match existing {
             Some(KeyState::Bounded(b)) => Some(b.bounds()),
             _ => resolved.bounds,
@@ -632,7 +657,9 @@ impl Replica {
         let need_bounds = || bounds.ok_or_else(|| RefusedOp::new(key, Refusal::MissingBounds));
         let body = match op.clone() {
             Op::RegisterPut { value } => CommandBody::RegisterPut { value },
-            Op::RegisterDelete => CommandBody::RegisterDelete,
+            // Applies to a key of any type (`CommandBody::RegisterDelete` is what older
+            // logs hold).
+            Op::RegisterDelete => CommandBody::Delete,
             Op::RegisterCas { expect, value } => CommandBody::RegisterCas { expect, value },
             Op::CounterAdd { delta } => CommandBody::CounterAdd { delta },
             Op::CounterSet { value } => CommandBody::CounterSet { value },
@@ -650,22 +677,30 @@ impl Replica {
             Op::SetAdd { element } => CommandBody::SetAdd { element },
             Op::SetRemove { element } => CommandBody::SetRemove { element },
         };
-        if let Some(state) = existing
-            && state.value_type() != body.value_type()
+        let mut existing = existing;
+        if let (Some(record), Some(body_type)) = (record, body.value_type())
+            && record.state.value_type() != body_type
         {
-            return Err(RefusedOp::new(
-                key,
-                Refusal::TypeMismatch {
-                    key_type: state.value_type(),
-                    op: op.kind(),
-                },
-            ));
+            if record.tombstone.is_none() {
+                return Err(RefusedOp::new(
+                    key,
+                    Refusal::TypeMismatch {
+                        key_type: record.state.value_type(),
+                        op: op.kind(),
+                    },
+                ));
+            }
+            // Recreates the deleted key with another type: it observes nothing of the old.
+            existing = None;
         }
         Ok(Command {
             key: key.to_vec(),
             hlc,
             proposer: self.node,
-            frontier: existing.map(KeyState::frontier).unwrap_or_default(),
+            frontier: existing
+                .map(KeyState::frontier)
+                .unwrap_or_default()
+                .with_generation(generation),
             absorb: existing.and_then(KeyState::lww_winner),
             body,
         })
@@ -679,7 +714,8 @@ impl Replica {
         up: i64,
         hlc: HlcTimestamp,
     ) -> Result<Command, RefusedOp> {
-        let bounds = match self.keys.get(key).map(|e| &e.state) {
+        let generation = self.keys.get(key).map_or(0, |e| e.record.generation);
+        let bounds = match self.keys.get(key).map(|e| &e.record.state) {
             Some(KeyState::Bounded(b)) => b.bounds(),
             Some(other) => {
                 return Err(RefusedOp::new(
@@ -706,7 +742,7 @@ impl Replica {
                 up,
                 bounds,
             },
-            frontier: Default::default(),
+            frontier: crate::command::KeyFrontier::default().with_generation(generation),
             absorb: None,
         })
     }
@@ -717,7 +753,7 @@ impl Replica {
     pub fn missing_facts(&self, cmd: &Command) -> Vec<(NodeId, u64)> {
         let mut beyond_vv = cmd
             .frontier
-            .entries
+            .facts()
             .iter()
             .filter(|e| self.vv.get(e.origin) < e.seq)
             .peekable();
@@ -728,7 +764,7 @@ impl Replica {
         }
         // The frontier names facts on this key: the key holding them is what counts (after
         // a snapshot install it may hold facts beyond the version vector).
-        let state = self.keys.get(cmd.key.as_slice()).map(|e| &e.state);
+        let state = self.keys.get(cmd.key.as_slice()).map(|e| &e.record.state);
         beyond_vv
             .filter(|e| state.is_none_or(|s| s.fact_seq(e.origin) < e.seq))
             .map(|e| (e.origin, e.seq))
@@ -745,18 +781,26 @@ impl Replica {
                 missing,
             });
         }
+        let generation = cmd.frontier.generation();
+        // Facts only: the state's observed-reset never sees the generation entry.
+        let stripped;
+        let frontier = if generation == 0 {
+            &cmd.frontier
+        } else {
+            stripped = crate::command::KeyFrontier {
+                entries: cmd.frontier.facts().to_vec(),
+            };
+            &stripped
+        };
         let outcome = match self.keys.get_mut(cmd.key.as_slice()) {
+            Some(entry) if entry.record.generation != generation => {
+                // Prepared on an earlier generation: what it observed is gone.
+                Outcome::Refused(Refusal::KeyRecreated)
+            }
             Some(entry) => {
-                let key_type = entry.state.value_type();
-                if key_type != cmd.body.value_type() {
-                    return Ok(Outcome::Refused(Refusal::TypeMismatch {
-                        key_type,
-                        op: body_op_kind(&cmd.body),
-                    }));
-                }
-                let outcome = entry.state.apply_command(
+                let outcome = entry.record.apply_command(
                     &cmd.body,
-                    &cmd.frontier,
+                    frontier,
                     cmd.absorb.as_ref(),
                     cmd.hlc,
                     cmd.proposer,
@@ -764,15 +808,19 @@ impl Replica {
                 mark_dirty(&mut self.dirty, entry, &cmd.key);
                 outcome
             }
+            // A generation is only ever taken from a key that exists.
+            None if generation != 0 => Outcome::Refused(Refusal::KeyRecreated),
+            // Nothing to delete, and a delete creates nothing.
+            None if cmd.body == CommandBody::Delete => Outcome::Deleted { existed: false },
             None => {
-                let mut state =
-                    match KeyState::new(cmd.body.value_type(), cmd.body.creation_bounds()) {
-                        Ok(s) => s,
-                        Err(r) => return Ok(Outcome::Refused(r)),
-                    };
+                let value_type = cmd.body.value_type().expect("a delete is handled above");
+                let mut state = match KeyState::new(value_type, cmd.body.creation_bounds()) {
+                    Ok(s) => s,
+                    Err(r) => return Ok(Outcome::Refused(r)),
+                };
                 let outcome = state.apply_command(
                     &cmd.body,
-                    &cmd.frontier,
+                    frontier,
                     cmd.absorb.as_ref(),
                     cmd.hlc,
                     cmd.proposer,
@@ -783,7 +831,7 @@ impl Replica {
                     self.keys.insert(
                         cmd.key.clone().into_boxed_slice(),
                         KeyEntry {
-                            state,
+                            record: KeyRecord::new(state),
                             rules_version: self.rules_version,
                             mode: self.rules.resolve(&cmd.key).mode,
                             dirty: true,
@@ -846,25 +894,38 @@ impl Replica {
             // Its key is created by a Raft command not applied here yet.
             return Ok(false);
         };
+        match fact.generation.cmp(&entry.record.generation) {
+            // Of a generation the key has left (deleted, or recreated with another type):
+            // counted as applied, and dropped, on every replica alike.
+            std::cmp::Ordering::Less => {
+                self.vv.advance(fact.id.origin, fact.id.seq);
+                return Ok(true);
+            }
+            // Its origin applied the command that began a newer generation; this replica
+            // has not yet.
+            std::cmp::Ordering::Greater => return Ok(false),
+            std::cmp::Ordering::Equal => {}
+        }
+        let state = &mut entry.record.state;
         let fact_type = KeyState::fact_type(fact.kind);
-        if entry.state.value_type() != fact_type {
+        if state.value_type() != fact_type {
             return Err(ReplicaError::TypeConflict {
                 origin: fact.id.origin,
                 seq: fact.id.seq,
                 key: crate::refusal::DisplayKey(fact.key).to_string(),
                 fact_type,
-                key_type: entry.state.value_type(),
+                key_type: state.value_type(),
             });
         }
-        if entry.state.fact_seq(fact.id.origin) >= fact.id.seq {
+        if state.fact_seq(fact.id.origin) >= fact.id.seq {
             // Already on the key (installed with a snapshot): count it, do not apply it again.
             self.vv.advance(fact.id.origin, fact.id.seq);
             return Ok(true);
         }
-        if !entry.state.can_apply(fact) {
+        if !state.can_apply(fact) {
             return Ok(false);
         }
-        entry.state.apply_fact(fact);
+        state.apply_fact(fact);
         mark_dirty(&mut self.dirty, entry, fact.key);
         self.vv.advance(fact.id.origin, fact.id.seq);
         Ok(true)
@@ -911,29 +972,5 @@ fn mark_dirty(dirty: &mut Vec<Box<[u8]>>, entry: &mut KeyEntry, key: &[u8]) {
     if !entry.dirty {
         entry.dirty = true;
         dirty.push(key.into());
-    }
-}
-
-fn body_op_kind(body: &CommandBody) -> OpKind {
-    match body {
-        CommandBody::RegisterPut { .. } => OpKind::RegisterPut,
-        CommandBody::RegisterDelete => OpKind::RegisterDelete,
-        CommandBody::RegisterCas { .. } => OpKind::RegisterCas,
-        CommandBody::Create { value_type, .. } => match value_type {
-            ValueType::Register => OpKind::RegisterPut,
-            ValueType::Counter => OpKind::CounterAdd,
-            ValueType::BoundedCounter => OpKind::BoundedAdd,
-            ValueType::Max => OpKind::MaxRaise,
-            ValueType::Set => OpKind::SetAdd,
-        },
-        CommandBody::CounterAdd { .. } => OpKind::CounterAdd,
-        CommandBody::CounterSet { .. } => OpKind::CounterSet,
-        CommandBody::BoundedAdd { .. } | CommandBody::EscrowGrant { .. } => OpKind::BoundedAdd,
-        CommandBody::BoundedSet { .. } => OpKind::BoundedSet,
-        CommandBody::BoundedSetBounds { .. } => OpKind::BoundedSetBounds,
-        CommandBody::MaxRaise { .. } => OpKind::MaxRaise,
-        CommandBody::MaxSet { .. } => OpKind::MaxSet,
-        CommandBody::SetAdd { .. } => OpKind::SetAdd,
-        CommandBody::SetRemove { .. } => OpKind::SetRemove,
     }
 }

@@ -38,6 +38,34 @@
 //! applies only after the facts it cut, so every cut is at most the snapshot's seq of that
 //! origin. After a join a key may hold facts beyond the replica's version vector;
 //! [`KeyState::fact_seq`] lets the replica recognise them when they are delivered later.
+//!
+//! # Deletes and generations
+//!
+//! Any key can be deleted, through Raft ([`CommandBody::Delete`]). A delete is an
+//! observed-reset like a set: it removes exactly what its frontier names and leaves the facts
+//! it did not observe, so it means the same on every replica whatever they had seen. The key
+//! keeps its type and becomes a tombstone ([`KeyRecord::tombstone`] holds the cut, a Raft
+//! part); reads do not see it until something brings it back:
+//!
+//! - counter: reset to 0; it is visible again once adds it did not observe change it
+//!   (an origin's total differs from the cut's);
+//! - max: its base and every raise it observed are dropped; visible again with a raise;
+//! - set: every add it observed is dropped; visible again with an element;
+//! - register: written absent, as a register delete always was;
+//! - bounded counter: escrow quotas cannot be taken back from nodes that may be spending them
+//!   right now, so the key starts a new *generation* instead: a fresh state (value closest
+//!   to 0 within its bounds, every right in the pool), and every fact of the old generation
+//!   still in flight (spends, transfers) is dropped where it arrives. The bound holds for
+//!   the new generation because its rights are all new.
+//!
+//! Any command that takes effect on a tombstone clears it. One of another type recreates the
+//! key with that type as the next generation, dropping the old state and, wherever they
+//! arrive later, the old generation's facts still in flight. Facts carry the generation
+//! their origin admitted them on (`fact.rs`); commands carry it in their frontier
+//! (`command.rs`), and a command prepared on an older generation than the key has when it
+//! is applied is refused (`KeyRecreated`), identically everywhere. Facts of a newer
+//! generation wait for the command that created it. Tombstones are kept: dropping one
+//! safely needs every node to have applied every fact of the key, which is not tracked.
 
 use crate::clock::{HlcTimestamp, NodeId};
 use crate::command::{CommandBody, FrontierEntry, KeyFrontier, LwwWrite};
@@ -56,6 +84,9 @@ pub enum Outcome {
     CasFailed,
     /// Refused; nothing changed.
     Refused(Refusal),
+    /// A delete applied; `existed`: the key was visible as the delete observed it (false
+    /// for a key never written, or already deleted with nothing since).
+    Deleted { existed: bool },
 }
 
 /// A key's value as a read returns it.
@@ -87,19 +118,232 @@ pub enum KeyState {
 /// Version byte in front of every encoded key state; bumped on incompatible changes.
 /// 2: bounded counters record cumulative grants and transfers (snapshot install).
 pub const KEY_STATE_FORMAT: u8 = 2;
+/// A [`KeyRecord`] with a generation or a tombstone: the format byte, then the whole record.
+/// Records of generation 0 without a tombstone stay format 2 (their bare state).
+pub const KEY_RECORD_FORMAT: u8 = 3;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum StateCodecError {
     #[error("stored key state is empty; the state store is corrupt, restore from a checkpoint")]
     Empty,
     #[error(
-        "stored key state has format {found}, this build reads format {KEY_STATE_FORMAT}; run a matching calm version"
+        "stored key state has format {found}, this build reads formats {KEY_STATE_FORMAT} and {KEY_RECORD_FORMAT}; run a matching calm version"
     )]
     Format { found: u8 },
     #[error(
         "stored key state does not decode ({reason}); the state store is corrupt, restore from a checkpoint"
     )]
     Decode { reason: String },
+}
+
+/// A key as the replica, the state store and Raft snapshots hold it: its state, its
+/// generation and, while deleted, the cut of the delete (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Bumped when the key is recreated with another type, or a bounded counter is deleted.
+    pub generation: u64,
+    /// The frontier the last delete cut at, until a command takes effect on the key.
+    pub tombstone: Option<KeyFrontier>,
+    pub state: KeyState,
+}
+
+impl KeyRecord {
+    /// A key created now: generation 0, not deleted.
+    pub fn new(state: KeyState) -> KeyRecord {
+        KeyRecord {
+            generation: 0,
+            tombstone: None,
+            state,
+        }
+    }
+
+    /// Encode for the state store and snapshots; deterministic, like [`KeyState::encode`].
+    pub fn encode(&self) -> Vec<u8> {
+        if self.generation == 0 && self.tombstone.is_none() {
+            return self.state.encode();
+        }
+        let mut out = vec![KEY_RECORD_FORMAT];
+        postcard::to_io(self, &mut out).expect("encoding into a Vec cannot fail");
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<KeyRecord, StateCodecError> {
+        match bytes.first() {
+            Some(&KEY_RECORD_FORMAT) => {
+                postcard::from_bytes(&bytes[1..]).map_err(|e| StateCodecError::Decode {
+                    reason: e.to_string(),
+                })
+            }
+            _ => KeyState::decode(bytes).map(KeyRecord::new),
+        }
+    }
+
+    /// Whether reads see the key: not deleted, or brought back by what its delete did not
+    /// observe.
+    pub fn visible(&self) -> bool {
+        let Some(cut) = &self.tombstone else {
+            return true;
+        };
+        match &self.state {
+            KeyState::Register(r) => r.visible().0.is_some(),
+            KeyState::Max(m) => m.value.is_some(),
+            KeyState::Set(s) => !s.elements.is_empty(),
+            KeyState::Counter(n) => n.changed_since(cut),
+            KeyState::Bounded(b) => b.numeric.changed_since(cut),
+        }
+    }
+
+    /// Whether a delete observing `frontier` finds the key visible: decided from the
+    /// command and Raft-ordered state only, so every replica answers the same.
+    fn observed_visible(&self, frontier: &KeyFrontier) -> bool {
+        let Some(cut) = &self.tombstone else {
+            return true;
+        };
+        match &self.state {
+            KeyState::Counter(_) | KeyState::Bounded(_) => frontier
+                .facts()
+                .iter()
+                .any(|e| e.total != cut.total_of(e.origin)),
+            KeyState::Max(_) | KeyState::Set(_) | KeyState::Register(_) => frontier
+                .facts()
+                .iter()
+                .any(|e| e.seq > cut.seq_of(e.origin)),
+        }
+    }
+
+    /// Apply a command of this key's generation (the caller checks it and strips the
+    /// generation from `frontier`; every fact inside `frontier` is applied).
+    pub fn apply_command(
+        &mut self,
+        body: &CommandBody,
+        frontier: &KeyFrontier,
+        absorb: Option<&LwwWrite>,
+        hlc: HlcTimestamp,
+        proposer: NodeId,
+    ) -> Outcome {
+        let Some(body_type) = body.value_type() else {
+            return self.delete(frontier, absorb, hlc, proposer);
+        };
+        let key_type = self.state.value_type();
+        if body_type == key_type {
+            let outcome = self
+                .state
+                .apply_command(body, frontier, absorb, hlc, proposer);
+            if outcome == Outcome::Done {
+                self.tombstone = None;
+            }
+            return outcome;
+        }
+        if self.tombstone.is_none() {
+            return Outcome::Refused(Refusal::TypeMismatch {
+                key_type,
+                op: body_op_kind(body),
+            });
+        }
+        // A deleted key recreated with another type: the next generation, from nothing.
+        let mut fresh = match KeyState::new(body_type, body.creation_bounds()) {
+            Ok(s) => s,
+            Err(r) => return Outcome::Refused(r),
+        };
+        let outcome = fresh.apply_command(body, &KeyFrontier::default(), None, hlc, proposer);
+        if !matches!(outcome, Outcome::Refused(_)) {
+            *self = KeyRecord {
+                generation: self.generation + 1,
+                tombstone: None,
+                state: fresh,
+            };
+        }
+        outcome
+    }
+
+    fn delete(
+        &mut self,
+        frontier: &KeyFrontier,
+        absorb: Option<&LwwWrite>,
+        hlc: HlcTimestamp,
+        proposer: NodeId,
+    ) -> Outcome {
+        let mut existed = self.observed_visible(frontier);
+        let mut cut = frontier.clone();
+        match &mut self.state {
+            KeyState::Register(r) => existed = r.delete(frontier, absorb, hlc, proposer),
+            KeyState::Counter(n) => n.set(0, frontier),
+            KeyState::Max(m) => m.reset(None, frontier),
+            KeyState::Set(s) => s.clear(frontier),
+            KeyState::Bounded(b) => {
+                // A fresh generation holds no facts: its cut is empty.
+                cut = KeyFrontier::default();
+                if existed {
+                    let fresh = KeyState::Bounded(BoundedState::new(b.bounds));
+                    self.generation += 1;
+                    self.state = fresh;
+                }
+            }
+        }
+        self.tombstone = Some(cut);
+        Outcome::Deleted { existed }
+    }
+
+    /// Whether a peer's snapshot record of this key can be joined here (see
+    /// [`join_snapshot`](Self::join_snapshot)); `Err` says why not.
+    pub fn check_join(&self, snapshot: &KeyRecord) -> Result<(), String> {
+        if snapshot.generation < self.generation {
+            return Err(format!(
+                "is generation {} in the snapshot but {} here",
+                snapshot.generation, self.generation
+            ));
+        }
+        if snapshot.generation == self.generation
+            && snapshot.state.value_type() != self.state.value_type()
+        {
+            return Err(format!(
+                "is {} in the snapshot but {} here",
+                snapshot.state.value_type(),
+                self.state.value_type()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Join a snapshot record ([`KeyState::join_snapshot`] within one generation). A newer
+    /// generation replaces the local state: this replica has not applied the command that
+    /// began it, so it holds none of its facts (they wait), and the old generation's are
+    /// dropped anyway. The caller has checked [`check_join`](Self::check_join).
+    pub fn join_snapshot(&mut self, snapshot: &KeyRecord) {
+        debug_assert!(self.check_join(snapshot).is_ok());
+        if snapshot.generation > self.generation {
+            self.clone_from(snapshot);
+            return;
+        }
+        self.state.join_snapshot(&snapshot.state);
+        self.tombstone.clone_from(&snapshot.tombstone);
+    }
+}
+
+/// The op kind a command body stands for, in refusals.
+pub fn body_op_kind(body: &CommandBody) -> crate::value::OpKind {
+    use crate::value::OpKind;
+    match body {
+        CommandBody::RegisterPut { .. } => OpKind::RegisterPut,
+        CommandBody::RegisterDelete | CommandBody::Delete => OpKind::RegisterDelete,
+        CommandBody::RegisterCas { .. } => OpKind::RegisterCas,
+        CommandBody::Create { value_type, .. } => match value_type {
+            ValueType::Register => OpKind::RegisterPut,
+            ValueType::Counter => OpKind::CounterAdd,
+            ValueType::BoundedCounter => OpKind::BoundedAdd,
+            ValueType::Max => OpKind::MaxRaise,
+            ValueType::Set => OpKind::SetAdd,
+        },
+        CommandBody::CounterAdd { .. } => OpKind::CounterAdd,
+        CommandBody::CounterSet { .. } => OpKind::CounterSet,
+        CommandBody::BoundedAdd { .. } | CommandBody::EscrowGrant { .. } => OpKind::BoundedAdd,
+        CommandBody::BoundedSet { .. } => OpKind::BoundedSet,
+        CommandBody::BoundedSetBounds { .. } => OpKind::BoundedSetBounds,
+        CommandBody::MaxRaise { .. } => OpKind::MaxRaise,
+        CommandBody::MaxSet { .. } => OpKind::MaxSet,
+        CommandBody::SetAdd { .. } => OpKind::SetAdd,
+        CommandBody::SetRemove { .. } => OpKind::SetRemove,
+    }
 }
 
 impl KeyState {
@@ -493,6 +737,13 @@ impl Numeric {
         self.contributions = contributions;
         self.base = snapshot.base;
         self.value = self.computed_value();
+    }
+
+    /// Whether some origin's adds moved its total away from `cut`'s (a delete's frontier).
+    fn changed_since(&self, cut: &KeyFrontier) -> bool {
+        self.contributions
+            .iter()
+            .any(|c| c.total != cut.total_of(c.origin))
     }
 
     fn computed_value(&self) -> i64 {
@@ -1082,6 +1333,11 @@ impl MaxState {
     }
 
     fn set(&mut self, value: i64, frontier: &KeyFrontier) {
+        self.reset(Some(value), frontier);
+    }
+
+    /// Drop what `frontier` observed and make `base` the Raft-ordered part (`None`: a delete).
+    fn reset(&mut self, base: Option<i64>, frontier: &KeyFrontier) {
         for o in &mut self.origins {
             let cut = frontier.seq_of(o.origin);
             assert!(
@@ -1090,13 +1346,12 @@ impl MaxState {
             );
             o.stack.retain(|&(seq, _)| seq > cut);
         }
-        self.base = Some(value);
+        self.base = base;
         self.value = self
             .origins
             .iter()
             .filter_map(|o| o.stack.first().map(|&(_, v)| v))
-            .fold(value, i64::max)
-            .into();
+            .fold(base, |m, v| Some(m.map_or(v, |m| m.max(v))));
     }
 }
 
@@ -1201,6 +1456,16 @@ impl SetState {
         elements.retain(|_, e| e.ordered || !e.adds.is_empty());
         self.elements = elements;
         self.seqs = join_seqs(&self.seqs, &snapshot.seqs);
+    }
+
+    /// Remove every element as far as `frontier` observed it (a delete).
+    fn clear(&mut self, frontier: &KeyFrontier) {
+        self.elements.retain(|_, e| {
+            e.ordered = false;
+            e.adds
+                .retain(|&(origin, seq)| seq > frontier.seq_of(origin));
+            !e.adds.is_empty()
+        });
     }
 
     fn remove(&mut self, element: &[u8], frontier: &KeyFrontier) {
@@ -1319,14 +1584,25 @@ impl RegisterState {
         self.version += 1;
     }
 
-    fn apply_command(
+    /// A delete: absorb what the command observed, then write absent if the register had a
+    /// value as observed. Returns whether it had.
+    fn delete(
         &mut self,
-        body: &CommandBody,
         frontier: &KeyFrontier,
         absorb: Option<&LwwWrite>,
         hlc: HlcTimestamp,
         proposer: NodeId,
-    ) -> Outcome {
+    ) -> bool {
+        self.absorb(frontier, absorb);
+        let existed = self.base.as_ref().is_some_and(|b| b.value.is_some());
+        if existed {
+            self.write(hlc, proposer, None);
+        }
+        existed
+    }
+
+    /// Drop the LWW writes `frontier` covers, and take the winner the command saw as base.
+    fn absorb(&mut self, frontier: &KeyFrontier, absorb: Option<&LwwWrite>) {
         self.lww.retain(|w| w.seq > frontier.seq_of(w.origin));
         if let Some(a) = absorb {
             let newer = self
@@ -1343,6 +1619,17 @@ impl RegisterState {
                 self.version += 1;
             }
         }
+    }
+
+    fn apply_command(
+        &mut self,
+        body: &CommandBody,
+        frontier: &KeyFrontier,
+        absorb: Option<&LwwWrite>,
+        hlc: HlcTimestamp,
+        proposer: NodeId,
+    ) -> Outcome {
+        self.absorb(frontier, absorb);
         match body {
             CommandBody::RegisterPut { value } => {
                 self.write(hlc, proposer, Some(value.clone()));
@@ -1385,6 +1672,7 @@ mod tests {
             hlc: HlcTimestamp(seq),
             arg,
             peer: 0,
+            generation: 0,
             key: b"k",
             payload: b"",
         }

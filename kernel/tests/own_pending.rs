@@ -14,6 +14,7 @@ fn add(seq: u64, key: &'static [u8]) -> FactRef<'static> {
         hlc: HlcTimestamp(seq),
         arg: 1,
         peer: 0,
+        generation: 0,
         key,
         payload: b"",
     }

@@ -78,13 +78,14 @@ fn step(only: Option<usize>) -> impl Strategy<Value = Step> {
     let client = (0..NODES, prop::sample::select(plain))
         .prop_flat_map(|(node, key)| sim::op_on(key).prop_map(move |(k, op)| (node, k, op)))
         .prop_map(|(node, key, op)| Step::Client { node, key, op });
-    let bounded = (0..NODES, -6i64..=6, 0..5u8).prop_map(|(node, n, kind)| Step::Client {
+    let bounded = (0..NODES, -6i64..=6, 0..7u8).prop_map(|(node, n, kind)| Step::Client {
         node,
         key: KEYS.len(),
-        op: if kind == 0 {
-            Op::BoundedSet { value: n + 10 }
-        } else {
-            Op::BoundedAdd { delta: n }
+        op: match kind {
+            0 => Op::BoundedSet { value: n + 10 },
+            // A new generation: quotas and spends in flight are left behind.
+            6 => Op::RegisterDelete,
+            _ => Op::BoundedAdd { delta: n },
         },
     });
     let escrow_w = if stock_w > 0 { 1 } else { 0 };
@@ -352,6 +353,7 @@ fn fact(origin: NodeId, seq: u64, key: &'static [u8], delta: i64) -> FactRef<'st
         hlc: HlcTimestamp(seq),
         arg: delta,
         peer: 0,
+        generation: 0,
         key,
         payload: b"",
     }
@@ -496,7 +498,8 @@ fn a_snapshot_that_does_not_fit_is_refused_and_changes_nothing() {
         "{err}"
     );
     // A type that differs from the local key's.
-    let wrong = KeyState::new(calm_kernel::ValueType::Max, None).unwrap();
+    let wrong =
+        calm_kernel::KeyRecord::new(KeyState::new(calm_kernel::ValueType::Max, None).unwrap());
     let err = r
         .install_snapshot([(b"k:a".to_vec(), wrong)], all)
         .unwrap_err();

@@ -10,6 +10,7 @@ fn add(origin: u64, seq: u64, key: &'static [u8]) -> FactRef<'static> {
         hlc: HlcTimestamp(seq),
         arg: 1,
         peer: 0,
+        generation: 0,
         key,
         payload: b"",
     }

@@ -11,8 +11,8 @@ use crate::consensus::state_machine::decode_applied;
 use crate::consensus::types::{Entry, EntryPayload, GroupId, LogId};
 use crate::store::{AppliedMeta, StateStore, StoreError};
 use crate::wal::{self, WalError, WalOptions, WalRecordKind};
+use calm_kernel::NodeId;
 use calm_kernel::fact::{Fact, FactError, FactRef, decode_fact, decode_facts};
-use calm_kernel::{KeyState, NodeId};
 use openraft::entry::RaftEntry;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -125,7 +125,7 @@ impl DataDir {
     }
 
     /// A key's stored state.
-    pub fn key(&self, key: &[u8]) -> Result<Option<KeyState>, InspectError> {
+    pub fn key(&self, key: &[u8]) -> Result<Option<calm_kernel::KeyRecord>, InspectError> {
         Ok(self.store.get(key)?)
     }
 
@@ -269,8 +269,8 @@ mod tests {
             .collect();
         assert_eq!(archived, [2, 3]);
         assert!(matches!(
-            data.key(b"c").unwrap(),
-            Some(KeyState::Counter(_))
+            data.key(b"c").unwrap().map(|r| r.state),
+            Some(calm_kernel::KeyState::Counter(_))
         ));
         assert_eq!(data.key(b"absent").unwrap(), None);
         drop(data);

@@ -44,7 +44,7 @@ use crate::wal::{AppendTicket, Wal, WalError, WalIo, WalOptions, WalRecord, WalR
 use calm_kernel::fact::{FactRef, decode_fact};
 use calm_kernel::rules::CompiledRules;
 use calm_kernel::{
-    Admitted, Delivered, FactError, FactId, HlcTimestamp, KeyState, NodeId, Op, RefusedOp, Replica,
+    Admitted, Delivered, FactError, FactId, HlcTimestamp, NodeId, Op, RefusedOp, Replica,
     ReplicaError, VersionVector,
 };
 use std::collections::{BTreeMap, VecDeque};
@@ -264,7 +264,7 @@ pub struct PersistJob {
     barrier: AppendTicket,
     vv: VersionVector,
     groups: BTreeMap<u64, Vec<u8>>,
-    changed: Vec<(Vec<u8>, KeyState)>,
+    changed: Vec<(Vec<u8>, calm_kernel::KeyRecord)>,
     facts: Vec<(FactId, Vec<u8>)>,
     store: Arc<StateStore>,
 }
@@ -975,7 +975,7 @@ fn oldest_checkpoint_vv(checkpoints: &Checkpoints) -> VersionVector {
 type Loaded = (
     StateStore,
     AppliedMeta,
-    Vec<(Vec<u8>, calm_kernel::KeyState)>,
+    Vec<(Vec<u8>, calm_kernel::KeyRecord)>,
 );
 
 /// Create `dir` if it is new and take its lock.

@@ -4,7 +4,7 @@
 //! replays only the WAL after the store's position instead of the whole history. Three column
 //! families:
 //!
-//! - `keys`: key bytes -> `KeyState::encode()` (format byte + deterministic postcard);
+//! - `keys`: key bytes -> `KeyRecord::encode()` (format byte + deterministic postcard);
 //! - `meta`: the [`AppliedMeta`] — the version vector of facts included, each Raft group's
 //!   applied index, and the WAL LSN below which every record is reflected;
 //! - `facts`: the fact archive, origin (u64 BE) ++ seq (u64 BE) -> the encoded fact. Gossip
@@ -17,7 +17,7 @@
 //! it includes. RocksDB's own WAL is off (our WAL replays anything lost from memtables);
 //! `atomic_flush` keeps the column families consistent with each other when they reach disk.
 
-use calm_kernel::state::{KeyState, StateCodecError};
+use calm_kernel::state::{KeyRecord, StateCodecError};
 use calm_kernel::{FactId, NodeId, VersionVector};
 use rocksdb::{
     ColumnFamilyDescriptor, DB, FlushOptions, IteratorMode, Options, ReadOptions, WriteBatch,
@@ -132,7 +132,7 @@ impl StateStore {
     /// Write changed key states and the position they bring the store to, atomically.
     pub fn write<'a>(
         &self,
-        keys: impl IntoIterator<Item = (&'a [u8], &'a KeyState)>,
+        keys: impl IntoIterator<Item = (&'a [u8], &'a KeyRecord)>,
         meta: &AppliedMeta,
     ) -> Result<(), StoreError> {
         self.write_with_facts(keys, std::iter::empty(), meta)
@@ -141,7 +141,7 @@ impl StateStore {
     /// `write`, also archiving `facts` (each one encoded fact) in the same batch.
     pub fn write_with_facts<'a>(
         &self,
-        keys: impl IntoIterator<Item = (&'a [u8], &'a KeyState)>,
+        keys: impl IntoIterator<Item = (&'a [u8], &'a KeyRecord)>,
         facts: impl IntoIterator<Item = (FactId, &'a [u8])>,
         meta: &AppliedMeta,
     ) -> Result<(), StoreError> {
@@ -190,12 +190,12 @@ impl StateStore {
     }
 
     /// Every stored key state, in key order.
-    pub fn load(&self) -> Result<Vec<(Vec<u8>, KeyState)>, StoreError> {
+    pub fn load(&self) -> Result<Vec<(Vec<u8>, KeyRecord)>, StoreError> {
         let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");
         let mut out = Vec::new();
         for item in self.db.iterator_cf(&keys_cf, IteratorMode::Start) {
             let (key, value) = item.map_err(self.io())?;
-            let state = KeyState::decode(&value).map_err(|source| StoreError::Codec {
+            let state = KeyRecord::decode(&value).map_err(|source| StoreError::Codec {
                 path: self.path.clone(),
                 key: String::from_utf8_lossy(&key).into_owned(),
                 source,
@@ -205,12 +205,12 @@ impl StateStore {
         Ok(out)
     }
 
-    pub fn get(&self, key: &[u8]) -> Result<Option<KeyState>, StoreError> {
+    pub fn get(&self, key: &[u8]) -> Result<Option<KeyRecord>, StoreError> {
         let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");
         let Some(bytes) = self.db.get_cf(&keys_cf, key).map_err(self.io())? else {
             return Ok(None);
         };
-        KeyState::decode(&bytes)
+        KeyRecord::decode(&bytes)
             .map(Some)
             .map_err(|source| StoreError::Codec {
                 path: self.path.clone(),

@@ -41,6 +41,7 @@ fn add_fact(origin: NodeId, seq: u64, key: &'static [u8], delta: i64) -> FactRef
         hlc: HlcTimestamp(seq),
         arg: delta,
         peer: 0,
+        generation: 0,
         key,
         payload: b"",
     }

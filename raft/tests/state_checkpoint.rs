@@ -49,7 +49,7 @@ fn assert_same_state(store: &StateStore, r: &Replica) {
     let loaded = store.load().unwrap();
     assert_eq!(loaded.len(), r.key_count());
     for (key, state) in loaded {
-        assert_eq!(Some(&state), r.key_state(&key), "key {key:?}");
+        assert_eq!(Some(&state), r.key_record(&key), "key {key:?}");
     }
 }
 

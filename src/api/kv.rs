@@ -77,14 +77,16 @@ impl Kv for KvService {
                 fatal("making a batch's facts durable", &e);
             }
             node.gossip
-                .publish_many(admitted.iter().map(|(_, f, _)| f.fact.as_slice()));
-            let escrow = admitted.iter().filter(|(_, f, _)| f.escrow).count() as u64;
+                .publish_many(admitted.iter().map(|(_, f, _, _)| f.fact.as_slice()));
+            let escrow = admitted.iter().filter(|(_, f, _, _)| f.escrow).count() as u64;
             metrics::counter!("calm_writes_total", "path" => "escrow").increment(escrow);
             metrics::counter!("calm_writes_total", "path" => "fast")
                 .increment(admitted.len() as u64 - escrow);
             admitted
                 .iter()
-                .map(|(i, f, group)| (*i, Ok(node.fast_response(f.id, f.escrow, *group))))
+                .map(|(i, f, group, deleted)| {
+                    (*i, Ok(node.fast_response(f.id, f.escrow, *group, *deleted)))
+                })
                 .collect::<Vec<_>>()
         };
         // The rest of each key, in order, one op at a time (as `write` would); phase one

@@ -147,6 +147,7 @@ fn status_code(code: StatusCode) -> Code {
         StatusCode::FailedPrecondition => Code::FailedPrecondition,
         StatusCode::ResourceExhausted => Code::ResourceExhausted,
         StatusCode::Unavailable => Code::Unavailable,
+        StatusCode::Aborted => Code::Aborted,
     }
 }
 

@@ -77,7 +77,9 @@ pub(super) fn kernel_op_on(
             Op::SetRemove { element: s.element }
         }
     };
+    // A delete applies to any type, so a rule's type never refuses it.
     if existing.is_none()
+        && !matches!(op, Op::RegisterDelete)
         && let Some(t) = rule_type
         && op_type(&op) != t
     {

@@ -31,6 +31,8 @@ pub(super) enum Pending {
         id: FactId,
         escrow: bool,
         group: u64,
+        /// For a delete (an LWW fact): whether the key had a value here.
+        deleted: bool,
     },
     Consensus {
         cmd: Command,
@@ -46,6 +48,7 @@ impl Node {
         self.request_refill(key, op);
         let hlc = self.hlc.now();
         let mut local = lock(&self.local);
+        let deleted = deletes_a_value(local.replica(), key, op);
         match local.admit(key, op, hlc) {
             Err(e) => fatal("appending a fact to the WAL", &e),
             Ok(Err(r)) => Err(refused(r)),
@@ -59,6 +62,7 @@ impl Node {
                 id,
                 escrow,
                 group: self.consensus.group_map().group_of(key),
+                deleted,
             }),
             Ok(Ok(LocalAdmit {
                 admitted: Admitted::Consensus(_),
@@ -110,7 +114,7 @@ impl Node {
         by_key: BTreeMap<Vec<u8>, KeyOps>,
         done: &mut Vec<(usize, Result<pb::WriteResponse, Status>)>,
     ) -> (
-        Vec<(usize, FastAdmit, u64)>,
+        Vec<(usize, FastAdmit, u64, bool)>,
         Option<AppendTicket>,
         Vec<(Vec<u8>, KeyOps)>,
     ) {
@@ -136,8 +140,9 @@ impl Node {
                     Err(e) => done.push((*i, Err(e))),
                     Ok(op) => {
                         self.request_refill(&key, &op);
+                        let deleted = deletes_a_value(batch.replica(), &key, &op);
                         match batch.admit(&key, &op, self.hlc.now()) {
-                            Ok(Some(admitted)) => fast.push((*i, admitted, group)),
+                            Ok(Some(admitted)) => fast.push((*i, admitted, group, deleted)),
                             Ok(None) => break,
                             Err(e) => fatal("appending a fact to the WAL", &e),
                         }
@@ -171,7 +176,13 @@ impl Node {
     }
 
     /// The answer to a fast-path write of fact `id` in `group`, once it is durable.
-    pub(super) fn fast_response(&self, id: FactId, escrow: bool, group: u64) -> pb::WriteResponse {
+    pub(super) fn fast_response(
+        &self,
+        id: FactId,
+        escrow: bool,
+        group: u64,
+        deleted: bool,
+    ) -> pb::WriteResponse {
         pb::WriteResponse {
             path: if escrow {
                 pb::Path::Escrow
@@ -189,6 +200,7 @@ impl Node {
                 token.merge(&SessionToken::of_entry(group, index));
                 token.encode()
             },
+            deleted,
         }
     }
 
@@ -200,6 +212,7 @@ impl Node {
                 id,
                 escrow,
                 group,
+                deleted,
             } => {
                 if let Err(e) = durable.await {
                     fatal("making a fact durable", &e);
@@ -207,7 +220,7 @@ impl Node {
                 self.gossip.publish(fact);
                 metrics::counter!("calm_writes_total", "path" => if escrow { "escrow" } else { "fast" })
                     .increment(1);
-                Ok(self.fast_response(id, escrow, group))
+                Ok(self.fast_response(id, escrow, group, deleted))
             }
             Pending::Consensus { cmd, barrier } => {
                 self.own_facts_durable(barrier).await;
@@ -219,13 +232,14 @@ impl Node {
                 metrics::counter!("calm_writes_total", "path" => "consensus").increment(1);
                 self.issue_index(proposed.group, proposed.index);
                 let token = SessionToken::of_entry(proposed.group, proposed.index).encode();
-                let (succeeded, version) = match proposed.response {
-                    Response::Done { version } => (true, version),
-                    Response::CasFailed { version } => (false, version),
+                let (succeeded, version, deleted) = match proposed.response {
+                    Response::Done { version } => (true, version, false),
+                    Response::CasFailed { version } => (false, version, false),
+                    Response::Deleted { version, existed } => (true, version, existed),
                     Response::Refused { code, message } => {
                         return Err(Status::new(Code::from_i32(code), message));
                     }
-                    Response::None => (true, 0),
+                    Response::None => (true, 0, false),
                     // `propose` hands each command its own answer.
                     Response::Batch(_) => {
                         return Err(Status::internal(
@@ -238,6 +252,7 @@ impl Node {
                     succeeded,
                     version,
                     token,
+                    deleted,
                 })
             }
         }
@@ -388,4 +403,14 @@ impl Node {
         }
         response
     }
+}
+
+/// Whether `op` is a delete of a key that has a value on `replica` (what a last-writer-wins
+/// delete, admitted here without coordination, reports as `deleted`).
+fn deletes_a_value(replica: &calm_kernel::Replica, key: &[u8], op: &Op) -> bool {
+    matches!(op, Op::RegisterDelete)
+        && replica
+            .read(key)
+            .and_then(super::ops::value_to_pb)
+            .is_some()
 }

@@ -18,6 +18,7 @@ pub async fn write(
 ) -> Result<Exit, CliError> {
     let mut kv = KvClient::new(channel(endpoints).await?);
     for op in ops {
+        let delete = matches!(op, pb::op::Kind::Delete(_));
         let resp = kv
             .write(pb::WriteRequest {
                 key: key.to_vec(),
@@ -27,7 +28,7 @@ pub async fn write(
             .await
             .map_err(|s| CliError::from_status(&s))?
             .into_inner();
-        let exit = print_write(key, &resp, output);
+        let exit = print_write(key, &resp, delete, output);
         if exit != Exit::Done {
             return Ok(exit);
         }
@@ -35,7 +36,10 @@ pub async fn write(
     Ok(Exit::Done)
 }
 
-fn print_write(key: &[u8], resp: &pb::WriteResponse, output: Output) -> Exit {
+/// Print one write's answer. A delete of a key that did not exist is exit 1 ("NOT FOUND",
+/// `"deleted": false`), as `calm get` of a missing key is.
+fn print_write(key: &[u8], resp: &pb::WriteResponse, delete: bool, output: Output) -> Exit {
+    let missing = delete && !resp.deleted;
     match output {
         Output::Json => {
             let mut doc = serde_json::Map::new();
@@ -43,11 +47,19 @@ fn print_write(key: &[u8], resp: &pb::WriteResponse, output: Output) -> Exit {
             doc.insert("path".into(), json!(path_name(resp.path)));
             doc.insert("succeeded".into(), json!(resp.succeeded));
             doc.insert("version".into(), json!(resp.version));
+            if delete {
+                doc.insert("deleted".into(), json!(resp.deleted));
+            }
             doc.insert("token".into(), json!(hex::encode(&resp.token)));
             print_json(&serde_json::Value::Object(doc));
         }
         Output::Table => {
-            let line = if !resp.succeeded {
+            let line = if missing {
+                format!(
+                    "NOT FOUND: key '{}' did not exist; nothing was deleted",
+                    String::from_utf8_lossy(key)
+                )
+            } else if !resp.succeeded {
                 format!(
                     "NOT APPLIED: the condition did not hold (current version {})",
                     resp.version
@@ -60,7 +72,11 @@ fn print_write(key: &[u8], resp: &pb::WriteResponse, output: Output) -> Exit {
             let _ = writeln!(std::io::stdout(), "{line}");
         }
     }
-    if resp.succeeded { Exit::Done } else { Exit::No }
+    if resp.succeeded && !missing {
+        Exit::Done
+    } else {
+        Exit::No
+    }
 }
 
 /// Read `key`; a missing key is exit 1 (its JSON says `"found": false`).

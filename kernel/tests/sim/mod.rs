@@ -298,7 +298,7 @@ impl Cluster {
     }
 
     /// Every key's full state on `node`, sorted by key.
-    pub fn states(&self, node: usize) -> Vec<(Vec<u8>, KeyState)> {
+    pub fn states(&self, node: usize) -> Vec<(Vec<u8>, calm_kernel::KeyRecord)> {
         self.replicas[node].keys_matching(|_| true)
     }
 
@@ -358,8 +358,20 @@ pub fn check_escrow(replica: &Replica) {
     );
 }
 
-/// Ops on the test keys, weighted towards the fast path.
+/// Ops on the test keys, weighted towards the fast path; now and then a delete (any type) or
+/// an op of the next key's type (refused on a live key, recreating a deleted one).
 pub fn op_on(key_index: usize) -> BoxedStrategy<(usize, Op)> {
+    let other = (key_index + 1) % KEYS.len();
+    prop_oneof![
+        12 => typed_op_on(key_index),
+        1 => Just((key_index, Op::RegisterDelete)),
+        1 => typed_op_on(other).prop_map(move |(_, op)| (key_index, op)),
+    ]
+    .boxed()
+}
+
+/// Ops of the key's own type only.
+pub fn typed_op_on(key_index: usize) -> BoxedStrategy<(usize, Op)> {
     let small = -5i64..=5;
     match key_index {
         0 => prop_oneof![

@@ -13,7 +13,7 @@
 //! group is a file written to a temporary name, fsynced, then renamed over the old one.
 
 use super::types::{GroupId, SnapshotMeta};
-use calm_kernel::KeyState;
+use calm_kernel::KeyRecord;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io;
@@ -32,7 +32,7 @@ pub const SNAPSHOT_BYTES_MAX: u64 = 1 << 32;
 pub struct SnapshotBody {
     pub group: GroupId,
     pub meta: SnapshotMeta,
-    /// Key bytes and their `KeyState::encode()` bytes, sorted by key.
+    /// Key bytes and their `KeyRecord::encode()` bytes, sorted by key.
     pub keys: Vec<(Vec<u8>, Vec<u8>)>,
     /// The metadata group's state: the rules in force as their TOML text (`None` before
     /// they are set, and in data groups).
@@ -40,11 +40,11 @@ pub struct SnapshotBody {
 }
 
 impl SnapshotBody {
-    pub fn key_states(&self) -> io::Result<Vec<(Vec<u8>, KeyState)>> {
+    pub fn key_states(&self) -> io::Result<Vec<(Vec<u8>, KeyRecord)>> {
         self.keys
             .iter()
             .map(|(k, v)| {
-                KeyState::decode(v).map(|s| (k.clone(), s)).map_err(|e| {
+                KeyRecord::decode(v).map(|s| (k.clone(), s)).map_err(|e| {
                     invalid(format!(
                         "snapshot of group {} holds a key state that does not decode ({e})",
                         self.group

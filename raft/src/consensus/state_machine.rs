@@ -26,7 +26,7 @@ use crate::local::LocalState;
 use calm_kernel::command::Command;
 use calm_kernel::refusal::StatusCode;
 use calm_kernel::rules::{RuleSet, RulesError};
-use calm_kernel::{KeyState, NodeId, Outcome, ReplicaError};
+use calm_kernel::{KeyRecord, KeyState, NodeId, Outcome, ReplicaError};
 use futures::TryStreamExt;
 use futures::future::BoxFuture;
 use openraft::storage::{EntryResponder, RaftSnapshotBuilder, RaftStateMachine};
@@ -124,12 +124,14 @@ fn response(outcome: Outcome, version: u64) -> Response {
     match outcome {
         Outcome::Done => Response::Done { version },
         Outcome::CasFailed => Response::CasFailed { version },
+        Outcome::Deleted { existed } => Response::Deleted { version, existed },
         Outcome::Refused(r) => Response::Refused {
             code: match r.status() {
                 StatusCode::InvalidArgument => 3,
                 StatusCode::ResourceExhausted => 8,
                 StatusCode::FailedPrecondition => 9,
                 StatusCode::Unavailable => 14,
+                StatusCode::Aborted => 10,
             },
             message: String::new(),
         },
@@ -337,8 +339,12 @@ impl GroupStateMachine {
                             Outcome::Refused(r) => r.on_key(&cmd.key).to_string(),
                             _ => String::new(),
                         };
-                        let version = match local.replica().key_state(&cmd.key) {
-                            Some(KeyState::Register(r)) => r.version(),
+                        // A deleted register's version too: deletes are versions.
+                        let version = match local.replica().key_record(&cmd.key) {
+                            Some(KeyRecord {
+                                state: KeyState::Register(r),
+                                ..
+                            }) => r.version(),
                             _ => 0,
                         };
                         let mut resp = response(outcome, version);

@@ -106,6 +106,9 @@ pub enum Response {
     Refused { code: i32, message: String },
     /// A `Request::Commands` entry: one answer per command, in order.
     Batch(Vec<Response>),
+    /// A delete applied; `existed`: the key was there to delete (etcd's `deleted: 1`).
+    /// Appended last: the encoding of the other answers is unchanged.
+    Deleted { version: u64, existed: bool },
 }
 
 #[cfg(test)]
