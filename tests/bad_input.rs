@@ -341,7 +341,7 @@ async fn bad_input_gets_the_documented_code_and_changes_nothing() {
         ("stock:1", op::sadd("x")),
         ("stock:1", op::raise(1)),
         ("stock:bad", op::put("x")),
-        ("stock:bad", op::delete()),
+        ("stock:bad", op::cas_absent("x")),
     ]
     .iter()
     .enumerate()
