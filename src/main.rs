@@ -120,11 +120,42 @@ enum Command {
     /// Delete a key of any type, through its Raft group (a register in available mode:
     /// last-writer-wins). Exit 1, NOT FOUND, when there was nothing to delete. A deleted key
     /// can be written again with any type.
+    ///
+    /// With --prefix: delete every key starting with it (one Raft delete per key, not
+    /// atomic), and print how many existed; exit 1 when none did.
     #[command(after_help = EXIT_CODES)]
     Del {
-        key: String,
+        #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
+        key: Option<String>,
+        /// Delete every key starting with this.
+        #[arg(long)]
+        prefix: Option<String>,
         #[command(flatten)]
         client: WriteArgs,
+    },
+    /// Keys starting with PREFIX (every key for ""), or in [PREFIX, --range-end), in key
+    /// order with their values, one per line (-w json: one JSON document per line). Exit 1
+    /// when there is none.
+    #[command(after_help = EXIT_CODES)]
+    Scan {
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Scan [PREFIX, RANGE_END) instead: PREFIX is then the first key.
+        #[arg(long)]
+        range_end: Option<String>,
+        /// Print at most this many keys (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: u64,
+        /// Keys only, without values.
+        #[arg(long)]
+        keys_only: bool,
+        /// Print how many keys there are instead.
+        #[arg(long)]
+        count: bool,
+        #[arg(long, value_enum, default_value_t = ConsistencyArg::Linearizable)]
+        consistency: ConsistencyArg,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Compare-and-set a register: write VALUE (or delete) only if it matches the expectation
     /// (exit 1 when it did not).
@@ -507,6 +538,7 @@ impl Command {
             | Sadd { client, .. }
             | Srem { client, .. } => &client.client,
             Get { client, .. }
+            | Scan { client, .. }
             | Smembers { client, .. }
             | Status { client, .. }
             | Health { client }
@@ -625,8 +657,53 @@ async fn run(command: Command) -> Result<Exit> {
             .await?;
             Ok(exit)
         }
-        Command::Del { key, client } => {
-            writes(&client, &key, |_| Ok(vec![Kind::Delete(pb::Delete {})])).await
+        Command::Del {
+            key: Some(key),
+            client,
+            ..
+        } => writes(&client, &key, |_| Ok(vec![Kind::Delete(pb::Delete {})])).await,
+        Command::Del { prefix, client, .. } => {
+            let enc = client.client.encoding();
+            let prefix = enc.decode("prefix", prefix.as_deref().unwrap_or_default())?;
+            if prefix.is_empty() {
+                return Err(CliError::usage(
+                    "--prefix is empty, which would delete every key; give the prefix of the keys to delete",
+                )
+                .into());
+            }
+            let range = cli::scan::Range {
+                key: prefix,
+                range_end: None,
+            };
+            Ok(
+                cli::scan::delete_range(&client.client.endpoints, range, client.client.output)
+                    .await?,
+            )
+        }
+        Command::Scan {
+            prefix,
+            range_end,
+            limit,
+            keys_only,
+            count,
+            consistency: c,
+            client,
+        } => {
+            let enc = client.encoding();
+            let args = cli::scan::ScanArgs {
+                range: cli::scan::Range {
+                    key: enc.decode("key", &prefix)?,
+                    range_end: range_end
+                        .as_deref()
+                        .map(|end| enc.decode("range end", end))
+                        .transpose()?,
+                },
+                limit,
+                keys_only,
+                count,
+                consistency: consistency(c),
+            };
+            Ok(cli::scan::scan(&client.endpoints, args, client.output, enc).await?)
         }
         Command::Cas {
             key,

@@ -204,10 +204,10 @@ impl Node {
         let job = lock(local)
             .begin_persist()
             .unwrap_or_else(|e| fatal("persisting applied state", &e));
-        let (_, written) = job
+        let (_, receipt) = job
             .write()
             .unwrap_or_else(|e| fatal("persisting applied state", &e));
-        lock(local).end_persist(&written);
+        lock(local).end_persist(receipt);
     }
 
     /// Take a checkpoint now (blocking: call from a blocking thread).

@@ -161,6 +161,14 @@ impl Router {
         self.fallback.batch(request).await
     }
 
+    /// `Kv.Scan`: a range spans every group, so it goes to the first endpoint.
+    pub async fn scan(
+        &mut self,
+        request: pb::ScanRequest,
+    ) -> Result<Response<pb::ScanResponse>, Status> {
+        self.fallback.scan(request).await
+    }
+
     fn learn_from<T>(&mut self, group: usize, result: &Result<Response<T>, Status>) {
         match result {
             Ok(r) => self.learn(group, r.metadata()),

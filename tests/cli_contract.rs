@@ -322,3 +322,59 @@ async fn every_type_can_be_deleted_and_recreated() {
     assert_eq!(doc["value"]["type"], "bounded_counter", "{doc}");
     assert_eq!(doc["value"]["value"], 1, "{doc}");
 }
+
+/// `calm scan` prints a range's keys in order, one per line (JSON lines with `-w json`), or
+/// their count; `calm del --prefix` deletes every key of a prefix and prints how many
+/// existed. An empty range is exit 1, as a missing key is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_and_prefix_delete_go_over_a_range() {
+    let c = Cluster::start(3, &[]).await;
+    let ok = |args: &[&str]| {
+        let r = calm(&c, args, b"");
+        assert_eq!(r.code, 0, "calm {args:?}: {} {}", r.out(), r.stderr);
+        r
+    };
+    for i in (0..1_205).step_by(400) {
+        ok(&["put", &format!("app/{i:04}"), &format!("v{i}")]);
+    }
+    ok(&["add", "app/hits", "3"]);
+    ok(&["sadd", "app/tags", "b", "a"]);
+    ok(&["put", "other", "x"]);
+    let r = ok(&["scan", "app/"]);
+    assert_eq!(
+        r.out(),
+        "app/0000\tv0\napp/0400\tv400\napp/0800\tv800\napp/1200\tv1200\napp/hits\t3\napp/tags\t{a, b}\n"
+    );
+    assert_eq!(ok(&["scan", "app/", "--count"]).out().trim(), "6");
+    assert_eq!(
+        ok(&["scan", "app/0400", "--range-end", "app/1200", "--keys-only"]).out(),
+        "app/0400\napp/0800\n"
+    );
+    let r = ok(&["scan", "app/", "--limit", "2", "-w", "json"]);
+    let docs: Vec<serde_json::Value> = r
+        .out()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 2, "{}", r.out());
+    assert_eq!(docs[1]["key"], "app/0400");
+    assert_eq!(docs[1]["value"]["value"], "v400");
+    let r = calm(&c, &["scan", "nothing/"], b"");
+    assert_eq!((r.code, r.out()), (1, String::new()));
+
+    // del --prefix: every key, through the Batch path, counted.
+    assert_eq!(
+        ok(&["del", "--prefix", "app/", "-w", "json"]).json(),
+        json!({"deleted": 6})
+    );
+    assert_eq!(calm(&c, &["scan", "app/"], b"").code, 1);
+    assert_eq!(ok(&["get", "other"]).out().trim(), "x");
+    let r = calm(&c, &["del", "--prefix", "app/"], b"");
+    assert_eq!((r.code, r.out().trim()), (1, "0"));
+    let r = calm(&c, &["del", "--prefix", ""], b"");
+    assert_eq!(
+        r.code, 2,
+        "an empty prefix would delete every key: {}",
+        r.stderr
+    );
+}

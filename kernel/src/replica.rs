@@ -257,6 +257,12 @@ impl Replica {
         self.dirty.len()
     }
 
+    /// The keys changed since the last `take_dirty`, in no particular order: with the store's
+    /// keys, every key this replica holds (a key is never removed, only made a tombstone).
+    pub fn dirty_key_names(&self) -> impl Iterator<Item = &[u8]> {
+        self.dirty.iter().map(|k| &k[..])
+    }
+
     pub fn with_pending_facts_max(mut self, pending_facts_max: usize) -> Replica {
         assert!(pending_facts_max > 0);
         self.pending_facts_max = pending_facts_max;

@@ -6,5 +6,6 @@ pub mod dir_lock;
 pub mod durable_file;
 pub mod inspect;
 pub mod local;
+pub mod scan;
 pub mod store;
 pub mod wal;

@@ -261,19 +261,32 @@ impl Drop for FastBatch<'_> {
 #[must_use = "a captured persist writes nothing until `write`"]
 pub struct PersistJob {
     _gate: GateTicket,
+    /// Its number in capture order (see [`LocalState::persisting`]).
+    job: u64,
     barrier: AppendTicket,
     vv: VersionVector,
     groups: BTreeMap<u64, Vec<u8>>,
-    changed: Vec<(Vec<u8>, calm_kernel::KeyRecord)>,
+    changed: Arc<ChangedKeys>,
     facts: Vec<(FactId, Vec<u8>)>,
     store: Arc<StateStore>,
 }
 
+/// Key states a persist captured, in capture order.
+type ChangedKeys = Vec<(Vec<u8>, calm_kernel::KeyRecord)>;
+
+/// What a written [`PersistJob`] hands back to [`LocalState::end_persist`].
+#[must_use = "pass it to `end_persist`"]
+pub struct PersistReceipt {
+    job: u64,
+    /// The facts now archived in the store.
+    pub facts: Vec<FactId>,
+}
+
 impl PersistJob {
     /// Wait until the barrier is durable, then write the captured states, facts and
-    /// position. Returns the position and the facts now archived in the store (hand them to
-    /// [`LocalState::end_persist`]). An error is fatal, as for `persist`.
-    pub fn write(self) -> Result<(AppliedMeta, Vec<FactId>), LocalError> {
+    /// position. Returns the position and a receipt naming the facts now archived in the
+    /// store (hand it to [`LocalState::end_persist`]). An error is fatal, as for `persist`.
+    pub fn write(self) -> Result<(AppliedMeta, PersistReceipt), LocalError> {
         let barrier = self.barrier.wait()?;
         let meta = AppliedMeta {
             vv: self.vv,
@@ -285,7 +298,11 @@ impl PersistJob {
             self.facts.iter().map(|(id, f)| (*id, f.as_slice())),
             &meta,
         )?;
-        Ok((meta, self.facts.into_iter().map(|(id, _)| id).collect()))
+        let receipt = PersistReceipt {
+            job: self.job,
+            facts: self.facts.into_iter().map(|(id, _)| id).collect(),
+        };
+        Ok((meta, receipt))
     }
 }
 
@@ -367,6 +384,15 @@ pub struct LocalState {
     /// observing them waits (see `own_facts_barrier`). Bounded by the WAL's queue, since
     /// durable ones leave it at every admission.
     own_in_flight: VecDeque<(u64, u64)>,
+    /// Key states captured by persist jobs not ended yet, by job number: they are in neither
+    /// the replica's dirty keys nor (perhaps) the store yet, and a scan must still find them
+    /// (see `scan`).
+    persisting: Vec<(u64, Arc<ChangedKeys>)>,
+    /// Persist jobs captured so far: the next job's number.
+    persist_jobs: u64,
+    /// Persist jobs ended so far. A scan that read the store's keys without this state
+    /// checks it did not move meanwhile (see [`LocalState::scan_epoch`]).
+    persists_ended: u64,
     /// The data directory's lock, held for as long as this state is open (see `dir_lock`).
     _dir_lock: DataDirLock,
 }
@@ -532,6 +558,9 @@ impl LocalState {
             unarchived,
             checkpointed_vv,
             own_in_flight: VecDeque::new(),
+            persisting: Vec::new(),
+            persist_jobs: 0,
+            persists_ended: 0,
             _dir_lock: dir_lock,
         };
         Ok((state, report))
@@ -557,6 +586,11 @@ impl LocalState {
     /// A group's applied position as its state machine recorded it.
     pub fn group_applied(&self, group: u64) -> Option<&[u8]> {
         self.groups.get(&group).map(Vec::as_slice)
+    }
+
+    /// Every group's applied position as its state machine recorded it, by group.
+    pub fn group_positions(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.groups.iter().map(|(g, p)| (*g, p.as_slice()))
     }
 
     /// Record a group's applied position; it reaches the store with the next `persist`.
@@ -849,8 +883,8 @@ impl LocalState {
     /// WAL first (rule 2 of the module docs).
     pub fn persist(&mut self) -> Result<AppliedMeta, LocalError> {
         let job = self.begin_persist()?;
-        let (meta, written) = job.write()?;
-        self.end_persist(&written);
+        let (meta, receipt) = job.write()?;
+        self.end_persist(receipt);
         Ok(meta)
     }
 
@@ -872,6 +906,10 @@ impl LocalState {
         let mut changed = Vec::new();
         self.replica
             .take_dirty(|key, state| changed.push((key.to_vec(), state.clone())));
+        let changed = Arc::new(changed);
+        let job = self.persist_jobs;
+        self.persist_jobs += 1;
+        self.persisting.push((job, changed.clone()));
         let facts = self
             .unarchived
             .iter()
@@ -879,6 +917,7 @@ impl LocalState {
             .collect();
         Ok(PersistJob {
             _gate: gate,
+            job,
             barrier,
             vv: self.replica.version_vector().clone(),
             groups: self.groups.clone(),
@@ -888,11 +927,54 @@ impl LocalState {
         })
     }
 
-    /// After a [`PersistJob`] wrote: its facts are in the store's archive now.
-    pub fn end_persist(&mut self, written: &[FactId]) {
-        for id in written {
+    /// After a [`PersistJob`] wrote: its keys and facts are in the store now.
+    pub fn end_persist(&mut self, receipt: PersistReceipt) {
+        for id in &receipt.facts {
             self.unarchived.remove(&(id.origin, id.seq));
         }
+        let before = self.persisting.len();
+        self.persisting.retain(|(job, _)| *job != receipt.job);
+        assert_eq!(
+            self.persisting.len() + 1,
+            before,
+            "each persist job ends once"
+        );
+        self.persists_ended += 1;
+    }
+
+    /// Where the store stands for [`scan_keys`](Self::scan_keys): the number of persist jobs
+    /// ended, and the store. Keys and states read from the store after this call, merged
+    /// with `scan_keys` under the same epoch, are every key the replica holds, and its
+    /// state for each key `scan_keys` does not list.
+    pub fn scan_epoch(&self) -> (u64, Arc<StateStore>) {
+        (self.persists_ended, self.store.clone())
+    }
+
+    /// The keys in `[from, end)` that the store may lack or hold an older state of, sorted
+    /// and distinct, or `None` when a persist job ended since `epoch` (read the store again:
+    /// keys that job wrote may be missing from what was read, or changed since). Every key
+    /// the replica holds is in the store as of any moment after the last ended job, with the
+    /// replica's state, unless it is dirty or in a persist job not ended (keys are never
+    /// removed, so the store's key set only grows).
+    pub fn scan_keys(&self, epoch: u64, from: &[u8], end: Option<&[u8]>) -> Option<Vec<Vec<u8>>> {
+        if epoch != self.persists_ended {
+            return None;
+        }
+        let in_range = |k: &[u8]| k >= from && end.is_none_or(|end| k < end);
+        let mut keys: Vec<Vec<u8>> = self
+            .replica
+            .dirty_key_names()
+            .chain(
+                self.persisting
+                    .iter()
+                    .flat_map(|(_, changed)| changed.iter().map(|(k, _)| k.as_slice())),
+            )
+            .filter(|k| in_range(k))
+            .map(<[u8]>::to_vec)
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        Some(keys)
     }
 
     /// `persist`, then flush the store to disk: for state that no WAL record can rebuild

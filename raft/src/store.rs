@@ -189,6 +189,38 @@ impl StateStore {
         Ok(count)
     }
 
+    /// Up to `limit` stored keys `k` with `from <= k` (and `k < end` when given), in key
+    /// order, with their states. The iterator reads one RocksDB snapshot, taken when it
+    /// starts.
+    pub fn records_from(
+        &self,
+        from: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, KeyRecord)>, StoreError> {
+        let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");
+        let mut options = ReadOptions::default();
+        if let Some(end) = end {
+            options.set_iterate_upper_bound(end.to_vec());
+        }
+        let mut it = self.db.raw_iterator_cf_opt(&keys_cf, options);
+        it.seek(from);
+        let mut out = Vec::with_capacity(limit.min(4096));
+        while out.len() < limit && it.valid() {
+            let key = it.key().expect("a valid iterator has a key");
+            let value = it.value().expect("a valid iterator has a value");
+            let record = KeyRecord::decode(value).map_err(|source| StoreError::Codec {
+                path: self.path.clone(),
+                key: String::from_utf8_lossy(key).into_owned(),
+                source,
+            })?;
+            out.push((key.to_vec(), record));
+            it.next();
+        }
+        it.status().map_err(self.io())?;
+        Ok(out)
+    }
+
     /// Every stored key state, in key order.
     pub fn load(&self) -> Result<Vec<(Vec<u8>, KeyRecord)>, StoreError> {
         let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");

@@ -446,12 +446,12 @@ fn a_persist_written_without_the_state_loses_nothing_and_keeps_its_order() {
     }
     let (first, written) = job.write().unwrap();
     assert_eq!(first.vv.get(1), 10, "the job covers what it captured");
-    assert_eq!(written.len(), 10);
+    assert_eq!(written.facts.len(), 10);
     let second = later.join().unwrap();
     assert_eq!(second.vv.get(1), 15);
     assert!(second.wal_lsn > first.wal_lsn);
     let mut s = state.lock().unwrap();
-    s.end_persist(&written);
+    s.end_persist(written);
     assert_eq!(
         s.store().meta().unwrap(),
         second,

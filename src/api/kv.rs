@@ -1,10 +1,11 @@
-//! The `calm.v1.Kv` service: Write, Batch and Get.
+//! The `calm.v1.Kv` service: Write, Batch, Get and Scan.
 
 use super::ops::kernel_op;
 use super::pb::kv_server::Kv;
 use super::write::{KeyOps, Pending};
 use super::{
-    BATCH_OPS_MAX, METRIC_BATCH_SECONDS, METRIC_READ_SECONDS, METRIC_WRITE_SECONDS, invalid, pb,
+    BATCH_OPS_MAX, METRIC_BATCH_SECONDS, METRIC_READ_SECONDS, METRIC_SCAN_SECONDS,
+    METRIC_WRITE_SECONDS, invalid, pb,
 };
 use crate::node::{Node, fatal};
 use std::collections::BTreeMap;
@@ -164,5 +165,15 @@ impl Kv for KvService {
             }
             _ => tonic::Response::new(response),
         })
+    }
+
+    async fn scan(
+        &self,
+        request: Request<pb::ScanRequest>,
+    ) -> Result<tonic::Response<pb::ScanResponse>, Status> {
+        let started = Instant::now();
+        let response = self.node.scan(request.into_inner()).await?;
+        metrics::histogram!(METRIC_SCAN_SECONDS).record(started.elapsed());
+        Ok(tonic::Response::new(response))
     }
 }

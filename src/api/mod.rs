@@ -8,7 +8,9 @@
 //!
 //! Reads: `LINEARIZABLE` (the default) waits for a read index of the key's group, then reads
 //! this node's replica; `SERIALIZABLE` reads it as it is; `CAUSAL` waits (bounded) until this
-//! node has applied everything the client's session token names.
+//! node has applied everything the client's session token names. Scan reads a range at the
+//! same levels, one bounded page per call (`scan.rs`; docs/scan.md says what a page
+//! guarantees).
 //!
 //! Every refusal carries the gRPC code of DESIGN.md section 10 and a message saying what to
 //! do; UNAVAILABLE answers name the last known leader in the message and in the
@@ -21,7 +23,7 @@
 //! served by the leader, and fast-path ones, carry none.
 
 //!
-//! One service per file: `kv.rs` (Write, Batch, Get), `admin.rs` (status, rules, explain,
+//! One service per file: `kv.rs` (Write, Batch, Get, Scan; Scan's node side is `scan.rs`), `admin.rs` (status, rules, explain,
 //! checkpoints), `health.rs` (readiness, and the gRPC health service that follows it).
 //! `write.rs` and `read.rs` hold the node's side of a write and a read, which Batch and
 //! other services share; `ops.rs` converts between the wire's ops and values and the
@@ -32,6 +34,7 @@ mod health;
 mod kv;
 mod ops;
 mod read;
+mod scan;
 mod write;
 
 pub use health::Unready;
@@ -76,6 +79,8 @@ pub const METRIC_WRITE_SECONDS: &str = "calm_write_seconds";
 pub const METRIC_READ_SECONDS: &str = "calm_read_seconds";
 /// Seconds a Batch call took inside this node (whatever its ops' outcomes).
 pub const METRIC_BATCH_SECONDS: &str = "calm_batch_seconds";
+/// Seconds a successful Scan call (one page) took inside this node.
+pub const METRIC_SCAN_SECONDS: &str = "calm_scan_seconds";
 
 /// Describe the API's metrics to the installed recorder.
 pub(crate) fn describe_metrics() {
@@ -94,6 +99,16 @@ pub(crate) fn describe_metrics() {
         METRIC_READ_SECONDS,
         Unit::Seconds,
         "Time a successful Get call took inside the node, by consistency"
+    );
+    describe_histogram!(
+        METRIC_SCAN_SECONDS,
+        Unit::Seconds,
+        "Time a successful Scan call (one page) took inside the node"
+    );
+    describe_counter!(
+        "calm_scan_keys_total",
+        Unit::Count,
+        "Keys returned by Scan pages"
     );
     describe_histogram!(
         METRIC_BATCH_SECONDS,

@@ -10,7 +10,7 @@ use tonic::Status;
 
 impl Node {
     /// Wait (bounded) until this node applied what `token` names for `group`.
-    async fn await_token(&self, token: &SessionToken, group: u64) -> Result<(), Status> {
+    pub(super) async fn await_token(&self, token: &SessionToken, group: u64) -> Result<(), Status> {
         let deadline = tokio::time::Instant::now()
             + Duration::from_millis(self.config.raft.request_timeout_ms);
         let index = token.groups.get(&group).copied().unwrap_or(0);

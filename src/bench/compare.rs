@@ -66,6 +66,11 @@ pub enum Workload {
     /// A 10-second partition of one node with increments on both sides, then the time from
     /// healing until every node reads the same exact sums.
     Partition,
+    /// Linearizable pages of 1000 keys with values (calm Scan, etcd Range with a limit),
+    /// one client, 100 pages from random keys of 1M registers (times the scale) loaded
+    /// first: ops are keys returned. Not in the default set (the load takes a minute and
+    /// ~1 GB per member); ask for it with `--workloads scan`.
+    Scan,
 }
 
 pub const ALL_WORKLOADS: [Workload; 9] = [
@@ -92,6 +97,7 @@ impl Workload {
             Workload::BatchAdd => "batch 100 adds x8 (etcd: txn 100 puts)",
             Workload::BatchPut => "batch 100 puts x8 (etcd: txn 100 puts)",
             Workload::Partition => "partition of node 3, heal",
+            Workload::Scan => "scan 1000-key pages x1, of 1M keys",
         }
     }
 
@@ -105,6 +111,7 @@ impl Workload {
             Workload::BatchAdd => (3_000, 8, BATCH),
             Workload::BatchPut => (1_000, 8, BATCH),
             Workload::Partition => (0, 0, 0),
+            Workload::Scan => (100, 1, SCAN_PAGE_KEYS),
         }
     }
 }
@@ -130,6 +137,9 @@ pub struct CompareOptions {
 
 const KEYS: u64 = 1_000;
 const BATCH: u64 = 100;
+/// Registers the scan workload loads at full scale, and keys per page.
+const SCAN_KEYS: u64 = 1_000_000;
+const SCAN_PAGE_KEYS: u64 = 1_000;
 /// Counter keys the partition workload spreads its increments over.
 const PARTITION_KEYS: u64 = 16;
 /// Adds per Batch call during the partition (facts come faster than one call each).
@@ -257,6 +267,8 @@ struct TaskState {
     cas: i64,
     /// etcd increments retried after losing their Txn.
     retries: u64,
+    /// Scan keys loaded.
+    scan_keys: u64,
 }
 
 impl Conn {
@@ -380,6 +392,41 @@ impl Conn {
                 kv.txn(etcd::put_all(keys.iter().map(|k| k.as_slice()), &value(n)))
                     .await?;
             }
+            (conn, Workload::Scan) => {
+                // Pages start where a whole page follows.
+                let span = st.scan_keys.saturating_sub(SCAN_PAGE_KEYS).max(1);
+                let first = (task * 7919 + n * 104_729) % span;
+                let start = key('s', first);
+                // The page's own end: with the prefix's end instead, etcd 3.4 counts every
+                // key to the end of the range for each page (~100 ms a page at 1M keys).
+                let end = key('s', first + SCAN_PAGE_KEYS);
+                let got = match conn {
+                    Conn::Calm(kv, _) => {
+                        let page = kv
+                            .scan(pb::ScanRequest {
+                                start,
+                                end,
+                                limit: SCAN_PAGE_KEYS as u32,
+                                consistency: pb::Consistency::Linearizable as i32,
+                                ..Default::default()
+                            })
+                            .await?
+                            .into_inner();
+                        page.entries.len()
+                    }
+                    Conn::Etcd(kv, _) => {
+                        let mut range = etcd::range(&start, false);
+                        range.range_end = end;
+                        range.limit = SCAN_PAGE_KEYS as i64;
+                        kv.range(range).await?.into_inner().kvs.len()
+                    }
+                };
+                if got as u64 != SCAN_PAGE_KEYS.min(st.scan_keys) {
+                    return Err(tonic::Status::internal(format!(
+                        "a page held {got} keys, {SCAN_PAGE_KEYS} expected"
+                    )));
+                }
+            }
             (_, Workload::Partition) => unreachable!("the partition workload has its own driver"),
         }
         Ok(())
@@ -427,6 +474,62 @@ async fn prepare(system: System, addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// Load `count` registers `s-*` for the scan workload (untimed), 4 calls in flight: calm
+/// Batch calls of 1000 puts, etcd Txns of 100 (etcd's default limit is 128 ops). A failed
+/// call is sent again (a put of the same value twice loads the same key), a few times.
+async fn prepare_scan(system: System, addr: SocketAddr, count: u64) -> Result<()> {
+    const LOADERS: u64 = 4;
+    const ATTEMPTS_MAX: u32 = 5;
+    let per_call = match system {
+        System::Calm => 1_000,
+        System::Etcd => BATCH,
+    };
+    let calls = count.div_ceil(per_call);
+    let mut tasks = Vec::new();
+    for loader in 0..LOADERS {
+        let mut conn = connect(system, addr).await?;
+        tasks.push(tokio::spawn(async move {
+            for call in (loader..calls).step_by(LOADERS as usize) {
+                let keys: Vec<u64> =
+                    (call * per_call..((call + 1) * per_call).min(count)).collect();
+                let mut attempt = 1;
+                while let Err(e) = load_keys(&mut conn, &keys).await {
+                    if attempt == ATTEMPTS_MAX {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+async fn load_keys(conn: &mut Conn, keys: &[u64]) -> Result<()> {
+    match conn {
+        Conn::Calm(kv, _) => {
+            let ops = keys
+                .iter()
+                .map(|&i| write(key('s', i), pb::op::Kind::Put(pb::Put { value: value(i) })))
+                .collect();
+            let r = kv.batch(pb::BatchRequest { ops }).await?.into_inner();
+            batch_error(&r).context("loading calm's scan keys")?;
+        }
+        Conn::Etcd(kv, _) => {
+            let keys: Vec<Vec<u8>> = keys.iter().map(|&i| key('s', i)).collect();
+            kv.txn(etcd::put_all(keys.iter().map(|k| k.as_slice()), &value(0)))
+                .await
+                .context("loading etcd's scan keys")?;
+        }
+    }
+    Ok(())
+}
+
 struct Outcome {
     report: Report,
     retries: u64,
@@ -442,6 +545,8 @@ struct Load {
     connections: u64,
     /// Time bound.
     duration: Duration,
+    /// Scan keys loaded (for the scan workload).
+    scan_keys: u64,
 }
 
 /// Run `w` as `load` says.
@@ -457,6 +562,7 @@ async fn drive(
         concurrency,
         connections,
         duration,
+        scan_keys,
     } = load;
     let per_task = calls.div_ceil(concurrency);
     // Shared connection sets, if asked for: task t clones set t mod N.
@@ -479,7 +585,10 @@ async fn drive(
                     0 => task_conns(system, &endpoints, layout.as_deref()).await?,
                     n => shared[task as usize % n].clone(),
                 };
-                let mut st = TaskState::default();
+                let mut st = TaskState {
+                    scan_keys,
+                    ..TaskState::default()
+                };
                 if w == Workload::Cas {
                     st.cas = conns[0].cas_start(task).await?;
                 }
@@ -722,6 +831,11 @@ async fn run_system(system: System, c: &Cluster, o: &CompareOptions) -> Result<R
         }
         let (calls, concurrency, _) = w.load();
         let calls = ((calls as f64 * o.scale).ceil() as u64).max(concurrency);
+        let scan_keys = ((SCAN_KEYS as f64 * o.scale).ceil() as u64).max(SCAN_PAGE_KEYS);
+        if w == Workload::Scan {
+            eprintln!("bench: {system:?} loading {scan_keys} keys to scan");
+            prepare_scan(system, endpoints[0], scan_keys).await?;
+        }
         eprintln!("bench: {system:?} {}", w.label());
         // Read per workload: leader balancing may still move leaders after start-up.
         let layout = match o.route {
@@ -738,6 +852,7 @@ async fn run_system(system: System, c: &Cluster, o: &CompareOptions) -> Result<R
                 concurrency,
                 connections: o.connections,
                 duration: Duration::from_secs(o.seconds),
+                scan_keys,
             },
         )
         .await?;

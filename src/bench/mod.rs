@@ -37,6 +37,9 @@ pub enum Workload {
     Batch,
     /// Batch calls of `--batch` register puts (Raft; a Batch is not a transaction).
     BatchPut,
+    /// Linearizable Scan pages of `--batch` keys (at most 10000) with their values, each
+    /// from a random key of `--keys` registers; ops are keys returned.
+    Scan,
     /// grpc.health.v1 Check: no calm code at all, so the floor of one call (client, tonic,
     /// HTTP/2, loopback, the node's wake-up) that every other workload pays too.
     Ping,
@@ -102,6 +105,7 @@ fn key(w: Workload, i: u64) -> Vec<u8> {
         | Workload::BatchPut => 'r',
         Workload::Cas => 'c',
         Workload::Add | Workload::Batch => 'n',
+        Workload::Scan => 's',
     };
     format!("{letter}-bench-{i:08}").into_bytes()
 }
@@ -167,6 +171,28 @@ async fn one_call(
             *cas_version = r.version;
         }
         Workload::Ping => ping(health).await?,
+        Workload::Scan => {
+            // Pages start where a whole page follows, so every call returns `--batch` keys.
+            let k = k % o.keys.saturating_sub(o.batch).max(1);
+            let page = kv
+                .scan(pb::ScanRequest {
+                    start: key(o.workload, k),
+                    end: b"s-bench.".to_vec(),
+                    limit: o.batch as u32,
+                    consistency: pb::Consistency::Linearizable as i32,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            // The bench counts `--batch` ops per call: a short page is a failed call.
+            let wanted = o.batch.min(o.keys - k) as usize;
+            if page.entries.len() < wanted {
+                return Err(tonic::Status::internal(format!(
+                    "a scan page from key {k} held {} keys, {wanted} expected",
+                    page.entries.len()
+                )));
+            }
+        }
         Workload::Add => {
             kv.write(write(
                 key(o.workload, k),
@@ -256,6 +282,9 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
     if o.keys == 0 {
         bail!("--keys must be at least 1");
     }
+    if o.workload == Workload::Scan && !(1..=10_000).contains(&o.batch) {
+        bail!("--batch (keys per scan page) must be within 1..=10000");
+    }
     prepare(endpoints, &o).await?;
     let status = match o.route {
         Route::Leader => Some(std::sync::Arc::new(
@@ -311,7 +340,10 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
     }
     let elapsed = started.elapsed();
     latencies_us.sort_unstable();
-    let ops_per_call = if matches!(o.workload, Workload::Batch | Workload::BatchPut) {
+    let ops_per_call = if matches!(
+        o.workload,
+        Workload::Batch | Workload::BatchPut | Workload::Scan
+    ) {
         o.batch
     } else {
         1

@@ -129,7 +129,7 @@ pub async fn get(
     })
 }
 
-fn value_json(v: &pb::Value) -> serde_json::Value {
+pub(super) fn value_json(v: &pb::Value) -> serde_json::Value {
     use pb::value::Kind;
     match &v.kind {
         Some(Kind::Register(r)) => {
@@ -156,7 +156,7 @@ fn value_json(v: &pb::Value) -> serde_json::Value {
 
 /// A value as a table prints it: a register's bytes as they are (or hex), set elements one
 /// per line.
-fn value_text(v: &pb::Value, enc: Encoding) -> Vec<u8> {
+pub(super) fn value_text(v: &pb::Value, enc: Encoding) -> Vec<u8> {
     use pb::value::Kind;
     match &v.kind {
         Some(Kind::Register(r)) => enc.show(&r.value),

@@ -18,12 +18,14 @@
 //!   output prints a value's bytes as they are.
 //!
 //! One file per group of commands: `kv.rs` (put, get, del, cas, add, set, max, sadd, srem,
-//! smembers), `admin.rs` (status, explain, rules, checkpoint), `cluster.rs` (the views over
+//! smembers), `scan.rs` (scan, del --prefix: ranges, printed as JSON lines with `-w json`),
+//! `admin.rs` (status, explain, rules, checkpoint), `cluster.rs` (the views over
 //! every member: `status --cluster`, `health`).
 
 pub mod admin;
 pub mod cluster;
 pub mod kv;
+pub mod scan;
 
 use crate::api::pb;
 pub use crate::client::{DEFAULT_ENDPOINT, Output, connect};

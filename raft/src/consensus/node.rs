@@ -936,6 +936,30 @@ impl Consensus {
     /// Wait until a read of `group` on this node's replica is linearizable (read-index).
     pub async fn read_barrier(&self, group: GroupId) -> Result<(), ProposeError> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let index = self.read_index_by(group, deadline).await?;
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.raft(group)
+            .wait(Some(remaining))
+            .applied_index_at_least(Some(index), "linearizable read")
+            .await
+            .map(|_| ())
+            .map_err(|_| self.timeout(group))
+    }
+
+    /// The read index of `group`: the leader's commit index once it confirmed its
+    /// leadership. Every write acknowledged before this call is at or below it; a read of a
+    /// replica that applied exactly this index is linearizable. Does not wait for this node
+    /// to apply it (see `read_barrier`).
+    pub async fn read_index(&self, group: GroupId) -> Result<u64, ProposeError> {
+        self.read_index_by(group, tokio::time::Instant::now() + self.request_timeout)
+            .await
+    }
+
+    async fn read_index_by(
+        &self,
+        group: GroupId,
+        deadline: tokio::time::Instant,
+    ) -> Result<u64, ProposeError> {
         for _ in 0..LEADER_ATTEMPTS_MAX {
             let Some((leader, addr)) = self.await_leader(group, deadline).await else {
                 return Err(self.no_leader(group));
@@ -1009,14 +1033,7 @@ impl Consensus {
                     }
                 }
             };
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            return self
-                .raft(group)
-                .wait(Some(remaining))
-                .applied_index_at_least(Some(index), "linearizable read")
-                .await
-                .map(|_| ())
-                .map_err(|_| self.timeout(group));
+            return Ok(index);
         }
         Err(self.no_leader(group))
     }
