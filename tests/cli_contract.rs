@@ -46,6 +46,13 @@ fn calm(c: &Cluster, args: &[&str], stdin: &[u8]) -> Run {
     }
 }
 
+/// `calm ARGS` that must exit 0.
+fn calm_ok(c: &Cluster, args: &[&str]) -> Run {
+    let r = calm(c, args, b"");
+    assert_eq!(r.code, 0, "calm {args:?}: {} {}", r.out(), r.stderr);
+    r
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_codes_json_errors_and_binary_values() {
     let c = Cluster::start(3, &[]).await;
@@ -278,11 +285,7 @@ async fn the_cluster_views_cover_every_member() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_can_be_deleted_and_recreated() {
     let c = Cluster::start(3, &[]).await;
-    let ok = |args: &[&str]| {
-        let r = calm(&c, args, b"");
-        assert_eq!(r.code, 0, "calm {args:?}: {} {}", r.out(), r.stderr);
-        r
-    };
+    let ok = |args: &[&str]| calm_ok(&c, args);
     let missing = |key: &str| {
         let r = calm(&c, &["get", key], b"");
         assert_eq!(r.code, 1, "{key} is still there: {}", r.out());
@@ -329,11 +332,7 @@ async fn every_type_can_be_deleted_and_recreated() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scan_and_prefix_delete_go_over_a_range() {
     let c = Cluster::start(3, &[]).await;
-    let ok = |args: &[&str]| {
-        let r = calm(&c, args, b"");
-        assert_eq!(r.code, 0, "calm {args:?}: {} {}", r.out(), r.stderr);
-        r
-    };
+    let ok = |args: &[&str]| calm_ok(&c, args);
     for i in (0..1_205).step_by(400) {
         ok(&["put", &format!("app/{i:04}"), &format!("v{i}")]);
     }
