@@ -131,6 +131,30 @@ async fn scans_page_every_key_of_a_range_in_order_at_every_consistency() {
         Some(pb::value::Kind::Counter(4))
     );
 
+    // The same pages as one stream; a bad request is the call's error.
+    let mut stream = c
+        .kv(3)
+        .await
+        .scan_stream(scan_request("s/", Consistency::Linearizable, 500))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut streamed, mut pages) = (Vec::new(), 0);
+    while let Some(page) = stream.message().await.unwrap() {
+        assert!(page.entries.len() <= 500);
+        streamed.extend(page.entries);
+        pages += 1;
+    }
+    assert_eq!(keys(&streamed), expected);
+    assert!(pages >= 5, "{pages} pages");
+    let e = c
+        .kv(3)
+        .await
+        .scan_stream(scan_request("s/", Consistency::Linearizable, 20_000))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
     // Keys only, counts, a [start, end) range, the default page.
     let mut req = scan_request("s/", Consistency::Linearizable, 0);
     req.keys_only = true;

@@ -167,6 +167,47 @@ impl Kv for KvService {
         })
     }
 
+    type ScanStreamStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::ScanResponse, Status>> + Send + 'static>,
+    >;
+
+    /// Page after page of `scan`, each read when the client polls for it. The first page is
+    /// read before answering, so a bad request is the call's error, not the stream's.
+    async fn scan_stream(
+        &self,
+        request: Request<pb::ScanRequest>,
+    ) -> Result<tonic::Response<Self::ScanStreamStream>, Status> {
+        let req = request.into_inner();
+        let started = Instant::now();
+        let first = self.node.scan(req.clone()).await?;
+        metrics::histogram!(METRIC_SCAN_SECONDS).record(started.elapsed());
+        let node = self.node.clone();
+        // State: the page to send (read already, or to read from `req`), or `None`: done.
+        let pages = futures::stream::try_unfold(Some((Some(first), req)), move |state| {
+            let node = node.clone();
+            async move {
+                let Some((page, mut req)) = state else {
+                    return Ok(None);
+                };
+                let page = match page {
+                    Some(page) => page,
+                    None => {
+                        let started = Instant::now();
+                        let page = node.scan(req.clone()).await?;
+                        metrics::histogram!(METRIC_SCAN_SECONDS).record(started.elapsed());
+                        page
+                    }
+                };
+                let next = (!page.next_page_token.is_empty()).then(|| {
+                    req.page_token = page.next_page_token.clone();
+                    (None, req)
+                });
+                Ok(Some((page, next)))
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(pages)))
+    }
+
     async fn scan(
         &self,
         request: Request<pb::ScanRequest>,

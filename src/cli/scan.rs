@@ -1,6 +1,7 @@
 //! `calm scan` and `calm del --prefix`: commands over a range of keys, page after page.
 //!
-//! Both print as they go, so a range of a million keys never sits in the CLI's memory.
+//! Both print as they go, so a range of a million keys never sits in the CLI's memory:
+//! `scan` reads one ScanStream, `del --prefix` pages with Scan (deleting between pages).
 //! With `-w json` they print JSON lines: one document per key (or one with the count),
 //! then nothing else; an error ends the stream with its own error document.
 
@@ -57,20 +58,23 @@ pub async fn scan(
     req.consistency = args.consistency as i32;
     req.keys_only = args.keys_only;
     req.count_only = args.count;
+    req.limit = match args.limit {
+        0 => PAGE_KEYS,
+        n => PAGE_KEYS.min(u32::try_from(n).unwrap_or(u32::MAX)),
+    };
+    // One stream of pages; dropping it early (the limit reached) cancels the rest.
+    let mut pages = kv
+        .scan_stream(req)
+        .await
+        .map_err(|s| CliError::from_status(&s))?
+        .into_inner();
     let mut printed = 0u64;
     let mut out = std::io::stdout().lock();
-    loop {
-        let remaining = if args.limit == 0 {
-            u64::MAX
-        } else {
-            args.limit - printed
-        };
-        req.limit = PAGE_KEYS.min(u32::try_from(remaining).unwrap_or(u32::MAX));
-        let page = kv
-            .scan(req.clone())
-            .await
-            .map_err(|s| CliError::from_status(&s))?
-            .into_inner();
+    while let Some(page) = pages
+        .message()
+        .await
+        .map_err(|s| CliError::from_status(&s))?
+    {
         if args.count {
             let count = if args.limit == 0 {
                 page.count
@@ -86,13 +90,15 @@ pub async fn scan(
             return Ok(if count > 0 { Exit::Done } else { Exit::No });
         }
         for entry in &page.entries {
+            if args.limit > 0 && printed == args.limit {
+                break;
+            }
             print_entry(&mut out, entry, output, enc);
+            printed += 1;
         }
-        printed += page.entries.len() as u64;
-        if page.next_page_token.is_empty() || (args.limit > 0 && printed >= args.limit) {
+        if args.limit > 0 && printed == args.limit {
             break;
         }
-        req.page_token = page.next_page_token;
     }
     Ok(if printed > 0 { Exit::Done } else { Exit::No })
 }
