@@ -388,11 +388,10 @@ pub struct LocalState {
     /// the replica's dirty keys nor (perhaps) the store yet, and a scan must still find them
     /// (see `scan`).
     persisting: Vec<(u64, Arc<ChangedKeys>)>,
-    /// Persist jobs captured so far: the next job's number.
+    /// Persist jobs captured so far: the next job's number. Less the ones in `persisting`,
+    /// the jobs ended so far: a scan that read the store without this state checks that
+    /// number did not move meanwhile (see [`LocalState::scan_epoch`]).
     persist_jobs: u64,
-    /// Persist jobs ended so far. A scan that read the store's keys without this state
-    /// checks it did not move meanwhile (see [`LocalState::scan_epoch`]).
-    persists_ended: u64,
     /// The data directory's lock, held for as long as this state is open (see `dir_lock`).
     _dir_lock: DataDirLock,
 }
@@ -560,7 +559,6 @@ impl LocalState {
             own_in_flight: VecDeque::new(),
             persisting: Vec::new(),
             persist_jobs: 0,
-            persists_ended: 0,
             _dir_lock: dir_lock,
         };
         Ok((state, report))
@@ -939,7 +937,11 @@ impl LocalState {
             before,
             "each persist job ends once"
         );
-        self.persists_ended += 1;
+    }
+
+    /// Persist jobs ended so far.
+    fn persists_ended(&self) -> u64 {
+        self.persist_jobs - self.persisting.len() as u64
     }
 
     /// Where the store stands for [`scan_keys`](Self::scan_keys): the number of persist jobs
@@ -947,7 +949,7 @@ impl LocalState {
     /// with `scan_keys` under the same epoch, are every key the replica holds, and its
     /// state for each key `scan_keys` does not list.
     pub fn scan_epoch(&self) -> (u64, Arc<StateStore>) {
-        (self.persists_ended, self.store.clone())
+        (self.persists_ended(), self.store.clone())
     }
 
     /// The keys in `[from, end)` that the store may lack or hold an older state of, sorted
@@ -957,7 +959,7 @@ impl LocalState {
     /// replica's state, unless it is dirty or in a persist job not ended (keys are never
     /// removed, so the store's key set only grows).
     pub fn scan_keys(&self, epoch: u64, from: &[u8], end: Option<&[u8]>) -> Option<Vec<Vec<u8>>> {
-        if epoch != self.persists_ended {
+        if epoch != self.persists_ended() {
             return None;
         }
         let in_range = |k: &[u8]| k >= from && end.is_none_or(|end| k < end);

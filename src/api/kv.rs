@@ -178,9 +178,7 @@ impl Kv for KvService {
         request: Request<pb::ScanRequest>,
     ) -> Result<tonic::Response<Self::ScanStreamStream>, Status> {
         let req = request.into_inner();
-        let started = Instant::now();
-        let first = self.node.scan(req.clone()).await?;
-        metrics::histogram!(METRIC_SCAN_SECONDS).record(started.elapsed());
+        let first = timed_scan(&self.node, req.clone()).await?;
         let node = self.node.clone();
         // State: the page to send (read already, or to read from `req`), or `None`: done.
         let pages = futures::stream::try_unfold(Some((Some(first), req)), move |state| {
@@ -191,12 +189,7 @@ impl Kv for KvService {
                 };
                 let page = match page {
                     Some(page) => page,
-                    None => {
-                        let started = Instant::now();
-                        let page = node.scan(req.clone()).await?;
-                        metrics::histogram!(METRIC_SCAN_SECONDS).record(started.elapsed());
-                        page
-                    }
+                    None => timed_scan(&node, req.clone()).await?,
                 };
                 let next = (!page.next_page_token.is_empty()).then(|| {
                     req.page_token = page.next_page_token.clone();
@@ -212,9 +205,15 @@ impl Kv for KvService {
         &self,
         request: Request<pb::ScanRequest>,
     ) -> Result<tonic::Response<pb::ScanResponse>, Status> {
-        let started = Instant::now();
-        let response = self.node.scan(request.into_inner()).await?;
-        metrics::histogram!(METRIC_SCAN_SECONDS).record(started.elapsed());
+        let response = timed_scan(&self.node, request.into_inner()).await?;
         Ok(tonic::Response::new(response))
     }
+}
+
+/// One page of a scan, its time recorded in [`METRIC_SCAN_SECONDS`] when it succeeds.
+async fn timed_scan(node: &Node, req: pb::ScanRequest) -> Result<pb::ScanResponse, Status> {
+    let started = Instant::now();
+    let page = node.scan(req).await?;
+    metrics::histogram!(METRIC_SCAN_SECONDS).record(started.elapsed());
+    Ok(page)
 }

@@ -92,6 +92,13 @@ fn check_bound(what: &str, bytes: &[u8]) -> Result<(), Status> {
 }
 
 impl Scan {
+    fn linearizable(&self) -> bool {
+        matches!(
+            self.consistency,
+            pb::Consistency::Unspecified | pb::Consistency::Linearizable
+        )
+    }
+
     fn parse(req: pb::ScanRequest) -> Result<Scan, Status> {
         check_bound("prefix", &req.prefix)?;
         check_bound("start", &req.start)?;
@@ -160,10 +167,7 @@ impl Node {
     pub async fn scan(&self, req: pb::ScanRequest) -> Result<pb::ScanResponse, Status> {
         let scan = Scan::parse(req)?;
         let groups: Vec<u64> = (1..=self.consensus.group_map().data_groups()).collect();
-        let linearizable = matches!(
-            scan.consistency,
-            pb::Consistency::Unspecified | pb::Consistency::Linearizable
-        );
+        let linearizable = scan.linearizable();
         let stale_reads = linearizable && crate::faults::skip_read_barrier();
         match scan.consistency {
             // A count reads many chunks: the read index comes first, as for Get.
@@ -182,7 +186,7 @@ impl Node {
             _ => {}
         }
         if scan.count_only {
-            return self.count(&scan).await;
+            return self.count(&scan, &groups).await;
         }
         let limits = ChunkLimits {
             keys_max: scan.limit,
@@ -242,7 +246,7 @@ impl Node {
 
     /// count_only: chunk after chunk to the range's end. One cut only if no group's applied
     /// index moved between the chunks and none committed past them.
-    async fn count(&self, scan: &Scan) -> Result<pb::ScanResponse, Status> {
+    async fn count(&self, scan: &Scan, groups: &[u64]) -> Result<pb::ScanResponse, Status> {
         let limits = ChunkLimits {
             keys_max: COUNT_CHUNK_KEYS,
             bytes_max: usize::MAX,
@@ -258,14 +262,9 @@ impl Node {
             last = Some(chunk);
         }
         let last = last.expect("a count reads at least one chunk");
-        let linearizable = matches!(
-            scan.consistency,
-            pb::Consistency::Unspecified | pb::Consistency::Linearizable
-        );
-        let groups: Vec<u64> = (1..=self.consensus.group_map().data_groups()).collect();
-        let atomic = linearizable
+        let atomic = scan.linearizable()
             && first.as_ref() == Some(&last.applied)
-            && self.moved_past(&groups, &last.applied).await?.is_empty();
+            && self.moved_past(groups, &last.applied).await?.is_empty();
         Ok(pb::ScanResponse {
             entries: Vec::new(),
             count,
