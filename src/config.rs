@@ -214,6 +214,30 @@ impl GossipConfig {
     }
 }
 
+/// Watch streams and the change log they follow (see docs/watch.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[serde(default)]
+pub struct WatchConfig {
+    /// Key changes kept in memory for watchers to resume from: a watcher whose token is
+    /// older than what this node kept gets OUT_OF_RANGE.
+    pub retain_events: usize,
+    /// Bytes of those changes kept (keys and values, with ~96 B per event besides).
+    pub retain_bytes: usize,
+    /// Most watch streams open on this node at once; more are refused (RESOURCE_EXHAUSTED).
+    pub watchers_max: usize,
+}
+
+impl Default for WatchConfig {
+    fn default() -> WatchConfig {
+        WatchConfig {
+            retain_events: calm_raft::events::EVENTS_MAX_DEFAULT,
+            retain_bytes: calm_raft::events::EVENT_BYTES_MAX_DEFAULT,
+            watchers_max: 10_000,
+        }
+    }
+}
+
 /// A node's whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -242,6 +266,8 @@ pub struct NodeConfig {
     pub storage: StorageConfig,
     #[serde(default)]
     pub gossip: GossipConfig,
+    #[serde(default)]
+    pub watch: WatchConfig,
 }
 
 /// What flags may override (all optional).
@@ -266,7 +292,7 @@ pub struct Overrides {
 }
 
 /// The top-level settings of [`NodeConfig`], as `CALM_*` variables name them (lower case).
-const SETTINGS: [&str; 11] = [
+const SETTINGS: [&str; 12] = [
     "id",
     "data_dir",
     "client_addr",
@@ -278,6 +304,7 @@ const SETTINGS: [&str; 11] = [
     "raft",
     "storage",
     "gossip",
+    "watch",
 ];
 
 impl NodeConfig {
@@ -391,6 +418,15 @@ impl NodeConfig {
             return Err(invalid(format!(
                 "gossip timing: need push_interval_ms ({}) <= {GOSSIP_PUSH_INTERVAL_MS_MAX} and 1 <= anti_entropy_interval_ms ({}) <= {GOSSIP_ANTI_ENTROPY_INTERVAL_MS_MAX}",
                 self.gossip.push_interval_ms, self.gossip.anti_entropy_interval_ms
+            )));
+        }
+        if self.watch.retain_events == 0
+            || self.watch.retain_bytes < 1 << 20
+            || self.watch.watchers_max == 0
+        {
+            return Err(invalid(format!(
+                "watch: need retain_events ({}) >= 1, retain_bytes ({}) >= 1048576 and watchers_max ({}) >= 1",
+                self.watch.retain_events, self.watch.retain_bytes, self.watch.watchers_max
             )));
         }
         if !["auto", "io_uring", "pwrite"].contains(&self.storage.wal_backend.as_str()) {

@@ -157,6 +157,32 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Follow changes of KEY (or with --prefix, of every key starting with it) as the node
+    /// applies them, one line per event (-w json: one JSON document per line). The last
+    /// token goes to stderr on exit; --from resumes after it on any node, with no event
+    /// missed or repeated.
+    #[command(after_help = EXIT_CODES)]
+    Watch {
+        #[arg(default_value = "")]
+        key: String,
+        /// Watch every key starting with KEY ("" with --prefix: every key).
+        #[arg(long)]
+        prefix: bool,
+        /// Resume after this token (hex, from an earlier watch).
+        #[arg(long)]
+        from: Option<String>,
+        /// Print each event's previous value too.
+        #[arg(long)]
+        prev: bool,
+        /// Stop once this many events were printed (the rest of their response too); 0: never.
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        /// Ask for a progress response after this many idle milliseconds (0: none).
+        #[arg(long, default_value_t = 0)]
+        progress_ms: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Compare-and-set a register: write VALUE (or delete) only if it matches the expectation
     /// (exit 1 when it did not).
     #[command(after_help = format!("{LIMITS}\n{EXIT_CODES}"))]
@@ -299,6 +325,9 @@ enum Command {
         /// leader-aware client); `spread` to the client's own node, which forwards.
         #[arg(long, value_enum, default_value_t = calm::bench::Route::Leader)]
         route: calm::bench::Route,
+        /// Watch streams for `watch`.
+        #[arg(long, default_value_t = 1000)]
+        watchers: u64,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -539,6 +568,7 @@ impl Command {
             | Srem { client, .. } => &client.client,
             Get { client, .. }
             | Scan { client, .. }
+            | Watch { client, .. }
             | Smembers { client, .. }
             | Status { client, .. }
             | Health { client }
@@ -705,6 +735,32 @@ async fn run(command: Command) -> Result<Exit> {
             };
             Ok(cli::scan::scan(&client.endpoints, args, client.output, enc).await?)
         }
+        Command::Watch {
+            key,
+            prefix,
+            from,
+            prev,
+            count,
+            progress_ms,
+            client,
+        } => {
+            let enc = client.encoding();
+            if key.is_empty() && !prefix {
+                return Err(cli::CliError::usage(
+                    "name a KEY to watch, or --prefix (with KEY \"\" for every key)",
+                )
+                .into());
+            }
+            let args = cli::watch::WatchArgs {
+                key: enc.decode("key", &key)?,
+                prefix,
+                from,
+                prev,
+                count,
+                progress_ms,
+            };
+            Ok(cli::watch::watch(&client.endpoints, args, client.output, enc).await?)
+        }
         Command::Cas {
             key,
             value,
@@ -853,6 +909,7 @@ async fn run(command: Command) -> Result<Exit> {
             keys,
             batch,
             route,
+            watchers,
             client,
         } => {
             let workload = workload.context("name a workload, or `compare`")?;
@@ -866,6 +923,7 @@ async fn run(command: Command) -> Result<Exit> {
                     duration: std::time::Duration::from_secs(seconds),
                     keys,
                     batch,
+                    watchers,
                 },
             )
             .await?;

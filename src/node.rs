@@ -284,6 +284,10 @@ impl Node {
                 backend: wal_backend(&config.storage.wal_backend),
                 ..WalOptions::default()
             },
+            events: calm_raft::events::EventLimits {
+                events_max: config.watch.retain_events,
+                bytes_max: config.watch.retain_bytes,
+            },
             ..LocalOptions::default()
         };
         // Before the WAL exists: a directory without one is a new cluster's.

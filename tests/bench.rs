@@ -67,4 +67,17 @@ async fn every_workload_runs_every_call_without_errors() {
         assert_eq!(report["errors"], 0, "{workload}: {report}");
         assert_eq!(report["ops"], 80, "8 calls of 10 {ops}: {report}");
     }
+    // Watch fan-out: every put reaches every watcher, once.
+    let args = [
+        "watch",
+        "--ops",
+        "60",
+        "--concurrency",
+        "4",
+        "--watchers",
+        "7",
+    ];
+    let report = bench(&endpoints, &args);
+    assert_eq!(report["errors"], 0, "{report}");
+    assert_eq!(report["ops"], 7 * 60, "60 puts to 7 watchers: {report}");
 }

@@ -377,3 +377,73 @@ async fn scan_and_prefix_delete_go_over_a_range() {
         r.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_events_and_resumes_from_its_token() {
+    use std::io::{BufRead, BufReader, Read};
+    let c = Cluster::start(3, &[]).await;
+    let ok = |args: &[&str]| calm_ok(&c, args);
+    let mut watcher = Command::new(env!("CARGO_BIN_EXE_calm"))
+        .args(["watch", "cfg/", "--prefix", "--prev", "--count", "3"])
+        .env("CALM_ENDPOINTS", c.nodes[0].client.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("calm runs");
+    let mut stderr = BufReader::new(watcher.stderr.take().unwrap());
+    let mut created = String::new();
+    stderr.read_line(&mut created).unwrap();
+    assert!(created.starts_with("watching; token: "), "{created}");
+    ok(&["put", "cfg/a", "1"]);
+    ok(&["put", "other", "not watched"]);
+    ok(&["put", "cfg/a", "2"]);
+    ok(&["del", "cfg/a"]);
+    let status = watcher.wait().unwrap();
+    let mut out = String::new();
+    watcher
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert!(status.success(), "{out} {rest}");
+    assert_eq!(
+        out,
+        "PUT\tcfg/a\t1\nPUT\tcfg/a\t2\t(was 1)\nDELETE\tcfg/a\t(was 2)\n"
+    );
+    let token = rest
+        .lines()
+        .find_map(|l| l.strip_prefix("token: "))
+        .expect("the last token on stderr")
+        .to_string();
+
+    // From that token, on another node: only what came after.
+    ok(&["put", "cfg/b", "3"]);
+    let r = calm(
+        &c,
+        &[
+            "watch",
+            "cfg/",
+            "--prefix",
+            "--from",
+            &token,
+            "--count",
+            "1",
+            "-w",
+            "json",
+            "--endpoints",
+            &c.nodes[1].client.to_string(),
+        ],
+        b"",
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let doc: serde_json::Value = serde_json::from_str(r.out().trim()).unwrap();
+    assert_eq!(doc["kind"], "PUT");
+    assert_eq!(doc["key"], "cfg/b");
+    assert_eq!(doc["value"]["value"], "3");
+    assert!(doc["token"].is_string(), "{doc}");
+    let r = calm(&c, &["watch", "cfg/", "--prefix", "--from", "zz"], b"");
+    assert_eq!(r.code, 2, "{}", r.stderr);
+}

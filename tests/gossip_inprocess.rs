@@ -174,6 +174,7 @@ fn local_options(checkpoints_kept: usize) -> LocalOptions {
             ..WalOptions::default()
         },
         checkpoints_kept,
+        ..LocalOptions::default()
     }
 }
 

@@ -52,7 +52,7 @@ pub use clock::{HlcTimestamp, NodeId};
 pub use command::{Command, CommandBody, FrontierEntry, KeyFrontier, LwwWrite};
 pub use fact::{Fact, FactError, FactId, FactKind, FactRef};
 pub use refusal::{Refusal, StatusCode};
-pub use replica::{Admitted, Delivered, RefusedOp, Replica, ReplicaError};
+pub use replica::{Admitted, Change, ChangeCause, Delivered, RefusedOp, Replica, ReplicaError};
 pub use state::{KeyRecord, KeyState, Outcome, Value};
 pub use value::{Bounds, CasExpect, Mode, Op, OpKind, ValueType};
 pub use vv::VersionVector;

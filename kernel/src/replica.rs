@@ -15,7 +15,11 @@
 //! - **Raft snapshot install** per group (`install_snapshot`): a lagging replica joins a
 //!   peer's key states taken at a later log index of the group (see
 //!   `KeyState::join_snapshot`);
-//! - the **rules** in force, as a compiled snapshot switched at a Raft log position.
+//! - the **rules** in force, as a compiled snapshot switched at a Raft log position;
+//! - when asked (`with_journal`), a **journal** of every key change in apply order, each
+//!   with its cause and the key's value before and after: what watchers are told. A
+//!   snapshot install is not journaled (it stands for entries this replica never applied:
+//!   the caller tells watchers of the gap).
 //!
 //! # Facts beyond the version vector
 //!
@@ -183,6 +187,41 @@ impl RefusedOp {
     }
 }
 
+/// Why a key changed (see [`Replica::with_journal`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeCause {
+    /// A fast-path fact: admitted here, delivered by a peer or replayed. A fact a snapshot
+    /// install had already put on its key is journaled too when it is delivered (its value
+    /// then does not change), so every node journals each applied fact once.
+    Fact(FactId),
+    /// A Raft command that took effect (a failed compare-and-set or a refusal changes
+    /// nothing and is not journaled); the caller knows its group and log index.
+    Command,
+}
+
+/// One change of one key, as the journal records it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub key: Box<[u8]>,
+    pub cause: ChangeCause,
+    /// The fact's or command's timestamp.
+    pub hlc: HlcTimestamp,
+    /// The value before and after; `None`: the key did not exist or was deleted.
+    pub prev: Option<Value>,
+    pub value: Option<Value>,
+}
+
+/// The value a read of `record` returns (`None`: absent or deleted).
+fn visible_value(record: &KeyRecord) -> Option<Value> {
+    if !record.visible() {
+        return None;
+    }
+    match record.state.value() {
+        Value::Register { value: None, .. } => None,
+        value => Some(value),
+    }
+}
+
 #[derive(Clone)]
 pub struct Replica {
     node: NodeId,
@@ -195,6 +234,8 @@ pub struct Replica {
     rules_version: u64,
     /// Keys changed since the last `take_dirty`, for the node to persist in one batch.
     dirty: Vec<Box<[u8]>>,
+    /// Changes since the last `take_journal`, in apply order; `None`: not journaling.
+    journal: Option<Vec<Change>>,
 }
 
 impl Replica {
@@ -210,7 +251,29 @@ impl Replica {
             rules,
             rules_version,
             dirty: Vec::new(),
+            journal: None,
         }
+    }
+
+    /// Journal every key change from now on (see [`Change`]); the caller takes them with
+    /// [`take_journal`](Self::take_journal) after each call that may change keys. Costs a
+    /// copy of the key and of its value before and after per change.
+    pub fn with_journal(mut self) -> Replica {
+        self.journal = Some(Vec::new());
+        self
+    }
+
+    /// The changes journaled since the last call, in apply order (empty when not journaling).
+    pub fn take_journal(&mut self) -> Vec<Change> {
+        self.journal
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Whether changes wait in the journal.
+    pub fn journal_pending(&self) -> usize {
+        self.journal.as_ref().map_or(0, Vec::len)
     }
 
     /// Rebuild from persisted state: every key's state and the version vector of facts
@@ -580,8 +643,18 @@ impl Replica {
             message: e.to_string(),
         })?;
         debug_assert!(entry.record.state.can_apply(&fact));
+        let prev = self.journal.as_ref().map(|_| visible_value(&entry.record));
         entry.record.state.apply_fact(&fact);
         mark_dirty(&mut self.dirty, entry, key);
+        if let (Some(journal), Some(prev)) = (&mut self.journal, prev) {
+            journal.push(Change {
+                key: key.into(),
+                cause: ChangeCause::Fact(id),
+                hlc,
+                prev,
+                value: visible_value(&entry.record),
+            });
+        }
         self.vv.advance(self.node, id.seq);
         Ok(Admitted::Local {
             id,
@@ -804,6 +877,7 @@ impl Replica {
                 Outcome::Refused(Refusal::KeyRecreated)
             }
             Some(entry) => {
+                let prev = self.journal.as_ref().map(|_| visible_value(&entry.record));
                 let outcome = entry.record.apply_command(
                     &cmd.body,
                     frontier,
@@ -812,6 +886,17 @@ impl Replica {
                     cmd.proposer,
                 );
                 mark_dirty(&mut self.dirty, entry, &cmd.key);
+                if let (Some(journal), Some(prev)) = (&mut self.journal, prev)
+                    && took_effect(&outcome)
+                {
+                    journal.push(Change {
+                        key: cmd.key.as_slice().into(),
+                        cause: ChangeCause::Command,
+                        hlc: cmd.hlc,
+                        prev,
+                        value: visible_value(&entry.record),
+                    });
+                }
                 outcome
             }
             // A generation is only ever taken from a key that exists.
@@ -834,10 +919,22 @@ impl Replica {
                 // A refused first command leaves no key behind, so the key's type is fixed
                 // only by a command that took effect.
                 if !matches!(outcome, Outcome::Refused(_)) {
+                    let record = KeyRecord::new(state);
+                    if let Some(journal) = &mut self.journal
+                        && took_effect(&outcome)
+                    {
+                        journal.push(Change {
+                            key: cmd.key.as_slice().into(),
+                            cause: ChangeCause::Command,
+                            hlc: cmd.hlc,
+                            prev: None,
+                            value: visible_value(&record),
+                        });
+                    }
                     self.keys.insert(
                         cmd.key.clone().into_boxed_slice(),
                         KeyEntry {
-                            record: KeyRecord::new(state),
+                            record,
                             rules_version: self.rules_version,
                             mode: self.rules.resolve(&cmd.key).mode,
                             dirty: true,
@@ -925,14 +1022,34 @@ impl Replica {
         }
         if state.fact_seq(fact.id.origin) >= fact.id.seq {
             // Already on the key (installed with a snapshot): count it, do not apply it again.
+            if let Some(journal) = &mut self.journal {
+                let value = visible_value(&entry.record);
+                journal.push(Change {
+                    key: fact.key.into(),
+                    cause: ChangeCause::Fact(fact.id),
+                    hlc: fact.hlc,
+                    prev: value.clone(),
+                    value,
+                });
+            }
             self.vv.advance(fact.id.origin, fact.id.seq);
             return Ok(true);
         }
         if !state.can_apply(fact) {
             return Ok(false);
         }
-        state.apply_fact(fact);
+        let prev = self.journal.as_ref().map(|_| visible_value(&entry.record));
+        entry.record.state.apply_fact(fact);
         mark_dirty(&mut self.dirty, entry, fact.key);
+        if let (Some(journal), Some(prev)) = (&mut self.journal, prev) {
+            journal.push(Change {
+                key: fact.key.into(),
+                cause: ChangeCause::Fact(fact.id),
+                hlc: fact.hlc,
+                prev,
+                value: visible_value(&entry.record),
+            });
+        }
         self.vv.advance(fact.id.origin, fact.id.seq);
         Ok(true)
     }
@@ -971,6 +1088,11 @@ impl Replica {
             }
         }
     }
+}
+
+/// Whether a command's outcome changed its key (what the journal records).
+fn took_effect(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Done | Outcome::Deleted { existed: true })
 }
 
 /// Note that `entry` changed; allocates only when a clean key becomes dirty.

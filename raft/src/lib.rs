@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod consensus;
 pub mod dir_lock;
 pub mod durable_file;
+pub mod events;
 pub mod inspect;
 pub mod local;
 pub mod scan;

@@ -29,6 +29,13 @@
 //! [`LocalState::prune_archive`] deletes facts every node keeps through any recovery (gossip
 //! computes that floor from the [`LocalState::checkpointed_vv`] of every node).
 //!
+//! # The change log
+//!
+//! The replica journals every key change; each call here that applies something publishes
+//! the changes to the node's [`EventLog`] before it returns (under the caller's lock, so in
+//! apply order), tagged with what caused them. Raft applies go through
+//! [`LocalState::publish_entry`] and [`LocalState::publish_snapshot`].
+//!
 //! Facts delivered by peers are appended to the WAL too, in the order they were applied, so
 //! replay re-applies every durable fact in its original order. Without that, a crash would
 //! forget delivered facts newer than the store's last flush while keeping this node's own
@@ -39,12 +46,13 @@ use crate::checkpoint::{CHECKPOINTS_KEPT_DEFAULT, CheckpointError, Checkpoints};
 use crate::consensus::RaftLogs;
 use crate::consensus::state_machine::decode_applied;
 use crate::dir_lock::{DataDirLock, DirLockError};
+use crate::events::{EventLimits, EventLog, Position};
 use crate::store::{AppliedMeta, StateStore, StoreError};
 use crate::wal::{AppendTicket, Wal, WalError, WalIo, WalOptions, WalRecord, WalRecordKind};
 use calm_kernel::fact::{FactRef, decode_fact};
 use calm_kernel::rules::CompiledRules;
 use calm_kernel::{
-    Admitted, Delivered, FactError, FactId, HlcTimestamp, NodeId, Op, RefusedOp, Replica,
+    Admitted, Change, Delivered, FactError, FactId, HlcTimestamp, NodeId, Op, RefusedOp, Replica,
     ReplicaError, VersionVector,
 };
 use std::collections::{BTreeMap, VecDeque};
@@ -170,6 +178,8 @@ pub struct FastBatch<'a> {
     own_seqs: Vec<u64>,
     /// The last append's ticket: it resolves only once every earlier append is durable.
     durable: Option<AppendTicket>,
+    /// Changes of the facts in `payload`, published with its append.
+    changes: Vec<Change>,
 }
 
 /// A fact a [`FastBatch`] admitted.
@@ -214,6 +224,7 @@ impl FastBatch<'_> {
         }
         self.payload.extend_from_slice(&encoded);
         self.own_seqs.push(id.seq);
+        self.changes.extend(self.local.replica.take_journal());
         self.local
             .unarchived
             .insert((id.origin, id.seq), encoded.clone());
@@ -240,6 +251,9 @@ impl FastBatch<'_> {
         for seq in self.own_seqs.drain(..) {
             self.local.note_own_fact(seq, &ticket);
         }
+        self.local
+            .events
+            .publish(std::mem::take(&mut self.changes), None, ticket.append_no());
         self.durable = Some(ticket);
         Ok(())
     }
@@ -353,6 +367,8 @@ pub struct DeliverReport {
 pub struct LocalOptions {
     pub wal: WalOptions,
     pub checkpoints_kept: usize,
+    /// How much of the change log watchers can resume from (see `events`).
+    pub events: EventLimits,
 }
 
 impl Default for LocalOptions {
@@ -360,6 +376,7 @@ impl Default for LocalOptions {
         LocalOptions {
             wal: WalOptions::default(),
             checkpoints_kept: CHECKPOINTS_KEPT_DEFAULT,
+            events: EventLimits::default(),
         }
     }
 }
@@ -392,6 +409,8 @@ pub struct LocalState {
     /// the jobs ended so far: a scan that read the store without this state checks that
     /// number did not move meanwhile (see [`LocalState::scan_epoch`]).
     persist_jobs: u64,
+    /// Every key change applied, for watchers (see the module docs).
+    events: Arc<EventLog>,
     /// The data directory's lock, held for as long as this state is open (see `dir_lock`).
     _dir_lock: DataDirLock,
 }
@@ -482,7 +501,24 @@ impl LocalState {
             None => Wal::open(dir.join(WAL_DIR), options.wal)?,
         });
         let raft_logs = Arc::new(RaftLogs::new(wal.clone()));
-        let mut replica = Replica::restore(node, rules, meta.vv.clone(), keys);
+        // Events before the recovered state were never in this log: that is its horizon.
+        let mut recovered = Position {
+            vv: meta.vv.clone(),
+            groups: BTreeMap::new(),
+        };
+        for (group, bytes) in &meta.groups {
+            let log_id = decode_applied(bytes).map_err(LocalError::RaftLog)?;
+            recovered
+                .groups
+                .insert(*group, log_id.map_or(0, |l| l.index));
+        }
+        let events = Arc::new(EventLog::new(
+            node,
+            options.events,
+            recovered,
+            wal.subscribe_durable(),
+        ));
+        let mut replica = Replica::restore(node, rules, meta.vv.clone(), keys).with_journal();
         // Facts that were waiting when the store was written (accepted and archived, not
         // applicable yet) come before the store's LSN, where replay does not look: deliver
         // them from the archive first. Without this a restart forgot them, the node's own
@@ -499,6 +535,7 @@ impl LocalState {
                 report.replayed_facts += 1 + unblocked as u64;
             }
         }
+        events.publish(replica.take_journal(), None, 0);
         let mut unarchived = BTreeMap::new();
         report.replay_from_lsn = meta.wal_lsn;
         // Raft records are needed from the oldest segment; facts only from the store's LSN.
@@ -536,6 +573,8 @@ impl LocalState {
                     }
                 }
             }
+            // Replayed facts are durable (replay reads only durable batches).
+            events.publish(replica.take_journal(), None, 0);
         }
         let mut applied = BTreeMap::new();
         for (group, bytes) in &meta.groups {
@@ -559,6 +598,7 @@ impl LocalState {
             own_in_flight: VecDeque::new(),
             persisting: Vec::new(),
             persist_jobs: 0,
+            events,
             _dir_lock: dir_lock,
         };
         Ok((state, report))
@@ -570,6 +610,25 @@ impl LocalState {
 
     pub fn replica_mut(&mut self) -> &mut Replica {
         &mut self.replica
+    }
+
+    /// The node's change log (see the module docs).
+    pub fn events(&self) -> &Arc<EventLog> {
+        &self.events
+    }
+
+    /// Publish the changes of applying Raft entry `index` of `group` (its commands' and the
+    /// facts they released). Call under the same lock as the apply.
+    pub fn publish_entry(&mut self, group: u64, index: u64) {
+        let changes = self.replica.take_journal();
+        self.events.publish(changes, Some((group, index)), 0);
+    }
+
+    /// Publish a Raft snapshot install of `group` at `index` (and the facts it released).
+    pub fn publish_snapshot(&mut self, group: u64, index: u64) {
+        self.events.snapshot_installed(group, index);
+        let changes = self.replica.take_journal();
+        self.events.publish(changes, None, 0);
     }
 
     pub fn wal(&self) -> &Arc<Wal> {
@@ -628,6 +687,8 @@ impl LocalState {
             self.unarchived.insert((id.origin, id.seq), encoded.clone());
             self.note_own_fact(id.seq, &ticket);
         }
+        let changes = self.replica.take_journal();
+        self.events.publish(changes, None, ticket.append_no());
         Ok(Ok(LocalAdmit {
             admitted,
             durable: Some(ticket),
@@ -644,6 +705,7 @@ impl LocalState {
             payload: Vec::new(),
             own_seqs: Vec::new(),
             durable: None,
+            changes: Vec::new(),
         }
     }
 
@@ -777,6 +839,10 @@ impl LocalState {
         if !payload.is_empty() {
             report.durable = Some(self.wal.append_lazy(&[WalRecord::facts(payload)])?);
         }
+        // Delivered facts are durable at their origin, and own ones released here were
+        // replayed from the WAL.
+        let changes = self.replica.take_journal();
+        self.events.publish(changes, None, 0);
         outcome.map(|()| report)
     }
 

@@ -21,6 +21,7 @@ fn options() -> LocalOptions {
             ..WalOptions::default()
         },
         checkpoints_kept: 2,
+        ..LocalOptions::default()
     }
 }
 

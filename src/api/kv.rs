@@ -1,4 +1,4 @@
-//! The `calm.v1.Kv` service: Write, Batch, Get and Scan.
+//! The `calm.v1.Kv` service: Write, Batch, Get, Scan and Watch.
 
 use super::ops::kernel_op;
 use super::pb::kv_server::Kv;
@@ -15,6 +15,10 @@ use tonic::{Request, Status};
 
 pub struct KvService {
     pub(super) node: Arc<Node>,
+    /// Watch streams open (see `watch.rs`).
+    pub(super) watchers: Arc<std::sync::atomic::AtomicUsize>,
+    /// Ends watch streams when the node stops (the server waits for open streams).
+    pub(super) shutdown: tokio_util::sync::CancellationToken,
 }
 
 fn error_of(status: &Status) -> pb::Error {
@@ -199,6 +203,23 @@ impl Kv for KvService {
             }
         });
         Ok(tonic::Response::new(Box::pin(pages)))
+    }
+
+    type WatchStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::WatchResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, Status> {
+        let stream = super::watch::open(
+            &self.node,
+            request.into_inner(),
+            self.watchers.clone(),
+            self.shutdown.clone(),
+        )?;
+        Ok(tonic::Response::new(Box::pin(stream)))
     }
 
     async fn scan(

@@ -23,7 +23,8 @@
 //! served by the leader, and fast-path ones, carry none.
 
 //!
-//! One service per file: `kv.rs` (Write, Batch, Get, Scan; Scan's node side is `scan.rs`), `admin.rs` (status, rules, explain,
+//! One service per file: `kv.rs` (Write, Batch, Get, Scan, Watch; Scan's node side is
+//! `scan.rs`, Watch's `watch.rs`), `admin.rs` (status, rules, explain,
 //! checkpoints), `health.rs` (readiness, and the gRPC health service that follows it).
 //! `write.rs` and `read.rs` hold the node's side of a write and a read, which Batch and
 //! other services share; `ops.rs` converts between the wire's ops and values and the
@@ -35,6 +36,7 @@ mod kv;
 mod ops;
 mod read;
 mod scan;
+mod watch;
 mod write;
 
 pub use health::Unready;
@@ -110,10 +112,25 @@ pub(crate) fn describe_metrics() {
         Unit::Count,
         "Keys returned by Scan pages"
     );
+    describe_metrics_watch();
     describe_histogram!(
         METRIC_BATCH_SECONDS,
         Unit::Seconds,
         "Time a Batch call took inside the node"
+    );
+}
+
+fn describe_metrics_watch() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_gauge!(
+        watch::METRIC_WATCHERS,
+        Unit::Count,
+        "Watch streams open on this node"
+    );
+    describe_counter!(
+        watch::METRIC_WATCH_EVENTS,
+        Unit::Count,
+        "Events sent to watch streams"
     );
 }
 
@@ -192,9 +209,13 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: Cancellatio
         health,
         shutdown.clone(),
     ));
-    let kv = KvServer::new(KvService { node: node.clone() })
-        .max_decoding_message_size(MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(MESSAGE_BYTES_MAX);
+    let kv = KvServer::new(KvService {
+        node: node.clone(),
+        watchers: Arc::default(),
+        shutdown: shutdown.clone(),
+    })
+    .max_decoding_message_size(MESSAGE_BYTES_MAX)
+    .max_encoding_message_size(MESSAGE_BYTES_MAX);
     let admin = AdminServer::new(AdminService { node });
     let result = tonic::transport::Server::builder()
         .add_service(health_service)

@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod compare;
 pub mod etcd;
+pub mod watch;
 
 use crate::api::pb;
 use crate::client::connect;
@@ -40,6 +41,10 @@ pub enum Workload {
     /// Linearizable Scan pages of `--batch` keys (at most 10000) with their values, each
     /// from a random key of `--keys` registers; ops are keys returned.
     Scan,
+    /// Watch fan-out: `--watchers` streams on one prefix while `--concurrency` clients put
+    /// registers under it; ops are events delivered, latencies from a put's send to each
+    /// watcher's receipt (see `watch`).
+    Watch,
     /// grpc.health.v1 Check: no calm code at all, so the floor of one call (client, tonic,
     /// HTTP/2, loopback, the node's wake-up) that every other workload pays too.
     Ping,
@@ -64,6 +69,8 @@ pub struct BenchOptions {
     pub duration: Duration,
     pub keys: u64,
     pub batch: u64,
+    /// Watch streams, for the watch workload.
+    pub watchers: u64,
 }
 
 /// Most concurrent clients; each holds a connection.
@@ -106,6 +113,7 @@ fn key(w: Workload, i: u64) -> Vec<u8> {
         Workload::Cas => 'c',
         Workload::Add | Workload::Batch => 'n',
         Workload::Scan => 's',
+        Workload::Watch => 'w',
     };
     format!("{letter}-bench-{i:08}").into_bytes()
 }
@@ -171,6 +179,7 @@ async fn one_call(
             *cas_version = r.version;
         }
         Workload::Ping => ping(health).await?,
+        Workload::Watch => unreachable!("`run` hands the watch workload to `watch::run`"),
         Workload::Scan => {
             // Pages start where a whole page follows, so every call returns `--batch` keys.
             let k = k % o.keys.saturating_sub(o.batch).max(1);
@@ -281,6 +290,9 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
     }
     if o.keys == 0 {
         bail!("--keys must be at least 1");
+    }
+    if o.workload == Workload::Watch {
+        return watch::run(endpoints, &o).await;
     }
     if o.workload == Workload::Scan && !(1..=10_000).contains(&o.batch) {
         bail!("--batch (keys per scan page) must be within 1..=10000");

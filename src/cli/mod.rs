@@ -19,6 +19,7 @@
 //!
 //! One file per group of commands: `kv.rs` (put, get, del, cas, add, set, max, sadd, srem,
 //! smembers), `scan.rs` (scan, del --prefix: ranges, printed as JSON lines with `-w json`),
+//! `watch.rs` (watch: a stream of events, JSON lines with `-w json`),
 //! `admin.rs` (status, explain, rules, checkpoint), `cluster.rs` (the views over
 //! every member: `status --cluster`, `health`).
 
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod cluster;
 pub mod kv;
 pub mod scan;
+pub mod watch;
 
 use crate::api::pb;
 pub use crate::client::{DEFAULT_ENDPOINT, Output, connect};

@@ -125,7 +125,7 @@ fn print_entry(out: &mut impl Write, entry: &pb::KeyValue, output: Output, enc: 
 }
 
 /// A value on one line: a register's bytes, a counter's number, a set as `{a, b}`.
-fn value_line(v: &pb::Value, enc: Encoding) -> Vec<u8> {
+pub(super) fn value_line(v: &pb::Value, enc: Encoding) -> Vec<u8> {
     match &v.kind {
         Some(pb::value::Kind::Set(s)) => {
             let mut line = b"{".to_vec();

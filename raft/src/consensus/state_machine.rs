@@ -354,6 +354,7 @@ impl GroupStateMachine {
                         responses.push(resp);
                     }
                     local.set_group_applied(self.group, position);
+                    local.publish_entry(self.group, log_id.index());
                     return Ok(responses);
                 }
                 missing
@@ -385,7 +386,11 @@ impl GroupStateMachine {
 
     fn record_applied(&self) {
         let bytes = self.position().encode();
-        lock_local(&self.local).set_group_applied(self.group, bytes);
+        let mut local = lock_local(&self.local);
+        local.set_group_applied(self.group, bytes);
+        if let Some(applied) = self.applied {
+            local.events().applied(self.group, applied.index());
+        }
     }
 
     fn capture(&self) -> SnapshotBody {
@@ -520,6 +525,8 @@ impl RaftStateMachine<CalmRaft> for GroupStateMachine {
                 .replica_mut()
                 .install_snapshot(keys, |k| groups.group_of(k) == group)
                 .map_err(io::Error::other)?;
+            let index = meta.last_log_id.map_or(0, |l| l.index());
+            local.publish_snapshot(group, index);
             local.set_group_applied(group, position.encode());
             // The entries this snapshot stands for never reached this node's WAL: make the
             // installed state durable before openraft purges its log up to it.

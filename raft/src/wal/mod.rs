@@ -498,6 +498,12 @@ impl Wal {
             >= append_no
     }
 
+    /// Follows the watermark of [`is_durable`](Self::is_durable): the receiver's value is
+    /// the highest append number known durable, and it changes after every group commit.
+    pub fn subscribe_durable(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.durable_watch.subscribe()
+    }
+
     /// LSN the next durable batch will get: every batch below it is durable.
     pub fn durable_next_lsn(&self) -> u64 {
         self.shared.lock_index().active().next_lsn

@@ -112,6 +112,9 @@ pub(crate) struct Shared {
     /// append order, so this is a watermark; it is set once a group's fdatasync returned,
     /// before its tickets resolve.
     pub durable_appends: AtomicU64,
+    /// `durable_appends` for async waiters (watch streams hold events of own facts back
+    /// until their batch is durable).
+    pub durable_watch: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -132,6 +135,7 @@ impl Shared {
             index: Mutex::new(index),
             acks_in_flight: AtomicUsize::new(0),
             durable_appends: AtomicU64::new(0),
+            durable_watch: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -237,6 +241,7 @@ impl Writer {
                     self.shared
                         .durable_appends
                         .store(last.append_no, Ordering::Release);
+                    self.shared.durable_watch.send_replace(last.append_no);
                     metrics::counter!(METRIC_GROUP_COMMITS).increment(1);
                     metrics::histogram!(METRIC_GROUP_BATCHES).record(self.group.len() as f64);
                     let append_seconds = metrics::histogram!(METRIC_APPEND_SECONDS);
