@@ -211,6 +211,32 @@ pub struct Change {
     pub value: Option<Value>,
 }
 
+/// What `journal_change` needs of a key before a change: its value, when journaling.
+fn value_before(journal: &Option<Vec<Change>>, record: &KeyRecord) -> Option<Option<Value>> {
+    journal.as_ref().map(|_| visible_value(record))
+}
+
+/// Journal (when journaling: `prev` is from `value_before`) the change of `key` to what
+/// `record` holds now.
+fn journal_change(
+    journal: &mut Option<Vec<Change>>,
+    key: &[u8],
+    cause: ChangeCause,
+    hlc: HlcTimestamp,
+    prev: Option<Option<Value>>,
+    record: &KeyRecord,
+) {
+    if let (Some(journal), Some(prev)) = (journal, prev) {
+        journal.push(Change {
+            key: key.into(),
+            cause,
+            hlc,
+            prev,
+            value: visible_value(record),
+        });
+    }
+}
+
 /// The value a read of `record` returns (`None`: absent or deleted).
 fn visible_value(record: &KeyRecord) -> Option<Value> {
     if !record.visible() {
@@ -269,11 +295,6 @@ impl Replica {
             .as_mut()
             .map(std::mem::take)
             .unwrap_or_default()
-    }
-
-    /// Whether changes wait in the journal.
-    pub fn journal_pending(&self) -> usize {
-        self.journal.as_ref().map_or(0, Vec::len)
     }
 
     /// Rebuild from persisted state: every key's state and the version vector of facts
@@ -643,18 +664,11 @@ impl Replica {
             message: e.to_string(),
         })?;
         debug_assert!(entry.record.state.can_apply(&fact));
-        let prev = self.journal.as_ref().map(|_| visible_value(&entry.record));
+        let prev = value_before(&self.journal, &entry.record);
         entry.record.state.apply_fact(&fact);
         mark_dirty(&mut self.dirty, entry, key);
-        if let (Some(journal), Some(prev)) = (&mut self.journal, prev) {
-            journal.push(Change {
-                key: key.into(),
-                cause: ChangeCause::Fact(id),
-                hlc,
-                prev,
-                value: visible_value(&entry.record),
-            });
-        }
+        let cause = ChangeCause::Fact(id);
+        journal_change(&mut self.journal, key, cause, hlc, prev, &entry.record);
         self.vv.advance(self.node, id.seq);
         Ok(Admitted::Local {
             id,
@@ -877,7 +891,7 @@ impl Replica {
                 Outcome::Refused(Refusal::KeyRecreated)
             }
             Some(entry) => {
-                let prev = self.journal.as_ref().map(|_| visible_value(&entry.record));
+                let prev = value_before(&self.journal, &entry.record);
                 let outcome = entry.record.apply_command(
                     &cmd.body,
                     frontier,
@@ -886,16 +900,9 @@ impl Replica {
                     cmd.proposer,
                 );
                 mark_dirty(&mut self.dirty, entry, &cmd.key);
-                if let (Some(journal), Some(prev)) = (&mut self.journal, prev)
-                    && took_effect(&outcome)
-                {
-                    journal.push(Change {
-                        key: cmd.key.as_slice().into(),
-                        cause: ChangeCause::Command,
-                        hlc: cmd.hlc,
-                        prev,
-                        value: visible_value(&entry.record),
-                    });
+                if took_effect(&outcome) {
+                    let (cause, hlc) = (ChangeCause::Command, cmd.hlc);
+                    journal_change(&mut self.journal, &cmd.key, cause, hlc, prev, &entry.record);
                 }
                 outcome
             }
@@ -920,16 +927,10 @@ impl Replica {
                 // only by a command that took effect.
                 if !matches!(outcome, Outcome::Refused(_)) {
                     let record = KeyRecord::new(state);
-                    if let Some(journal) = &mut self.journal
-                        && took_effect(&outcome)
-                    {
-                        journal.push(Change {
-                            key: cmd.key.as_slice().into(),
-                            cause: ChangeCause::Command,
-                            hlc: cmd.hlc,
-                            prev: None,
-                            value: visible_value(&record),
-                        });
+                    if took_effect(&outcome) {
+                        let prev = self.journal.as_ref().map(|_| None);
+                        let (cause, hlc) = (ChangeCause::Command, cmd.hlc);
+                        journal_change(&mut self.journal, &cmd.key, cause, hlc, prev, &record);
                     }
                     self.keys.insert(
                         cmd.key.clone().into_boxed_slice(),
@@ -1022,34 +1023,34 @@ impl Replica {
         }
         if state.fact_seq(fact.id.origin) >= fact.id.seq {
             // Already on the key (installed with a snapshot): count it, do not apply it again.
-            if let Some(journal) = &mut self.journal {
-                let value = visible_value(&entry.record);
-                journal.push(Change {
-                    key: fact.key.into(),
-                    cause: ChangeCause::Fact(fact.id),
-                    hlc: fact.hlc,
-                    prev: value.clone(),
-                    value,
-                });
-            }
+            let prev = value_before(&self.journal, &entry.record);
+            let cause = ChangeCause::Fact(fact.id);
+            journal_change(
+                &mut self.journal,
+                fact.key,
+                cause,
+                fact.hlc,
+                prev,
+                &entry.record,
+            );
             self.vv.advance(fact.id.origin, fact.id.seq);
             return Ok(true);
         }
         if !state.can_apply(fact) {
             return Ok(false);
         }
-        let prev = self.journal.as_ref().map(|_| visible_value(&entry.record));
+        let prev = value_before(&self.journal, &entry.record);
         entry.record.state.apply_fact(fact);
         mark_dirty(&mut self.dirty, entry, fact.key);
-        if let (Some(journal), Some(prev)) = (&mut self.journal, prev) {
-            journal.push(Change {
-                key: fact.key.into(),
-                cause: ChangeCause::Fact(fact.id),
-                hlc: fact.hlc,
-                prev,
-                value: visible_value(&entry.record),
-            });
-        }
+        let cause = ChangeCause::Fact(fact.id);
+        journal_change(
+            &mut self.journal,
+            fact.key,
+            cause,
+            fact.hlc,
+            prev,
+            &entry.record,
+        );
         self.vv.advance(fact.id.origin, fact.id.seq);
         Ok(true)
     }

@@ -170,6 +170,20 @@ struct Inner {
     hidden: VecDeque<(u64, u64, u64)>,
 }
 
+impl Inner {
+    /// The number the next slot gets.
+    fn end(&self) -> u64 {
+        self.first_number + self.slots.len() as u64
+    }
+
+    /// Stop holding back own events whose WAL append is durable by `durable`.
+    fn forget_durable(&mut self, durable: u64) {
+        while self.hidden.front().is_some_and(|h| h.2 <= durable) {
+            self.hidden.pop_front();
+        }
+    }
+}
+
 /// The change log (see the module docs). Shared by the node's state (which publishes under
 /// its lock, keeping apply order) and every watch stream.
 pub struct EventLog {
@@ -213,23 +227,16 @@ impl EventLog {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn limits(&self) -> EventLimits {
-        self.limits
-    }
-
     /// Log `changes`, applied in this order. `entry`: the Raft entry whose apply made the
     /// `Command` changes (facts it released keep their own source); without one they are
-    /// not logged (see below). `own_append`: the WAL
-    /// append holding this node's own facts among them (0: they are durable already).
+    /// not logged (see below). `own_append`: the WAL append holding this node's own facts
+    /// among them (0: they are durable already).
     pub fn publish(&self, changes: Vec<Change>, entry: Option<(u64, u64)>, own_append: u64) {
         if changes.is_empty() {
             return;
         }
         let mut inner = self.lock();
-        let durable = *self.durable.borrow();
-        while inner.hidden.front().is_some_and(|h| h.2 <= durable) {
-            inner.hidden.pop_front();
-        }
+        inner.forget_durable(*self.durable.borrow());
         for change in changes {
             let source = match change.cause {
                 ChangeCause::Fact(id) => EventSource::Fact(id),
@@ -247,18 +254,15 @@ impl EventLog {
                     }
                 },
             };
+            let number = inner.end();
             let durable_after = match source {
-                EventSource::Fact(id) if id.origin == self.node => own_append,
+                EventSource::Fact(id) if id.origin == self.node && own_append > 0 => {
+                    debug_assert!(inner.hidden.back().is_none_or(|h| h.1 < id.seq));
+                    inner.hidden.push_back((number, id.seq, own_append));
+                    own_append
+                }
                 _ => 0,
             };
-            let number = inner.first_number + inner.slots.len() as u64;
-            if durable_after > 0 {
-                let EventSource::Fact(id) = source else {
-                    unreachable!()
-                };
-                debug_assert!(inner.hidden.back().is_none_or(|h| h.1 < id.seq));
-                inner.hidden.push_back((number, id.seq, durable_after));
-            }
             let event = Event {
                 number,
                 key: change.key,
@@ -272,10 +276,7 @@ impl EventLog {
             inner.head.advance(source);
             inner.slots.push_back(Slot::Event(Arc::new(event)));
         }
-        self.evict(&mut inner);
-        let next = inner.first_number + inner.slots.len() as u64;
-        drop(inner);
-        self.published.send_replace(next);
+        self.evict_and_announce(inner);
     }
 
     /// `group` applied its entry `index`, with or without changes (a leader's blank entry,
@@ -296,13 +297,12 @@ impl EventLog {
         inner.head.advance(source);
         inner.slots.push_back(Slot::Reset { group, index });
         inner.bytes += EVENT_OVERHEAD_BYTES;
-        self.evict(&mut inner);
-        let next = inner.first_number + inner.slots.len() as u64;
-        drop(inner);
-        self.published.send_replace(next);
+        self.evict_and_announce(inner);
     }
 
-    fn evict(&self, inner: &mut Inner) {
+    /// After slots were added: drop the oldest beyond the limits, release the lock, and
+    /// wake readers.
+    fn evict_and_announce(&self, mut inner: MutexGuard<'_, Inner>) {
         while inner.slots.len() > self.limits.events_max
             || (inner.bytes > self.limits.bytes_max && inner.slots.len() > 1)
         {
@@ -326,6 +326,9 @@ impl EventLog {
                 inner.hidden.pop_front();
             }
         }
+        let next = inner.end();
+        drop(inner);
+        self.published.send_replace(next);
     }
 
     fn is_durable(&self, append_no: u64) -> bool {
@@ -336,10 +339,7 @@ impl EventLog {
     /// then covers everything published, except own facts not durable yet.
     pub fn reader(&self, start: Option<Position>) -> Result<Reader, ReadError> {
         let mut inner = self.lock();
-        let durable = *self.durable.borrow();
-        while inner.hidden.front().is_some_and(|h| h.2 <= durable) {
-            inner.hidden.pop_front();
-        }
+        inner.forget_durable(*self.durable.borrow());
         let (cursor, position) = match start {
             Some(position) => {
                 if let Some(missing) = position.below(&inner.horizon) {
@@ -362,7 +362,7 @@ impl EventLog {
                     }
                     position.vv = vv;
                 }
-                (inner.first_number + inner.slots.len() as u64, position)
+                (inner.end(), position)
             }
         };
         Ok(Reader { cursor, position })

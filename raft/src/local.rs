@@ -52,7 +52,7 @@ use crate::wal::{AppendTicket, Wal, WalError, WalIo, WalOptions, WalRecord, WalR
 use calm_kernel::fact::{FactRef, decode_fact};
 use calm_kernel::rules::CompiledRules;
 use calm_kernel::{
-    Admitted, Change, Delivered, FactError, FactId, HlcTimestamp, NodeId, Op, RefusedOp, Replica,
+    Admitted, Delivered, FactError, FactId, HlcTimestamp, NodeId, Op, RefusedOp, Replica,
     ReplicaError, VersionVector,
 };
 use std::collections::{BTreeMap, VecDeque};
@@ -172,14 +172,13 @@ pub struct LocalTransfer {
 #[must_use = "facts are appended and made durable through `finish`"]
 pub struct FastBatch<'a> {
     local: &'a mut LocalState,
-    /// Encoded facts not appended yet, back to back.
+    /// Encoded facts not appended yet, back to back. Their changes wait in the replica's
+    /// journal (nothing else applies meanwhile) and are published with their append.
     payload: Vec<u8>,
     /// Sequence numbers of the own facts in `payload`, in order.
     own_seqs: Vec<u64>,
     /// The last append's ticket: it resolves only once every earlier append is durable.
     durable: Option<AppendTicket>,
-    /// Changes of the facts in `payload`, published with its append.
-    changes: Vec<Change>,
 }
 
 /// A fact a [`FastBatch`] admitted.
@@ -224,7 +223,6 @@ impl FastBatch<'_> {
         }
         self.payload.extend_from_slice(&encoded);
         self.own_seqs.push(id.seq);
-        self.changes.extend(self.local.replica.take_journal());
         self.local
             .unarchived
             .insert((id.origin, id.seq), encoded.clone());
@@ -251,9 +249,7 @@ impl FastBatch<'_> {
         for seq in self.own_seqs.drain(..) {
             self.local.note_own_fact(seq, &ticket);
         }
-        self.local
-            .events
-            .publish(std::mem::take(&mut self.changes), None, ticket.append_no());
+        self.local.publish_facts(ticket.append_no());
         self.durable = Some(ticket);
         Ok(())
     }
@@ -627,8 +623,14 @@ impl LocalState {
     /// Publish a Raft snapshot install of `group` at `index` (and the facts it released).
     pub fn publish_snapshot(&mut self, group: u64, index: u64) {
         self.events.snapshot_installed(group, index);
+        self.publish_facts(0);
+    }
+
+    /// Publish the journaled changes of facts; `own_append`: the WAL append holding this
+    /// node's own facts among them (0: durable already).
+    fn publish_facts(&mut self, own_append: u64) {
         let changes = self.replica.take_journal();
-        self.events.publish(changes, None, 0);
+        self.events.publish(changes, None, own_append);
     }
 
     pub fn wal(&self) -> &Arc<Wal> {
@@ -687,8 +689,7 @@ impl LocalState {
             self.unarchived.insert((id.origin, id.seq), encoded.clone());
             self.note_own_fact(id.seq, &ticket);
         }
-        let changes = self.replica.take_journal();
-        self.events.publish(changes, None, ticket.append_no());
+        self.publish_facts(ticket.append_no());
         Ok(Ok(LocalAdmit {
             admitted,
             durable: Some(ticket),
@@ -705,7 +706,6 @@ impl LocalState {
             payload: Vec::new(),
             own_seqs: Vec::new(),
             durable: None,
-            changes: Vec::new(),
         }
     }
 
@@ -841,8 +841,7 @@ impl LocalState {
         }
         // Delivered facts are durable at their origin, and own ones released here were
         // replayed from the WAL.
-        let changes = self.replica.take_journal();
-        self.events.publish(changes, None, 0);
+        self.publish_facts(0);
         outcome.map(|()| report)
     }
 
