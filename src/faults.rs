@@ -5,6 +5,9 @@
 //!   it is (a serializable read mislabelled), as a deposed leader or lagging follower would.
 //! - `drop-acked-writes[=F]` (F defaults to 0.1): a fraction F of writes is acknowledged as
 //!   successful without being admitted, applied or persisted.
+//! - `drop-watch-event[=N]` (N defaults to 20): the Nth event this node would send to a
+//!   watcher is left out of its response, once per process; the response's token still
+//!   covers it, so the watcher never sees it (a gap the watch checker must find).
 //!
 //! Never set in production: the faults are process-wide and installed once at startup.
 
@@ -18,10 +21,13 @@ struct Faults {
     stale_reads: bool,
     /// Drop one write in every `drop_every` (0: none).
     drop_every: u64,
+    /// Drop the watch event with this 1-based number (0: none).
+    drop_watch_event: u64,
 }
 
 static FAULTS: OnceLock<Faults> = OnceLock::new();
 static WRITES: AtomicU64 = AtomicU64::new(0);
+static WATCH_EVENTS: AtomicU64 = AtomicU64::new(0);
 
 /// Parse and install the faults named on the command line (call once, before serving).
 pub fn install(specs: &[String]) -> Result<(), String> {
@@ -43,14 +49,24 @@ pub fn install(specs: &[String]) -> Result<(), String> {
                 // A deterministic period, so a run drops the same writes of its sequence.
                 faults.drop_every = (1.0 / f).round().max(1.0) as u64;
             }
+            ("drop-watch-event", n) => {
+                faults.drop_watch_event = match n.unwrap_or("20").parse() {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        return Err(format!(
+                            "--fault {spec}: N must be a positive integer (the Nth event is dropped)"
+                        ));
+                    }
+                };
+            }
             _ => {
                 return Err(format!(
-                    "--fault {spec}: known faults are stale-reads and drop-acked-writes[=FRACTION]"
+                    "--fault {spec}: known faults are stale-reads, drop-acked-writes[=FRACTION] and drop-watch-event[=N]"
                 ));
             }
         }
     }
-    if faults.stale_reads || faults.drop_every > 0 {
+    if faults.stale_reads || faults.drop_every > 0 || faults.drop_watch_event > 0 {
         tracing::warn!(
             ?faults,
             "TEST FAULTS INJECTED: this node is deliberately broken"
@@ -88,4 +104,14 @@ pub fn drop_acked_write(op: &Op) -> Option<pb::WriteResponse> {
         token: Vec::new(),
         deleted: matches!(op, Op::RegisterDelete),
     })
+}
+
+/// Whether to leave out the watch event about to be sent (counts every event sent).
+pub fn drop_watch_event() -> bool {
+    let nth = FAULTS.get().map_or(0, |f| f.drop_watch_event);
+    if nth == 0 || WATCH_EVENTS.fetch_add(1, Ordering::Relaxed) + 1 != nth {
+        return false;
+    }
+    tracing::warn!("fault drop-watch-event: leaving event {nth} out of a watch response");
+    true
 }

@@ -113,6 +113,17 @@ impl Clients {
         self.bounded(kv.get(req)).await
     }
 
+    /// Open a watch stream; only the call's start is bounded by the timeout (the caller
+    /// bounds each message).
+    pub async fn watch(
+        &self,
+        node: usize,
+        req: pb::WatchRequest,
+    ) -> Result<tonic::Streaming<pb::WatchResponse>, Status> {
+        let mut kv = self.kv(node);
+        self.bounded(kv.watch(req)).await
+    }
+
     pub async fn status(&self, node: usize) -> Result<pb::StatusResponse, Status> {
         let mut admin = self.admin(node);
         self.bounded(admin.status(pb::StatusRequest {})).await

@@ -139,6 +139,9 @@ pub enum F {
     SetRemove,
     /// Set read; the `ok` value is the array of elements.
     ReadSet,
+    /// One stretch of a watch stream: the invocation's value names where it started, the
+    /// `ok` value lists the events received (see `checker::watch`).
+    Watch,
     Other(String),
 }
 
@@ -153,6 +156,7 @@ impl F {
             F::SetAdd => "set_add",
             F::SetRemove => "set_remove",
             F::ReadSet => "read_set",
+            F::Watch => "watch",
             F::Other(s) => s,
         }
     }
@@ -167,6 +171,7 @@ impl F {
             "set_add" => F::SetAdd,
             "set_remove" => F::SetRemove,
             "read_set" => F::ReadSet,
+            "watch" => F::Watch,
             other => F::Other(other.to_owned()),
         }
     }

@@ -14,7 +14,8 @@
 //! - [`cluster`]: nodes in network namespaces and the faults done to them.
 //! - [`nemesis`]: which faults, on a seeded schedule.
 //! - [`client`], [`pb`]: the gRPC client and the mapping of results to ok/fail/info.
-//! - [`workload`], [`recorder`]: the client loops and the live history.
+//! - [`workload`], [`recorder`]: the client loops and the live history; [`watch`]: the
+//!   watch workload's writers and reconnecting watchers.
 //! - [`runner`], [`report`]: one run end to end and its report directory.
 
 pub mod checker;
@@ -28,6 +29,7 @@ pub mod recorder;
 pub mod report;
 pub mod rng;
 pub mod runner;
+pub mod watch;
 pub mod workload;
 
 pub use checker::{Anomaly, AnomalyKind, CheckError, Checker, Validity, Verdict};

@@ -24,6 +24,7 @@ use calm_jepsen::checker::counter::{CounterChecker, ReadBound};
 use calm_jepsen::checker::linearizable::{LinearizableChecker, SearchLimits};
 use calm_jepsen::checker::session::SessionChecker;
 use calm_jepsen::checker::set::SetChecker;
+use calm_jepsen::checker::watch::WatchChecker;
 use calm_jepsen::edn::{KeyStyle, write_edn};
 use calm_jepsen::nemesis::{NemesisKind, Schedule};
 use calm_jepsen::runner::{TestOptions, run_test};
@@ -76,6 +77,8 @@ enum CheckerName {
     Bounded,
     /// Session tokens: causal reads see the write whose token they pass.
     Session,
+    /// Watch streams: every acknowledged write once, in order, across reconnects.
+    Watch,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -121,7 +124,8 @@ struct TestArgs {
     /// Safety mode the workload's keys start in.
     #[arg(long, value_enum, default_value = "hybrid")]
     mode: ModeArg,
-    /// Test-only node bug (`stale-reads`, `drop-acked-writes[=F]`); repeatable.
+    /// Test-only node bug (`stale-reads`, `drop-acked-writes[=F]`, `drop-watch-event[=N]`);
+    /// repeatable.
     #[arg(long)]
     fault: Vec<String>,
     /// Pass (exit 0) only if the checker finds the history invalid.
@@ -265,6 +269,7 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         }),
         CheckerName::Set => Box::new(SetChecker),
         CheckerName::Session => Box::new(SessionChecker),
+        CheckerName::Watch => Box::new(WatchChecker),
         CheckerName::Bounded => {
             let (Some(min), Some(max)) = (args.min, args.max) else {
                 anyhow::bail!("--checker bounded needs --min and --max");
@@ -366,12 +371,21 @@ fn plan(args: &TestArgs, seed: u64) -> Result<Vec<TestOptions>> {
             let mut dropped_set = options(args, Workload::Set, seed.wrapping_add(2))?;
             dropped_set.nemesis = Vec::new();
             dropped_set.faults = vec!["drop-acked-writes=0.05".into()];
-            for o in [&mut stale, &mut dropped, &mut dropped_set] {
+            // One event left out of one stream: a gap every reconnect keeps.
+            let mut dropped_event = options(args, Workload::Watch, seed.wrapping_add(3))?;
+            dropped_event.nemesis = Vec::new();
+            dropped_event.faults = vec!["drop-watch-event=50".into()];
+            for o in [
+                &mut stale,
+                &mut dropped,
+                &mut dropped_set,
+                &mut dropped_event,
+            ] {
                 o.expect_invalid = true;
                 o.time = Duration::from_secs(args.time.min(20));
                 o.converge_limit = Duration::from_secs(20);
             }
-            runs.extend([stale, dropped, dropped_set]);
+            runs.extend([stale, dropped, dropped_set, dropped_event]);
         }
     }
     Ok(runs)

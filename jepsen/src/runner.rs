@@ -446,7 +446,7 @@ async fn drive(
         let nemesis = nemesis.clone();
         tokio::spawn(async move { nemesis.run(&kinds, schedule, nemesis_rng, deadline).await })
     };
-    workload::run(opts.workload, ctx.clone(), opts.concurrency, &mut rng).await;
+    let watchers = workload::run(opts.workload, ctx.clone(), opts.concurrency, &mut rng).await;
     let nemesis_result = nem.await.map_err(|e| RunError::Run(e.to_string()))?;
     if let Err(e) = nemesis_result {
         return Err(RunError::Run(format!("nemesis: {e}")));
@@ -491,6 +491,9 @@ async fn drive(
             };
             let _ = workload::final_phase(opts.workload, &ctx, Duration::from_secs(5)).await;
         }
+        if let Some(w) = watchers {
+            let _ = w.finish(Duration::from_secs(10)).await;
+        }
         return Ok((ready.as_secs_f64(), None, crashes, None));
     }
     let mismatched = {
@@ -504,7 +507,21 @@ async fn drive(
             "after heal these node pairs still cannot connect: {mismatched:?}"
         )));
     }
-    let (converged, disagreement) = if opts.workload.has_final_phase() {
+    let (converged, disagreement) = if let Some(w) = watchers {
+        // The watch workload's final phase: every watcher receives every acknowledged write
+        // (what it still lacks at the limit, the checker reports as lost).
+        match w.finish(opts.converge_limit).await {
+            Ok(d) => {
+                println!("   watchers caught up {:.2} s after heal", d.as_secs_f64());
+                (Some(d), None)
+            }
+            Err(missing) => {
+                println!("   watchers did NOT catch up after heal ({missing})");
+                save_diagnostics(clients, report).await;
+                (None, None)
+            }
+        }
+    } else if opts.workload.has_final_phase() {
         let ctx = Ctx {
             deadline: Instant::now() + opts.converge_limit + Duration::from_secs(60),
             ..Ctx::clone_shallow(&ctx)
@@ -639,13 +656,19 @@ fn write_report(
         counts["nemesis"],
         windows.len()
     ));
+    let converging = if opts.workload == Workload::Watch {
+        ("watchers caught up", "watchers did NOT catch up")
+    } else {
+        ("replicas converged", "replicas did NOT converge")
+    };
     match converged {
         Some(d) => text.push_str(&format!(
-            "replicas converged {:.2} s after heal\n",
+            "{} {:.2} s after heal\n",
+            converging.0,
             d.as_secs_f64()
         )),
-        None if opts.workload.has_final_phase() => {
-            text.push_str("replicas did NOT converge after heal\n")
+        None if opts.workload.has_final_phase() || opts.workload == Workload::Watch => {
+            text.push_str(&format!("{} after heal\n", converging.1))
         }
         None => {}
     }

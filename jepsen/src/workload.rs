@@ -12,6 +12,7 @@
 //! | bounded | `jb-0..1`, bounds [-10, 10] | add ±1..=3, serializable read | bounded |
 //! | set | `js-<g>-0..2` (a new generation every 30 s) | set_add (unique), set_remove (an own acked element, with its add's session token), read_set | set |
 //! | session | `jt-r-<p>-<n>` / `jt-c-<p>-<n>` | write or add at node A, causal read with its token at node B | session |
+//! | watch | `jw-r-0..3`, `jw-s-<g>-0..1` | put (unique), set_add (unique); a watcher per node (`crate::watch`) | watch |
 
 use std::collections::HashMap;
 use std::fmt;
@@ -27,6 +28,7 @@ use crate::checker::counter::{CounterChecker, ReadBound};
 use crate::checker::linearizable::{LinearizableChecker, SearchLimits};
 use crate::checker::session::SessionChecker;
 use crate::checker::set::SetChecker;
+use crate::checker::watch::WatchChecker;
 use crate::client::{Clients, Completion, int_bytes, read_error, read_value, write_error};
 use crate::cluster::node_name;
 use crate::history::{F, Op, OpType, Process};
@@ -41,15 +43,17 @@ pub enum Workload {
     Bounded,
     Set,
     Session,
+    Watch,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
         Workload::Register,
         Workload::Counter,
         Workload::Bounded,
         Workload::Set,
         Workload::Session,
+        Workload::Watch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +63,7 @@ impl Workload {
             Workload::Bounded => "bounded",
             Workload::Set => "set",
             Workload::Session => "session",
+            Workload::Watch => "watch",
         }
     }
 
@@ -75,6 +80,11 @@ impl Workload {
             ),
             Workload::Set => RuleSpec::new("js-*", ""),
             Workload::Session => RuleSpec::new("jt-*", ""),
+            // Registers must stay Raft-ordered (in `available` they are last-writer-wins).
+            Workload::Watch => RuleSpec {
+                modes: &["strict", "hybrid"],
+                ..RuleSpec::new("jw-*", "")
+            },
         }
     }
 
@@ -120,6 +130,7 @@ impl Workload {
             Workload::Bounded => Box::new(BoundedChecker::new(-10, 10, 0)),
             Workload::Set => Box::new(SetChecker),
             Workload::Session => Box::new(SessionChecker),
+            Workload::Watch => Box::new(WatchChecker),
         }
     }
 }
@@ -180,18 +191,18 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn done(&self, ops: u64) -> bool {
+    pub(crate) fn done(&self, ops: u64) -> bool {
         ops >= self.max_ops || Instant::now() >= self.deadline || self.stop.load(Ordering::Relaxed)
     }
 
-    fn node(&self, rng: &mut Rng) -> usize {
+    pub(crate) fn node(&self, rng: &mut Rng) -> usize {
         rng.range(1, self.nodes as u64) as usize
     }
 
     /// Record an invocation, await `call`, record its completion; an `info` retires the
     /// process. Returns the invocation's index and the completion.
     #[allow(clippy::too_many_arguments)] // one per field of the recorded op
-    async fn op(
+    pub(crate) async fn op(
         &self,
         process: &mut u64,
         f: F,
@@ -231,7 +242,7 @@ impl Ctx {
         (invoke.index, completion)
     }
 
-    async fn write(&self, node: usize, key: &str, op: pb::op::Kind) -> Completion {
+    pub(crate) async fn write(&self, node: usize, key: &str, op: pb::op::Kind) -> Completion {
         self.write_in_session(node, key, op, Vec::new(), None).await
     }
 
@@ -296,8 +307,17 @@ fn absent_as(key: &str, v: Value) -> Value {
     }
 }
 
-/// Run `concurrency` workers of `workload` until the deadline.
-pub async fn run(workload: Workload, ctx: Arc<Ctx>, concurrency: usize, rng: &mut Rng) {
+/// Run `concurrency` workers of `workload` until the deadline. The watch workload's
+/// watchers outlive the writers: they are returned for the final phase.
+pub async fn run(
+    workload: Workload,
+    ctx: Arc<Ctx>,
+    concurrency: usize,
+    rng: &mut Rng,
+) -> Option<crate::watch::Watchers> {
+    if workload == Workload::Watch {
+        return Some(crate::watch::run(ctx, concurrency, rng).await);
+    }
     let mut tasks = Vec::new();
     for w in 0..concurrency {
         let ctx = ctx.clone();
@@ -308,6 +328,7 @@ pub async fn run(workload: Workload, ctx: Arc<Ctx>, concurrency: usize, rng: &mu
                 Workload::Counter | Workload::Bounded => counter_worker(&ctx, workload, rng).await,
                 Workload::Set => set_worker(&ctx, w as u64, rng).await,
                 Workload::Session => session_worker(&ctx, rng).await,
+                Workload::Watch => unreachable!("run above"),
             }
         }));
     }
@@ -316,15 +337,16 @@ pub async fn run(workload: Workload, ctx: Arc<Ctx>, concurrency: usize, rng: &mu
             tracing::error!(error = %e, "a worker panicked");
         }
     }
+    None
 }
 
 /// Keys replaced by fresh ones every `secs`: `<prefix>-<generation>-<k>`, `keys` at a time.
 /// Small per-key histories keep the register search cheap and set reads (which record the
 /// whole set) bounded.
-struct KeyGenerations {
-    prefix: &'static str,
-    keys: u64,
-    secs: u64,
+pub(crate) struct KeyGenerations {
+    pub(crate) prefix: &'static str,
+    pub(crate) keys: u64,
+    pub(crate) secs: u64,
 }
 
 impl KeyGenerations {
@@ -337,7 +359,7 @@ impl KeyGenerations {
     }
 
     /// A random key of the generation current at `elapsed`.
-    fn current(&self, elapsed: Duration, rng: &mut Rng) -> String {
+    pub(crate) fn current(&self, elapsed: Duration, rng: &mut Rng) -> String {
         self.key(self.generation(elapsed), rng.below(self.keys))
     }
 

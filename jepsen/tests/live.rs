@@ -101,3 +101,20 @@ fn dropped_acknowledged_adds_break_counter_conservation() {
         ],
     );
 }
+
+#[test]
+fn a_dropped_watch_event_is_a_gap_the_watch_checker_finds() {
+    expect_caught(
+        "drop-watch-event",
+        &[
+            "--workload",
+            "watch",
+            "--nemesis",
+            "none",
+            "--fault",
+            "drop-watch-event=50",
+            "--time",
+            "8",
+        ],
+    );
+}

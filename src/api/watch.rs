@@ -223,8 +223,11 @@ impl State {
                 })
                 .map_err(status_of)?;
             if !events.is_empty() {
-                let events: Vec<pb::Event> =
-                    events.iter().map(|e| self.watch.event_to_pb(e)).collect();
+                let events: Vec<pb::Event> = events
+                    .iter()
+                    .filter(|_| !crate::faults::drop_watch_event())
+                    .map(|e| self.watch.event_to_pb(e))
+                    .collect();
                 metrics::counter!(METRIC_WATCH_EVENTS).increment(events.len() as u64);
                 return Ok(self.respond(events, false, false));
             }

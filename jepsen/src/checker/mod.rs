@@ -9,6 +9,8 @@
 //! - [`set`]: no lost acknowledged add, no phantom, no resurrected removed element.
 //! - [`bounded`]: escrow counters never leave their bounds and conserve like counters.
 //! - [`session`]: read-your-writes across nodes with session tokens.
+//! - [`watch`]: every watcher receives each acknowledged write exactly once, in order, across
+//!   reconnects.
 //!
 //! A checker never says "valid" unless it established validity: running out of a search
 //! budget, or lacking the final reads a property needs, yields [`Validity::Unknown`] with the
@@ -20,6 +22,7 @@ pub mod counter;
 pub mod linearizable;
 pub mod session;
 pub mod set;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -124,6 +127,16 @@ pub enum AnomalyKind {
     ResurrectedElement,
     /// A causal read with a write's session token that does not reflect that write.
     StaleSessionRead,
+    /// An acknowledged write a watcher never received.
+    WatchLost,
+    /// A write a watcher received twice.
+    WatchDuplicate,
+    /// A watch event no write explains (or whose write failed, or that came before it).
+    WatchPhantom,
+    /// Watch events out of the order their writes or their sources impose.
+    WatchOrder,
+    /// One write delivered to watchers as different facts or entries.
+    WatchDisagree,
     /// A search or computation stopped at a configured limit.
     UndecidedLimit,
     /// A property needs final reads and the history has none for this key.
@@ -214,6 +227,11 @@ fn kind_stat_name(kind: AnomalyKind) -> &'static str {
         AnomalyKind::FailedAddVisible => "anomalies.failed_add_visible",
         AnomalyKind::ResurrectedElement => "anomalies.resurrected_element",
         AnomalyKind::StaleSessionRead => "anomalies.stale_session_read",
+        AnomalyKind::WatchLost => "anomalies.watch_lost",
+        AnomalyKind::WatchDuplicate => "anomalies.watch_duplicate",
+        AnomalyKind::WatchPhantom => "anomalies.watch_phantom",
+        AnomalyKind::WatchOrder => "anomalies.watch_order",
+        AnomalyKind::WatchDisagree => "anomalies.watch_disagree",
         AnomalyKind::UndecidedLimit => "undecided.limit",
         AnomalyKind::UndecidedNoReads => "undecided.no_reads",
         AnomalyKind::UndecidedNoFinalRead => "undecided.no_final_read",
