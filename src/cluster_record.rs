@@ -7,6 +7,13 @@
 //!   another count would look for its keys in other groups, and whatever the old groups had
 //!   committed but not applied would be out of reach. No `raft.data_groups` setting: the
 //!   recorded count; a different setting: the node refuses to start.
+//! - **the hash-tag rule.** Whether a key's subject, which chooses its group, is its hash
+//!   tag (`{user:7}:a` -> `user:7`, docs/subjects.md) or the whole key. Fixed like the count,
+//!   for the same reason: keys with a tag would change group. New clusters record it on
+//!   (`hash_tags = true`); records without the line (every cluster created before hash tags)
+//!   mean off. Setting `raft.hash_tags` to the other rule is the opt-in: the node switches
+//!   (rewrites the record) only once it has checked that no key it holds changes group
+//!   (`calm_raft::consensus::GroupMap::subject`), else it refuses to start and names them.
 //! - **the cluster's identity**: its id, this node's id and the member list the cluster was
 //!   created with (like etcd's cluster id and member directory). A node started with another
 //!   member list (an extra member, a mistyped address, `calm dev --nodes 5` on a 3-node
@@ -100,6 +107,9 @@ pub fn members_text(members: &[Member]) -> String {
 #[serde(deny_unknown_fields)]
 struct ClusterRecord {
     data_groups: u64,
+    /// Absent (off) in records written before hash tags.
+    #[serde(default, skip_serializing_if = "is_false")]
+    hash_tags: bool,
     /// Absent in records written before identities were recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cluster_id: Option<String>,
@@ -113,6 +123,8 @@ struct ClusterRecord {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settled {
     pub data_groups: u64,
+    /// The recorded hash-tag rule (see [`switch_hash_tags`] for changing it).
+    pub hash_tags: bool,
     pub cluster_id: ClusterId,
     /// True when this start created the directory's record: a new cluster's node (or one
     /// whose directory was wiped).
@@ -152,6 +164,16 @@ pub enum ClusterRecordError {
         "cannot read {path}: {reason}; it records the cluster's data group count and identity (see a healthy node's copy): restore it from another node's data directory and set node_id to this node's id"
     )]
     Unreadable { path: PathBuf, reason: String },
+    #[error(
+        "{path} records hash tags {}, and raft.hash_tags = {hash_tags} asks to switch, but {count} keys this node holds would move to another group ({examples}): the switch would leave their state behind. Delete or rename them (without braces, or with the tag as their whole key) before switching, or remove the setting",
+        if *hash_tags { "off" } else { "on" }
+    )]
+    TagsWouldMove {
+        path: PathBuf,
+        hash_tags: bool,
+        count: usize,
+        examples: String,
+    },
     #[error("cannot write {path}: {source}")]
     Write {
         path: PathBuf,
@@ -228,6 +250,7 @@ pub fn settle(
     node_id: NodeId,
     members: &[Member],
     configured_groups: Option<u64>,
+    configured_tags: Option<bool>,
 ) -> Result<Settled, ClusterRecordError> {
     let path = data_dir.join(CLUSTER_RECORD_FILE);
     let configured_id = ClusterId::of(members);
@@ -253,9 +276,12 @@ pub fn settle(
         } else {
             default_data_groups(members.len())
         });
-        write(&path, &identity(data_groups, node_id, members))?;
+        // A directory with data but no record predates hash tags.
+        let hash_tags = configured_tags.unwrap_or(!existing);
+        write(&path, &identity(data_groups, hash_tags, node_id, members))?;
         return Ok(Settled {
             data_groups,
+            hash_tags,
             cluster_id: configured_id,
             created: true,
         });
@@ -271,10 +297,11 @@ pub fn settle(
     }
     let Some(cluster) = &record.cluster_id else {
         // Recorded before identities were: what this start was given becomes the identity.
-        record = identity(record.data_groups, node_id, members);
+        record = identity(record.data_groups, record.hash_tags, node_id, members);
         write(&path, &record)?;
         return Ok(Settled {
             data_groups: record.data_groups,
+            hash_tags: record.hash_tags,
             cluster_id: configured_id,
             created: false,
         });
@@ -289,14 +316,21 @@ pub fn settle(
     check_identity(&path, cluster, &record, node_id, members)?;
     Ok(Settled {
         data_groups: record.data_groups,
+        hash_tags: record.hash_tags,
         cluster_id,
         created: false,
     })
 }
 
-fn identity(data_groups: u64, node_id: NodeId, members: &[Member]) -> ClusterRecord {
+fn identity(
+    data_groups: u64,
+    hash_tags: bool,
+    node_id: NodeId,
+    members: &[Member],
+) -> ClusterRecord {
     ClusterRecord {
         data_groups,
+        hash_tags,
         cluster_id: Some(ClusterId::of(members).to_string()),
         node_id: Some(node_id),
         members: sorted(members).into_iter().cloned().collect(),
@@ -328,6 +362,54 @@ fn difference(recorded: &[Member], configured: &[Member]) -> String {
         parts.push(format!("member {id} is missing"));
     }
     parts.join("; ")
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Switch the recorded hash-tag rule of `data_dir` to `hash_tags`, the opt-in of a cluster
+/// created with the other rule. `keys` are every key the node holds (its recovered replica):
+/// if any would change group, nothing is written and the error names them (rename or delete
+/// them under the old rule first). Every node of the cluster must switch (peers with
+/// another rule refuse each other's calls), so stop them all cleanly, set `raft.hash_tags`
+/// on each and start them.
+pub fn switch_hash_tags<'k>(
+    data_dir: &Path,
+    map: calm_raft::consensus::GroupMap,
+    hash_tags: bool,
+    keys: impl Iterator<Item = &'k [u8]>,
+) -> Result<(), ClusterRecordError> {
+    let path = data_dir.join(CLUSTER_RECORD_FILE);
+    let new = map.with_hash_tags(hash_tags);
+    let mut moved = Vec::new();
+    let mut count = 0usize;
+    for key in keys {
+        if map.group_of(key) != new.group_of(key) {
+            count += 1;
+            if moved.len() < 5 {
+                moved.push(calm_kernel::refusal::DisplayKey(key).to_string());
+            }
+        }
+    }
+    if count > 0 {
+        return Err(ClusterRecordError::TagsWouldMove {
+            path,
+            hash_tags,
+            count,
+            examples: moved.join(", "),
+        });
+    }
+    let text = fs::read_to_string(&path).map_err(|e| ClusterRecordError::Unreadable {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut record = parse(&text).map_err(|reason| ClusterRecordError::Unreadable {
+        path: path.clone(),
+        reason,
+    })?;
+    record.hash_tags = hash_tags;
+    write(&path, &record)
 }
 
 /// A new cluster's data group count without a setting: one per member.
@@ -380,7 +462,7 @@ mod tests {
     #[test]
     fn a_new_directory_records_one_group_per_member_unless_set() {
         let dir = tempfile::tempdir().unwrap();
-        let settled = settle(dir.path(), 1, &members(3), None).unwrap();
+        let settled = settle(dir.path(), 1, &members(3), None, None).unwrap();
         assert_eq!(settled.data_groups, 3);
         assert!(settled.created);
         let text = fs::read_to_string(dir.path().join(CLUSTER_RECORD_FILE)).unwrap();
@@ -389,7 +471,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(
-            settle(dir.path(), 1, &members(3), Some(16))
+            settle(dir.path(), 1, &members(3), Some(16), None)
                 .unwrap()
                 .data_groups,
             16
@@ -406,12 +488,24 @@ mod tests {
     fn later_starts_keep_the_recorded_count_and_refuse_another() {
         let dir = tempfile::tempdir().unwrap();
         let m = members(3);
-        assert_eq!(settle(dir.path(), 2, &m, Some(5)).unwrap().data_groups, 5);
+        assert_eq!(
+            settle(dir.path(), 2, &m, Some(5), None)
+                .unwrap()
+                .data_groups,
+            5
+        );
         // Unset, or set to the same count: the record wins.
-        let again = settle(dir.path(), 2, &m, None).unwrap();
+        let again = settle(dir.path(), 2, &m, None, None).unwrap();
         assert_eq!((again.data_groups, again.created), (5, false));
-        assert_eq!(settle(dir.path(), 2, &m, Some(5)).unwrap().data_groups, 5);
-        let e = settle(dir.path(), 2, &m, Some(3)).unwrap_err().to_string();
+        assert_eq!(
+            settle(dir.path(), 2, &m, Some(5), None)
+                .unwrap()
+                .data_groups,
+            5
+        );
+        let e = settle(dir.path(), 2, &m, Some(3), None)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("records 5 data groups") && e.contains("raft.data_groups = 3"),
             "{e}"
@@ -434,20 +528,20 @@ mod tests {
         assert!("xyz".parse::<ClusterId>().is_err());
 
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let sa = settle(a.path(), 1, &m, None).unwrap();
-        let sb = settle(b.path(), 2, &reversed, None).unwrap();
+        let sa = settle(a.path(), 1, &m, None, None).unwrap();
+        let sb = settle(b.path(), 2, &reversed, None, None).unwrap();
         assert_eq!(sa.cluster_id, sb.cluster_id);
         // The id stays what it was at creation.
-        assert_eq!(settle(a.path(), 1, &m, None).unwrap().cluster_id, id);
+        assert_eq!(settle(a.path(), 1, &m, None, None).unwrap().cluster_id, id);
     }
 
     #[test]
     fn another_member_list_or_node_id_is_refused_naming_both() {
         let dir = tempfile::tempdir().unwrap();
         let m = members(3);
-        settle(dir.path(), 1, &m, None).unwrap();
+        settle(dir.path(), 1, &m, None, None).unwrap();
 
-        let e = settle(dir.path(), 1, &members(5), None)
+        let e = settle(dir.path(), 1, &members(5), None, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains(&members_text(&m)), "{e}");
@@ -460,23 +554,27 @@ mod tests {
 
         let mut typo = m.clone();
         typo[2].client = "127.0.0.1:7013".into();
-        let e = settle(dir.path(), 1, &typo, None).unwrap_err().to_string();
+        let e = settle(dir.path(), 1, &typo, None, None)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("node 3's client address is 127.0.0.1:7013 here but 127.0.0.1:7003"),
             "{e}"
         );
-        let e = settle(dir.path(), 1, &m[..2], None)
+        let e = settle(dir.path(), 1, &m[..2], None, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("member 3 is missing"), "{e}");
 
-        let e = settle(dir.path(), 2, &m, None).unwrap_err().to_string();
+        let e = settle(dir.path(), 2, &m, None, None)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("node 1 of cluster") && e.contains("started as node 2"),
             "{e}"
         );
         // Nothing of that changed the record.
-        assert!(settle(dir.path(), 1, &m, None).is_ok());
+        assert!(settle(dir.path(), 1, &m, None, None).is_ok());
     }
 
     #[test]
@@ -485,17 +583,64 @@ mod tests {
         fs::create_dir(dir.path().join(WAL_DIR)).unwrap();
         let m = members(3);
         assert_eq!(
-            settle(dir.path(), 1, &m, None).unwrap().data_groups,
+            settle(dir.path(), 1, &m, None, None).unwrap().data_groups,
             LEGACY_DATA_GROUPS
         );
         // Recorded now, so a later start without the WAL check gives the same answer.
         assert_eq!(
-            settle(dir.path(), 1, &m, None).unwrap().data_groups,
+            settle(dir.path(), 1, &m, None, None).unwrap().data_groups,
             LEGACY_DATA_GROUPS
         );
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir(dir.path().join(WAL_DIR)).unwrap();
-        assert_eq!(settle(dir.path(), 1, &m, Some(4)).unwrap().data_groups, 4);
+        assert_eq!(
+            settle(dir.path(), 1, &m, Some(4), None)
+                .unwrap()
+                .data_groups,
+            4
+        );
+    }
+
+    #[test]
+    fn new_clusters_record_hash_tags_old_ones_keep_them_off_until_a_checked_switch() {
+        use calm_raft::consensus::GroupMap;
+        let m = members(3);
+        let dir = tempfile::tempdir().unwrap();
+        let new = settle(dir.path(), 1, &m, None, None).unwrap();
+        assert!(new.hash_tags);
+        let text = fs::read_to_string(dir.path().join(CLUSTER_RECORD_FILE)).unwrap();
+        assert!(text.contains("hash_tags = true"), "{text}");
+        // A record from before hash tags (no line) means off, whatever is configured: the
+        // node switches only through `switch_hash_tags`.
+        let old = tempfile::tempdir().unwrap();
+        let path = old.path().join(CLUSTER_RECORD_FILE);
+        fs::write(&path, "data_groups = 8\n").unwrap();
+        assert!(
+            !settle(old.path(), 1, &m, None, Some(true))
+                .unwrap()
+                .hash_tags
+        );
+        let map = GroupMap::new(8).with_hash_tags(false);
+        // Find a braced key that would move, and one that would not.
+        let moving = (0..64)
+            .map(|i| format!("{{user:{i}}}:balance"))
+            .find(|k| map.group_of(k.as_bytes()) != map.with_hash_tags(true).group_of(k.as_bytes()))
+            .unwrap();
+        let keys = [b"plain".as_slice(), moving.as_bytes()];
+        let e = switch_hash_tags(old.path(), map, true, keys.into_iter())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1 keys") && e.contains(&moving), "{e}");
+        assert!(
+            !settle(old.path(), 1, &m, None, None).unwrap().hash_tags,
+            "unchanged"
+        );
+        switch_hash_tags(old.path(), map, true, [b"plain".as_slice()].into_iter()).unwrap();
+        assert!(settle(old.path(), 1, &m, None, None).unwrap().hash_tags);
+        // A directory with data but no record predates hash tags too.
+        let legacy = tempfile::tempdir().unwrap();
+        fs::create_dir(legacy.path().join(WAL_DIR)).unwrap();
+        assert!(!settle(legacy.path(), 1, &m, None, None).unwrap().hash_tags);
     }
 
     #[test]
@@ -504,7 +649,7 @@ mod tests {
         let path = dir.path().join(CLUSTER_RECORD_FILE);
         fs::write(&path, "data_groups = 5\n").unwrap();
         let m = members(3);
-        let settled = settle(dir.path(), 3, &m, None).unwrap();
+        let settled = settle(dir.path(), 3, &m, None, None).unwrap();
         assert_eq!(
             (settled.data_groups, settled.cluster_id, settled.created),
             (5, ClusterId::of(&m), false)
@@ -514,7 +659,7 @@ mod tests {
             text.contains("node_id = 3") && text.contains("[[members]]"),
             "{text}"
         );
-        assert!(settle(dir.path(), 3, &members(4), None).is_err());
+        assert!(settle(dir.path(), 3, &members(4), None, None).is_err());
     }
 
     #[test]
@@ -529,7 +674,7 @@ mod tests {
             "data_groups = 3\ncluster_id = \"nothex\"\n",
         ] {
             fs::write(&path, text).unwrap();
-            let e = settle(dir.path(), 1, &members(3), None)
+            let e = settle(dir.path(), 1, &members(3), None, None)
                 .unwrap_err()
                 .to_string();
             assert!(

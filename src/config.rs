@@ -101,6 +101,11 @@ pub struct RaftConfig {
     /// data directory (`cluster.toml`, see `cluster_record`). Unset: the recorded count, or one
     /// group per member for a new cluster.
     pub data_groups: Option<u64>,
+    /// Whether hash tags choose keys' subjects (`{user:7}:a` and `{user:7}:b` share a group;
+    /// docs/subjects.md). Fixed per cluster like `data_groups` and recorded with it. Unset: the
+    /// recorded rule, or on for a new cluster. Set on a cluster that records the other rule:
+    /// the node switches only if no key it holds would change group, else refuses to start.
+    pub hash_tags: Option<bool>,
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
@@ -123,6 +128,7 @@ impl Default for RaftConfig {
         let c = ConsensusOptions::default();
         RaftConfig {
             data_groups: None,
+            hash_tags: None,
             heartbeat_ms: c.heartbeat_ms,
             election_timeout_min_ms: c.election_timeout_min_ms,
             election_timeout_max_ms: c.election_timeout_max_ms,
@@ -143,6 +149,7 @@ impl RaftConfig {
             data_groups: self
                 .data_groups
                 .unwrap_or(ConsensusOptions::default().data_groups),
+            hash_tags: self.hash_tags.unwrap_or(true),
             heartbeat_ms: self.heartbeat_ms,
             election_timeout_min_ms: self.election_timeout_min_ms,
             election_timeout_max_ms: self.election_timeout_max_ms,

@@ -22,7 +22,7 @@ use calm_raft::consensus::network::Peers;
 use calm_raft::consensus::service::GroupHandles;
 use calm_raft::consensus::types::{BasicNode, RaftMetrics, WatchReceiver};
 use calm_raft::consensus::{
-    CalmRaft, Consensus, ConsensusOptions, FactSource, GroupId, SharedLocal,
+    CalmRaft, Consensus, ConsensusOptions, FactSource, GroupId, GroupMap, SharedLocal,
 };
 use calm_raft::local::{LocalOptions, LocalState};
 use calm_raft::wal::{WalBackend, WalOptions};
@@ -296,6 +296,7 @@ impl Node {
             config.id,
             &config.members,
             config.raft.data_groups,
+            config.raft.hash_tags,
         )?;
         let data_groups = settled.data_groups;
         let id = config.id;
@@ -317,9 +318,31 @@ impl Node {
             new_directory = settled.created,
             "recovered"
         );
+        let mut group_map = GroupMap::new(data_groups).with_hash_tags(settled.hash_tags);
+        if let Some(wanted) = config.raft.hash_tags
+            && wanted != settled.hash_tags
+        {
+            // The opt-in of a cluster created with the other rule: only if no key moves.
+            let keys = local.replica().keys_matching(|_| true);
+            crate::cluster_record::switch_hash_tags(
+                &config.data_dir,
+                group_map,
+                wanted,
+                keys.iter().map(|(k, _)| k.as_slice()),
+            )?;
+            tracing::warn!(
+                hash_tags = wanted,
+                "switched this node's hash-tag rule (no key it holds changes group); every node of the cluster must switch"
+            );
+            group_map = group_map.with_hash_tags(wanted);
+        }
         let local: SharedLocal = Arc::new(Mutex::new(local));
         let hlc = Arc::new(Hlc::new(id));
-        let peers = Peers::for_cluster(config.peer_addr.ip(), &settled.cluster_id.to_string());
+        let peers = Peers::for_cluster(
+            config.peer_addr.ip(),
+            &settled.cluster_id.to_string(),
+            &group_map.fingerprint(),
+        );
         let gossip = Gossip::new(
             id,
             local.clone(),
@@ -339,7 +362,10 @@ impl Node {
             // A node of another cluster (another member list) is refused before any of its
             // calls reaches a group or gossip.
             .layer(tonic::service::InterceptorLayer::new(
-                calm_raft::consensus::service::check_cluster(settled.cluster_id.to_string()),
+                calm_raft::consensus::service::check_cluster(
+                    settled.cluster_id.to_string(),
+                    group_map.fingerprint(),
+                ),
             ))
             .add_service(Consensus::peer_service(handles.clone(), peers.clone()))
             .add_service(gossip.service())
@@ -360,6 +386,7 @@ impl Node {
             config.data_dir.join("snapshots"),
             &ConsensusOptions {
                 data_groups,
+                hash_tags: group_map.hash_tags(),
                 ..config.raft.consensus_options()
             },
             handles,

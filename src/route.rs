@@ -99,7 +99,7 @@ impl Router {
             }
         }
         Ok(Router {
-            map: GroupMap::new(groups as u64 - 1),
+            map: GroupMap::new(groups as u64 - 1).with_hash_tags(status.hash_tags),
             nodes,
             leaders,
             fallback: KvClient::new(fallback),

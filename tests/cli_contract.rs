@@ -195,6 +195,17 @@ async fn exit_codes_json_errors_and_binary_values() {
         r.json();
     }
 
+    // Explain names a tagged key's subject, in JSON and in the table's group column.
+    let e = calm(&c, &["explain", "{user:7}:balance", "-w", "json"], b"").json()[0].clone();
+    assert_eq!(e["subject"], json!("user:7"), "{e}");
+    let r = calm(&c, &["explain", "{user:7}:history"], b"");
+    assert!(
+        r.out()
+            .contains(&format!("{} (subject user:7)", e["group"])),
+        "{}",
+        r.out()
+    );
+
     // A key's own bounds, set from the CLI, are what explain shows (beside the rule's).
     let r = calm(&c, &["bounds", "stock:cli", "0", "10"], b"");
     assert_eq!(r.code, 0, "{}{}", r.out(), r.stderr);

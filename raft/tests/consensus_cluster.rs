@@ -25,6 +25,7 @@ const GROUPS: u64 = 4;
 fn options() -> ConsensusOptions {
     ConsensusOptions {
         data_groups: GROUPS,
+        hash_tags: true,
         heartbeat_ms: 50,
         election_timeout_min_ms: 300,
         election_timeout_max_ms: 600,

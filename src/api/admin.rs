@@ -109,6 +109,7 @@ impl Node {
             ready: not_ready_reason.is_none(),
             not_ready_reason: not_ready_reason.unwrap_or_default(),
             http_addr: self.config.http_addr.to_string(),
+            hash_tags: self.consensus.group_map().hash_tags(),
         }
     }
 }
@@ -163,7 +164,9 @@ impl Admin for AdminService {
     ) -> Result<tonic::Response<pb::ExplainResponse>, Status> {
         let key = request.into_inner().key;
         check_key(&key)?;
-        let group = self.node.consensus.group_map().group_of(&key);
+        let map = self.node.consensus.group_map();
+        let group = map.group_of(&key);
+        let subject = map.subject(&key).to_vec();
         let (explanation, existing, key_bounds) = {
             let local = lock(&self.node.local);
             let replica = local.replica();
@@ -198,6 +201,7 @@ impl Admin for AdminService {
                 .unwrap_or_default()
                 .to_string(),
             exists: existing.is_some(),
+            subject,
         }))
     }
 

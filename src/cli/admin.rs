@@ -180,6 +180,7 @@ pub async fn explain(
                 .map(|(k, e)| {
                     let mut doc = serde_json::Map::new();
                     json_bytes(&mut doc, "key", k);
+                    json_bytes(&mut doc, "subject", &e.subject);
                     for (name, value) in [
                         (
                             "rule",
@@ -236,7 +237,11 @@ pub async fn explain(
                         ((Some(min), Some(max)), _) => format!("[{min}, {max}]"),
                         _ => String::new(),
                     },
-                    e.group.to_string(),
+                    if e.subject.is_empty() || e.subject == **k {
+                        e.group.to_string()
+                    } else {
+                        format!("{} (subject {})", e.group, enc.cell(&e.subject))
+                    },
                     if e.leader == 0 {
                         "none".into()
                     } else {

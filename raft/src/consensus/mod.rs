@@ -1,8 +1,10 @@
 //! The ordered path: per-subject openraft groups on the node's shared WAL.
 //!
-//! A key's *subject* (the key itself, for now) hashes with BLAKE3 onto one of a fixed number
-//! of data groups chosen when the cluster is created; group 0 holds cluster metadata (rules,
-//! membership). Every node hosts a replica of every group, so with three nodes each group has
+//! A key's *subject* hashes with BLAKE3 onto one of a fixed number of data groups chosen
+//! when the cluster is created; group 0 holds cluster metadata (rules, membership). The
+//! subject is the key, or with hash tags (Redis Cluster's rule, on in new clusters) the
+//! part between the key's first `{` and the first `}` after it, when that part is not
+//! empty: `{user:7}:balance` and `{user:7}:history` share a group (see [`GroupMap::subject`]). Every node hosts a replica of every group, so with three nodes each group has
 //! three voters, and leaders spread over the nodes.
 //!
 //! Each group is an ordinary openraft instance with:
@@ -38,32 +40,74 @@ pub type Raft = openraft::Raft<CalmRaft, GroupStateMachine>;
 /// Most data groups a cluster may have (each costs heartbeats and memory on every node).
 pub const DATA_GROUPS_MAX: u64 = 1024;
 
-/// How subjects map to groups. Fixed at cluster creation: changing it would move keys
-/// between groups without moving their state.
+/// How keys map to groups: the data group count and whether hash tags choose subjects.
+/// Fixed at cluster creation (recorded in each node's `cluster.toml`): changing either would
+/// move keys between groups without moving their state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GroupMap {
     data_groups: u64,
+    hash_tags: bool,
 }
 
 impl GroupMap {
     /// The metadata group (rules, membership).
     pub const METADATA: GroupId = 0;
 
+    /// A map over `data_groups` groups, with hash tags (what new clusters get).
     pub fn new(data_groups: u64) -> GroupMap {
         assert!(
             (1..=DATA_GROUPS_MAX).contains(&data_groups),
             "data group count must be in 1..={DATA_GROUPS_MAX}"
         );
-        GroupMap { data_groups }
+        GroupMap {
+            data_groups,
+            hash_tags: true,
+        }
+    }
+
+    /// The same map with hash tags on or off (off: every key is its own subject, as in
+    /// clusters created before hash tags).
+    pub fn with_hash_tags(self, hash_tags: bool) -> GroupMap {
+        GroupMap { hash_tags, ..self }
     }
 
     pub fn data_groups(&self) -> u64 {
         self.data_groups
     }
 
-    /// The data group owning `subject`: 1 + BLAKE3(subject) mod the group count.
-    pub fn group_of(&self, subject: &[u8]) -> GroupId {
-        let hash = blake3::hash(subject);
+    pub fn hash_tags(&self) -> bool {
+        self.hash_tags
+    }
+
+    /// What peers compare to agree on the map (`service::GROUP_MAP_HEADER`).
+    pub fn fingerprint(&self) -> String {
+        format!(
+            "{} groups, hash tags {}",
+            self.data_groups,
+            if self.hash_tags { "on" } else { "off" }
+        )
+    }
+
+    /// The subject of `key`, which chooses its group. With hash tags: the bytes between the
+    /// first `{` and the first `}` after it, if there are any (`{user:7}:a` -> `user:7`;
+    /// `a{}b{c}` -> the whole key, as the first pair is empty; `{a` -> the whole key), else
+    /// the whole key. Without: the whole key.
+    pub fn subject<'k>(&self, key: &'k [u8]) -> &'k [u8] {
+        if !self.hash_tags {
+            return key;
+        }
+        let Some(open) = key.iter().position(|&b| b == b'{') else {
+            return key;
+        };
+        match key[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+            _ => key,
+        }
+    }
+
+    /// The data group owning `key`: 1 + BLAKE3(subject of the key) mod the group count.
+    pub fn group_of(&self, key: &[u8]) -> GroupId {
+        let hash = blake3::hash(self.subject(key));
         let head = u64::from_le_bytes(hash.as_bytes()[..8].try_into().expect("8 bytes"));
         1 + head % self.data_groups
     }
@@ -130,5 +174,37 @@ mod tests {
             "{seen:?}"
         );
         assert_eq!(map.group_of(b"same"), map.group_of(b"same"));
+    }
+
+    #[test]
+    fn hash_tags_choose_the_subject_as_redis_cluster_does() {
+        let map = GroupMap::new(64);
+        let subject = |k: &str| String::from_utf8(map.subject(k.as_bytes()).to_vec()).unwrap();
+        assert_eq!(subject("{user:7}:balance"), "user:7");
+        assert_eq!(subject("orders/{user:7}"), "user:7");
+        assert_eq!(subject("{a}{b}"), "a");
+        assert_eq!(subject("plain"), "plain");
+        assert_eq!(
+            subject("{}x{y}"),
+            "{}x{y}",
+            "an empty first tag: the whole key"
+        );
+        assert_eq!(subject("{open"), "{open");
+        assert_eq!(subject("close}{"), "close}{");
+        assert_eq!(subject("x{y}z}"), "y");
+        assert_eq!(
+            map.group_of(b"{user:7}:balance"),
+            map.group_of(b"{user:7}:history")
+        );
+        assert_eq!(map.group_of(b"{user:7}:balance"), map.group_of(b"user:7"));
+        // Keys without a tag map as they always did; with tags off, braces mean nothing.
+        let old = map.with_hash_tags(false);
+        assert_eq!(old.group_of(b"plain"), map.group_of(b"plain"));
+        assert_eq!(old.subject(b"{user:7}:balance"), b"{user:7}:balance");
+        let spread: std::collections::HashSet<_> = (0..64)
+            .map(|i| old.group_of(format!("{{user:7}}:{i}").as_bytes()))
+            .collect();
+        assert!(spread.len() > 1);
+        assert_ne!(map.fingerprint(), old.fingerprint());
     }
 }

@@ -45,6 +45,9 @@ pub struct Peers {
     /// Sent with every call (`super::service::CLUSTER_ID_HEADER`), so that peers refuse this
     /// node if it belongs to another cluster.
     cluster_id: Option<http::HeaderValue>,
+    /// Sent with every call (`super::service::GROUP_MAP_HEADER`): peers refuse a node that
+    /// maps keys to groups otherwise.
+    group_map: Option<http::HeaderValue>,
 }
 
 impl Peers {
@@ -60,16 +63,19 @@ impl Peers {
             batchers: Mutex::default(),
             local_ip: (!ip.is_unspecified()).then_some(ip),
             cluster_id: None,
+            group_map: None,
         })
     }
 
-    /// Like [`bound_to`](Self::bound_to), naming this node's cluster on every call.
-    pub fn for_cluster(ip: IpAddr, cluster_id: &str) -> Arc<Peers> {
+    /// Like [`bound_to`](Self::bound_to), naming this node's cluster and its group map
+    /// ([`GroupMap::fingerprint`](super::GroupMap::fingerprint)) on every call.
+    pub fn for_cluster(ip: IpAddr, cluster_id: &str, group_map: &str) -> Arc<Peers> {
         Arc::new(Peers {
             channels: Mutex::default(),
             batchers: Mutex::default(),
             local_ip: (!ip.is_unspecified()).then_some(ip),
             cluster_id: http::HeaderValue::from_str(cluster_id).ok(),
+            group_map: http::HeaderValue::from_str(group_map).ok(),
         })
     }
 
@@ -121,16 +127,13 @@ impl Peers {
             keepalive_timeout: Duration::from_secs(2),
             // Callers bound their own calls (openraft's TTLs, the batcher's deadlines).
             call_timeout: None,
-            headers: self
-                .cluster_id
-                .iter()
-                .map(|id| {
-                    (
-                        http::HeaderName::from_static(super::service::CLUSTER_ID_HEADER),
-                        id.clone(),
-                    )
-                })
-                .collect(),
+            headers: [
+                (super::service::CLUSTER_ID_HEADER, &self.cluster_id),
+                (super::service::GROUP_MAP_HEADER, &self.group_map),
+            ]
+            .into_iter()
+            .filter_map(|(name, value)| Some((http::HeaderName::from_static(name), value.clone()?)))
+            .collect(),
         };
         let channel = H2Channel::lazy(addr, options).map_err(|e| {
             tonic::Status::invalid_argument(format!("peer {node}: {}", e.message()))

@@ -69,6 +69,8 @@ pub const LEADER_ATTEMPTS_MAX: usize = 256;
 #[derive(Clone, Debug)]
 pub struct ConsensusOptions {
     pub data_groups: u64,
+    /// Whether hash tags choose keys' subjects (`GroupMap::subject`); fixed per cluster.
+    pub hash_tags: bool,
     /// Leader heartbeat period. Idle cost is groups x peers / period RPCs per second.
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
@@ -93,6 +95,7 @@ impl Default for ConsensusOptions {
             // entry (a node derives its own default from its members; see calm's
             // `cluster_record`).
             data_groups: 3,
+            hash_tags: true,
             // Two cores are shared by every node in tests: generous timeouts avoid spurious
             // elections under load, and heartbeats stay a small fraction of idle CPU.
             heartbeat_ms: 100,
@@ -461,7 +464,7 @@ impl Consensus {
         handles: Arc<GroupHandles>,
         peers: Arc<Peers>,
     ) -> Result<Consensus, ConsensusError> {
-        let map = GroupMap::new(options.data_groups);
+        let map = GroupMap::new(options.data_groups).with_hash_tags(options.hash_tags);
         let config = options.raft_config()?;
         let commit_notice_hold = options.commit_notice_hold()?;
         let logs = lock_local(&local).raft_logs().clone();
@@ -471,7 +474,7 @@ impl Consensus {
         // group, which that group may still have to receive from its leader. Started in
         // order, group 1 waited forever for group 2, which never started (found by Jepsen: a
         // restarted node hung).
-        handles.prepare(map.all().count());
+        handles.prepare(map);
         let mut starting = Vec::new();
         for group in map.all() {
             let start = move |reason: String| ConsensusError::Start { group, reason };

@@ -13,7 +13,7 @@ use super::wire::{
     self, GroupMessage, PeerBatch, PeerBatchReply, PeerCall, PeerResult, PeerRpc, ProposeReply,
     ReadIndexReply, SnapshotChunk, raft_peer_server::RaftPeer,
 };
-use super::{ClientWriteError, Raft};
+use super::{ClientWriteError, GroupMap, Raft};
 use std::sync::{Arc, OnceLock};
 use tonic::{Request as GrpcRequest, Response as GrpcResponse, Status, Streaming};
 
@@ -24,17 +24,40 @@ pub const GROUPS_STARTING: &str = "this node's Raft groups are still starting";
 pub const CLUSTER_ID_HEADER: &str = "calm-cluster-id";
 /// How the refusal of a call from another cluster's node begins.
 pub const OTHER_CLUSTER: &str = "refused: the caller belongs to another cluster";
+/// Header naming how the caller maps keys to groups ([`GroupMap::fingerprint`]).
+pub const GROUP_MAP_HEADER: &str = "calm-group-map";
+/// How the refusal of a call from a node with another group map begins.
+pub const OTHER_GROUP_MAP: &str = "refused: the caller maps keys to groups differently";
 
-/// An interceptor for the peer server: calls naming another cluster than `cluster_id` are
-/// refused with FAILED_PRECONDITION before any service sees them. A node started with
-/// another member list computes another cluster id, so it can neither vote in, nor send
-/// entries or facts to, this cluster. Calls without the header (tools, tests) pass.
+/// An interceptor for the peer server: calls naming another cluster than `cluster_id`, or
+/// another group map than `group_map`, are refused with FAILED_PRECONDITION before any
+/// service sees them. A node started with another member list computes another cluster id,
+/// so it can neither vote in, nor send entries or facts to, this cluster; a node whose
+/// `cluster.toml` records another group count or hash-tag rule would route commands to
+/// groups that do not own their keys. Calls without a header (tools, tests, nodes of
+/// versions before the group-map header) pass that check.
 pub fn check_cluster(
     cluster_id: String,
+    group_map: String,
 ) -> impl FnMut(GrpcRequest<()>) -> Result<GrpcRequest<()>, Status> + Clone {
-    // One warning per 10 s at most: a refused node retries every heartbeat, in every group.
+    // A refused node retries every heartbeat, in every group: warn once per 10 s.
     let last_warned = Arc::new(std::sync::atomic::AtomicU64::new(0));
     move |request: GrpcRequest<()>| {
+        if let Some(theirs) = request.metadata().get(GROUP_MAP_HEADER) {
+            let theirs = theirs.to_str().unwrap_or("(not text)");
+            if theirs != group_map {
+                if warn_now(&last_warned) {
+                    tracing::warn!(
+                        caller_group_map = theirs,
+                        group_map = %group_map,
+                        "refused a peer call from a node that maps keys to groups differently (another cluster.toml)"
+                    );
+                }
+                return Err(Status::failed_precondition(format!(
+                    "{OTHER_GROUP_MAP} (its cluster.toml: {theirs}; this node's: {group_map}). The group count and hash-tag rule are fixed per cluster: start that node on a data directory whose cluster.toml matches the cluster's (docs/subjects.md)"
+                )));
+            }
+        }
         let Some(theirs) = request.metadata().get(CLUSTER_ID_HEADER) else {
             return Ok(request);
         };
@@ -45,20 +68,7 @@ pub fn check_cluster(
         let from = request
             .remote_addr()
             .map_or("an unknown address".to_string(), |a| a.to_string());
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let last = last_warned.load(std::sync::atomic::Ordering::Relaxed);
-        if now >= last + 10
-            && last_warned
-                .compare_exchange(
-                    last,
-                    now,
-                    std::sync::atomic::Ordering::Relaxed,
-                    std::sync::atomic::Ordering::Relaxed,
-                )
-                .is_ok()
-        {
+        if warn_now(&last_warned) {
             tracing::warn!(
             caller = %from,
             caller_cluster = theirs,
@@ -72,6 +82,19 @@ pub fn check_cluster(
     }
 }
 
+/// Whether a refusal may be logged now: one warning per 10 s at most.
+fn warn_now(last_warned: &std::sync::atomic::AtomicU64) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = last_warned.load(Relaxed);
+    now >= last + 10
+        && last_warned
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
+}
+
 /// The node's groups. Each group serves peers as soon as it has started, before the others:
 /// a group re-applying its log at start may wait for a command another group must first
 /// receive from its leader (see `Consensus::start`).
@@ -83,6 +106,8 @@ pub struct GroupHandles {
     rafts: OnceLock<Vec<Raft>>,
     /// When each group last heard from its leader (see `health`).
     contacts: OnceLock<LeaderContacts>,
+    /// How keys map to the groups.
+    map: OnceLock<GroupMap>,
 }
 
 impl GroupHandles {
@@ -91,10 +116,17 @@ impl GroupHandles {
     }
 
     /// Make room for `groups` groups (the metadata group included); once, before any starts.
-    pub fn prepare(&self, groups: usize) {
+    pub fn prepare(&self, map: GroupMap) {
+        let groups = map.all().count();
         let slots = (0..groups).map(|_| OnceLock::new()).collect();
         assert!(self.slots.set(slots).is_ok(), "groups are prepared once");
         let _ = self.contacts.set(LeaderContacts::new(groups));
+        let _ = self.map.set(map);
+    }
+
+    /// How keys map to the groups (`None` before the groups are prepared).
+    pub fn map(&self) -> Option<GroupMap> {
+        self.map.get().copied()
     }
 
     /// `group` has started: serve its peers' messages from now on.
@@ -358,7 +390,10 @@ impl RaftPeer for PeerService {
         let msg = req.into_inner();
         let raft = self.handles.get(msg.group)?;
         let request: Request = wire::decode(&msg.payload).map_err(bad)?;
-        let map = super::GroupMap::new(self.handles.count() as u64 - 1);
+        let map = self
+            .handles
+            .map()
+            .ok_or_else(|| Status::unavailable("this node's groups are still starting"))?;
         super::check_request(map, msg.group, &request).map_err(bad)?;
         let proposer = match &request {
             Request::Command(cmd) => Some(cmd.proposer),
