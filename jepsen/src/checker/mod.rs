@@ -285,17 +285,22 @@ pub(crate) fn group_by_key<'a>(
     Ok(groups)
 }
 
+/// `op` holds `got` where the checker expected `expected`: a harness bug.
+pub(crate) fn bad(op: &PairedOp<'_>, expected: &'static str, got: &Value) -> CheckError {
+    CheckError::BadValue {
+        index: op.index(),
+        f: op.f().clone(),
+        expected,
+        got: got.clone(),
+    }
+}
+
 pub(crate) fn int_value(
     op: &PairedOp<'_>,
     v: &Value,
     what: &'static str,
 ) -> Result<i64, CheckError> {
-    v.as_i64().ok_or_else(|| CheckError::BadValue {
-        index: op.index(),
-        f: op.f().clone(),
-        expected: what,
-        got: v.clone(),
-    })
+    v.as_i64().ok_or_else(|| bad(op, what, v))
 }
 
 /// `"1 add"`, `"3 adds"`.

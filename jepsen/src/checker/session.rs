@@ -18,22 +18,13 @@
 
 use std::collections::HashMap;
 
-use super::{Anomaly, AnomalyKind, CheckError, Checker, Stats, Verdict, int_value};
-use crate::history::{F, History, Outcome, PairedOp, Value, describe};
+use super::{Anomaly, AnomalyKind, CheckError, Checker, Stats, Verdict, bad, int_value};
+use crate::history::{F, History, Outcome, PairedOp, describe};
 
 const NAME: &str = "session";
 
 #[derive(Debug, Clone, Default)]
 pub struct SessionChecker;
-
-fn bad(op: &PairedOp<'_>, expected: &'static str, got: &Value) -> CheckError {
-    CheckError::BadValue {
-        index: op.index(),
-        f: op.f().clone(),
-        expected,
-        got: got.clone(),
-    }
-}
 
 impl Checker for SessionChecker {
     fn name(&self) -> &'static str {

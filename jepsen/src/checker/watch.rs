@@ -34,7 +34,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{Anomaly, AnomalyKind, CheckError, Checker, Stats, Verdict, abbreviate, int_value};
+use super::{
+    Anomaly, AnomalyKind, CheckError, Checker, Stats, Verdict, abbreviate, bad, int_value,
+};
 use crate::history::{F, History, Outcome, PairedOp, Value};
 
 const NAME: &str = "watch";
@@ -82,15 +84,6 @@ struct Watcher<'a> {
     events: Vec<Received<'a>>,
     gave_up: bool,
     stretches: usize,
-}
-
-fn bad(op: &PairedOp<'_>, expected: &'static str, got: &Value) -> CheckError {
-    CheckError::BadValue {
-        index: op.index(),
-        f: op.f().clone(),
-        expected,
-        got: got.clone(),
-    }
 }
 
 fn u64_field(op: &PairedOp<'_>, event: &Value, field: &'static str) -> Result<u64, CheckError> {
