@@ -183,6 +183,27 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Run a transaction read from FILE (or stdin, for - or no FILE): comparisons on keys of
+    /// one subject, then the success ops if they all hold, else the failure ops, atomically
+    /// (exit 1 when the failure branch ran). The syntax:
+    ///
+    ///   compare:                   # all must hold (exists, missing, type, version, value, counter)
+    ///     value {u:7}:name = "ann"
+    ///     counter {u:7}:credit 10..
+    ///   success:                   # put, del, add, set, bounds, max, setmax, sadd, srem
+    ///     add {u:7}:credit -10
+    ///     sadd {u:7}:orders o-1
+    ///   failure:
+    ///     put {u:7}:note "no credit"
+    ///
+    /// See docs/txn.md for every clause and what a comparison observes.
+    #[command(verbatim_doc_comment, after_help = format!("{LIMITS}\n{EXIT_CODES}"))]
+    Txn {
+        /// The transaction's text; - or nothing reads stdin.
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        client: WriteArgs,
+    },
     /// Compare-and-set a register: write VALUE (or delete) only if it matches the expectation
     /// (exit 1 when it did not).
     #[command(after_help = format!("{LIMITS}\n{EXIT_CODES}"))]
@@ -565,7 +586,8 @@ impl Command {
             | Bounds { client, .. }
             | Max { client, .. }
             | Sadd { client, .. }
-            | Srem { client, .. } => &client.client,
+            | Srem { client, .. }
+            | Txn { client, .. } => &client.client,
             Get { client, .. }
             | Scan { client, .. }
             | Watch { client, .. }
@@ -826,6 +848,33 @@ async fn run(command: Command) -> Result<Exit> {
                 Ok(vec![Kind::Raise(pb::Raise { value })])
             })
             .await
+        }
+        Command::Txn { file, client } => {
+            let text = match file.as_deref() {
+                Some(path) if path != std::path::Path::new("-") => std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        CliError::usage(format!(
+                            "cannot read the transaction from {}: {e}",
+                            path.display()
+                        ))
+                    })?,
+                _ => {
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(
+                        |e| CliError::usage(format!("cannot read the transaction from stdin: {e}")),
+                    )?;
+                    text
+                }
+            };
+            let enc = client.client.encoding();
+            let mut req = cli::txn::parse(&text, enc)?;
+            req.token = client
+                .token
+                .as_deref()
+                .map(cli::parse_token)
+                .transpose()?
+                .unwrap_or_default();
+            Ok(cli::txn::run(&client.client.endpoints, req, client.client.output, enc).await?)
         }
         Command::Sadd {
             key,

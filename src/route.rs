@@ -152,6 +152,25 @@ impl Router {
         result
     }
 
+    /// `Kv.Txn`, sent to the leader of its keys' group (they share one subject); the
+    /// first key named decides.
+    pub async fn txn(
+        &mut self,
+        request: pb::TxnRequest,
+    ) -> Result<Response<pb::TxnResponse>, Status> {
+        let first = request
+            .compare
+            .first()
+            .map(|c| c.key.as_slice())
+            .or_else(|| request.success.first().map(|o| o.key.as_slice()))
+            .or_else(|| request.failure.first().map(|o| o.key.as_slice()))
+            .unwrap_or_default();
+        let group = self.map.group_of(first) as usize;
+        let result = self.kv_for(group).txn(request).await;
+        self.learn_from(group, &result);
+        result
+    }
+
     /// `Kv.Batch`: its ops may span groups, so it goes to the first endpoint, which
     /// proposes each op to its own group.
     pub async fn batch(

@@ -44,6 +44,7 @@ pub mod refusal;
 pub mod replica;
 pub mod rules;
 pub mod state;
+pub mod txn;
 pub mod value;
 pub mod vv;
 
@@ -54,5 +55,6 @@ pub use fact::{Fact, FactError, FactId, FactKind, FactRef};
 pub use refusal::{Refusal, StatusCode};
 pub use replica::{Admitted, Change, ChangeCause, Delivered, RefusedOp, Replica, ReplicaError};
 pub use state::{KeyRecord, KeyState, Outcome, Value};
+pub use txn::{Cmp, Compare, Test, Txn, TxnOutcome, TxnPart};
 pub use value::{Bounds, CasExpect, Mode, Op, OpKind, ValueType};
 pub use vv::VersionVector;

@@ -64,6 +64,12 @@ pub enum Refusal {
     /// A command prepared against a key that was deleted and recreated (a new generation)
     /// before it was ordered: what it observed is gone, so it was not applied.
     KeyRecreated,
+    /// A transaction's comparison that does not apply to the key's type (a version test on
+    /// a counter).
+    CompareMismatch {
+        key_type: ValueType,
+        test: crate::txn::TestKind,
+    },
 }
 
 impl Refusal {
@@ -73,7 +79,8 @@ impl Refusal {
             | Refusal::CasInAvailableMode
             | Refusal::NeedsConsensus { .. }
             | Refusal::BoundsChangeStrandsQuota { .. }
-            | Refusal::MissingBounds => StatusCode::FailedPrecondition,
+            | Refusal::MissingBounds
+            | Refusal::CompareMismatch { .. } => StatusCode::FailedPrecondition,
             Refusal::EscrowExhausted { .. } => StatusCode::ResourceExhausted,
             Refusal::OutOfBounds { .. }
             | Refusal::Overflow { .. }
@@ -171,7 +178,15 @@ impl fmt::Display for KeyRefusal<'_> {
             ),
             Refusal::KeyRecreated => write!(
                 f,
-                "key '{key}' was deleted and recreated while this write was on its way, so it was not applied;                  read the key again and retry"
+                "key '{key}' was deleted and recreated while this write was on its way, so it was not applied; \
+                 read the key again and retry"
+            ),
+            Refusal::CompareMismatch { key_type, test } => write!(
+                f,
+                "key '{key}' is {}, but {} applies to {} only; test this key's existence or type instead",
+                key_type.with_article(),
+                test.name(),
+                test.applies_to()
             ),
         }
     }

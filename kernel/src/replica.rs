@@ -43,11 +43,12 @@
 
 use crate::admission::{Admission, ConsensusReason, EscrowView, classify};
 use crate::clock::{HlcTimestamp, NodeId};
-use crate::command::{Command, CommandBody};
+use crate::command::{Command, CommandBody, KeyFrontier};
 use crate::fact::{Fact, FactError, FactId, FactKind, FactRef};
 use crate::refusal::Refusal;
 use crate::rules::CompiledRules;
 use crate::state::{KeyRecord, KeyState, Outcome, Value};
+use crate::txn::{Compare, Test, Txn, TxnOutcome, TxnPart};
 use crate::value::{Mode, Op, OpKind, ValueType};
 use crate::vv::VersionVector;
 use std::collections::{BTreeMap, HashMap};
@@ -799,6 +800,20 @@ impl Replica {
         })
     }
 
+    /// A transaction comparison on `key`, stamped with what this replica observed on it
+    /// (as `prepare_command` stamps a command).
+    pub fn prepare_compare(&self, key: &[u8], test: Test) -> Compare {
+        let record = self.keys.get(key).map(|e| &e.record);
+        Compare {
+            key: key.to_vec(),
+            test,
+            frontier: record
+                .map(|r| r.state.frontier().with_generation(r.generation))
+                .unwrap_or_default(),
+            absorb: record.and_then(|r| r.state.lww_winner()),
+        }
+    }
+
     /// A command asking the key's pool for escrow rights for this node.
     pub fn prepare_grant(
         &self,
@@ -835,7 +850,7 @@ impl Replica {
                 up,
                 bounds,
             },
-            frontier: crate::command::KeyFrontier::default().with_generation(generation),
+            frontier: KeyFrontier::default().with_generation(generation),
             absorb: None,
         })
     }
@@ -844,8 +859,12 @@ impl Replica {
     /// seq)`: empty when `apply_command` would not report `Blocked`. Applying commands on
     /// other keys does not change the answer (a command touches its own key only).
     pub fn missing_facts(&self, cmd: &Command) -> Vec<(NodeId, u64)> {
-        let mut beyond_vv = cmd
-            .frontier
+        self.missing_on(&cmd.key, &cmd.frontier)
+    }
+
+    /// The facts `frontier`, taken on `key`, names that this replica has not applied.
+    fn missing_on(&self, key: &[u8], frontier: &KeyFrontier) -> Vec<(NodeId, u64)> {
+        let mut beyond_vv = frontier
             .facts()
             .iter()
             .filter(|e| self.vv.get(e.origin) < e.seq)
@@ -857,7 +876,7 @@ impl Replica {
         }
         // The frontier names facts on this key: the key holding them is what counts (after
         // a snapshot install it may hold facts beyond the version vector).
-        let state = self.keys.get(cmd.key.as_slice()).map(|e| &e.record.state);
+        let state = self.keys.get(key).map(|e| &e.record.state);
         beyond_vv
             .filter(|e| state.is_none_or(|s| s.fact_seq(e.origin) < e.seq))
             .map(|e| (e.origin, e.seq))
@@ -874,31 +893,10 @@ impl Replica {
                 missing,
             });
         }
-        let generation = cmd.frontier.generation();
-        // Facts only: the state's observed-reset never sees the generation entry.
-        let stripped;
-        let frontier = if generation == 0 {
-            &cmd.frontier
-        } else {
-            stripped = crate::command::KeyFrontier {
-                entries: cmd.frontier.facts().to_vec(),
-            };
-            &stripped
-        };
         let outcome = match self.keys.get_mut(cmd.key.as_slice()) {
-            Some(entry) if entry.record.generation != generation => {
-                // Prepared on an earlier generation: what it observed is gone.
-                Outcome::Refused(Refusal::KeyRecreated)
-            }
             Some(entry) => {
                 let prev = value_before(&self.journal, &entry.record);
-                let outcome = entry.record.apply_command(
-                    &cmd.body,
-                    frontier,
-                    cmd.absorb.as_ref(),
-                    cmd.hlc,
-                    cmd.proposer,
-                );
+                let (outcome, _) = run_command(Some(&mut entry.record), cmd);
                 mark_dirty(&mut self.dirty, entry, &cmd.key);
                 if took_effect(&outcome) {
                     let (cause, hlc) = (ChangeCause::Command, cmd.hlc);
@@ -906,42 +904,10 @@ impl Replica {
                 }
                 outcome
             }
-            // A generation is only ever taken from a key that exists.
-            None if generation != 0 => Outcome::Refused(Refusal::KeyRecreated),
-            // Nothing to delete, and a delete creates nothing.
-            None if cmd.body == CommandBody::Delete => Outcome::Deleted { existed: false },
             None => {
-                let value_type = cmd.body.value_type().expect("a delete is handled above");
-                let mut state = match KeyState::new(value_type, cmd.body.creation_bounds()) {
-                    Ok(s) => s,
-                    Err(r) => return Ok(Outcome::Refused(r)),
-                };
-                let outcome = state.apply_command(
-                    &cmd.body,
-                    frontier,
-                    cmd.absorb.as_ref(),
-                    cmd.hlc,
-                    cmd.proposer,
-                );
-                // A refused first command leaves no key behind, so the key's type is fixed
-                // only by a command that took effect.
-                if !matches!(outcome, Outcome::Refused(_)) {
-                    let record = KeyRecord::new(state);
-                    if took_effect(&outcome) {
-                        let prev = self.journal.as_ref().map(|_| None);
-                        let (cause, hlc) = (ChangeCause::Command, cmd.hlc);
-                        journal_change(&mut self.journal, &cmd.key, cause, hlc, prev, &record);
-                    }
-                    self.keys.insert(
-                        cmd.key.clone().into_boxed_slice(),
-                        KeyEntry {
-                            record,
-                            rules_version: self.rules_version,
-                            mode: self.rules.resolve(&cmd.key).mode,
-                            dirty: true,
-                        },
-                    );
-                    self.dirty.push(cmd.key.clone().into_boxed_slice());
+                let (outcome, created) = run_command(None, cmd);
+                if let Some(record) = created {
+                    self.store_created(cmd, &outcome, record);
                 }
                 outcome
             }
@@ -950,6 +916,125 @@ impl Replica {
             self.drain();
         }
         Ok(outcome)
+    }
+
+    /// Store the record a command created on a key that did not exist.
+    fn store_created(&mut self, cmd: &Command, outcome: &Outcome, record: KeyRecord) {
+        if took_effect(outcome) {
+            let prev = self.journal.as_ref().map(|_| None);
+            let (cause, hlc) = (ChangeCause::Command, cmd.hlc);
+            journal_change(&mut self.journal, &cmd.key, cause, hlc, prev, &record);
+        }
+        self.keys.insert(
+            cmd.key.clone().into_boxed_slice(),
+            KeyEntry {
+                record,
+                rules_version: self.rules_version,
+                mode: self.rules.resolve(&cmd.key).mode,
+                dirty: true,
+            },
+        );
+        self.dirty.push(cmd.key.clone().into_boxed_slice());
+    }
+
+    /// The facts a transaction's comparisons and commands (both branches) observed that
+    /// this replica has not applied: empty when `apply_txn` would not report `Blocked`.
+    pub fn txn_missing_facts(&self, txn: &Txn) -> Vec<(NodeId, u64)> {
+        let mut missing: Vec<(NodeId, u64)> = txn
+            .compares
+            .iter()
+            .flat_map(|c| self.missing_on(&c.key, &c.frontier))
+            .chain(
+                txn.success
+                    .iter()
+                    .chain(&txn.failure)
+                    .flat_map(|c| self.missing_facts(c)),
+            )
+            .collect();
+        // One entry per origin, the highest sequence (what `Blocked` promises).
+        missing.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        missing.dedup_by_key(|m| m.0);
+        missing
+    }
+
+    /// Apply a Raft-ordered transaction (see `txn.rs`): evaluate every comparison, then
+    /// apply the chosen branch's commands all or none. `Err(Blocked)`: facts it observed are
+    /// not applied here yet; nothing changed.
+    pub fn apply_txn(&mut self, txn: &Txn) -> Result<TxnOutcome, ReplicaError> {
+        let missing = self.txn_missing_facts(txn);
+        if !missing.is_empty() {
+            let key = txn.keys().next().unwrap_or_default();
+            return Err(ReplicaError::Blocked {
+                key: crate::refusal::DisplayKey(key).to_string(),
+                missing,
+            });
+        }
+        let mut succeeded = true;
+        // Every comparison is evaluated, so a malformed one is refused whatever the others say.
+        for (i, compare) in txn.compares.iter().enumerate() {
+            let record = self.keys.get(compare.key.as_slice()).map(|e| &e.record);
+            match crate::txn::evaluate(record, compare) {
+                Ok(holds) => succeeded &= holds,
+                Err(refusal) => {
+                    return Ok(TxnOutcome::Refused {
+                        at: TxnPart::Compare(i),
+                        key: compare.key.clone(),
+                        refusal,
+                    });
+                }
+            }
+        }
+        let branch = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
+        // Staged on copies: a refused command leaves no trace of the others.
+        let mut staged = Vec::with_capacity(branch.len());
+        for (index, cmd) in branch.iter().enumerate() {
+            let mut copy = self.keys.get(cmd.key.as_slice()).map(|e| e.record.clone());
+            let (outcome, created) = run_command(copy.as_mut(), cmd);
+            if let Outcome::Refused(refusal) = outcome {
+                return Ok(TxnOutcome::Refused {
+                    at: TxnPart::Op { succeeded, index },
+                    key: cmd.key.clone(),
+                    refusal,
+                });
+            }
+            staged.push((created.or(copy), outcome));
+        }
+        let mut outcomes = Vec::with_capacity(staged.len());
+        for (cmd, (after, outcome)) in branch.iter().zip(staged) {
+            match (self.keys.get_mut(cmd.key.as_slice()), after) {
+                (Some(entry), Some(record)) => {
+                    let prev = value_before(&self.journal, &entry.record);
+                    entry.record = record;
+                    mark_dirty(&mut self.dirty, entry, &cmd.key);
+                    if took_effect(&outcome) {
+                        let (cause, hlc) = (ChangeCause::Command, cmd.hlc);
+                        journal_change(
+                            &mut self.journal,
+                            &cmd.key,
+                            cause,
+                            hlc,
+                            prev,
+                            &entry.record,
+                        );
+                    }
+                }
+                (None, Some(record)) => self.store_created(cmd, &outcome, record),
+                // A delete of a key that does not exist: nothing to store.
+                (_, None) => {}
+            }
+            outcomes.push(outcome);
+        }
+        if !self.pending.is_empty() {
+            self.drain();
+        }
+        Ok(TxnOutcome::Applied {
+            succeeded,
+            outcomes,
+        })
     }
 
     /// Deliver a fact from a peer (or from the WAL on recovery).
@@ -1087,6 +1172,62 @@ impl Replica {
             if !progressed {
                 return applied;
             }
+        }
+    }
+}
+
+/// What `cmd` does to its key's `record` (`None`: the key does not exist here): the whole
+/// of a command's effect on one key, shared by single commands and transactions. `record`
+/// is changed in place; for an absent key, the record the command creates (if it takes
+/// effect) is returned. The caller has checked that every fact in the frontier is applied.
+fn run_command(record: Option<&mut KeyRecord>, cmd: &Command) -> (Outcome, Option<KeyRecord>) {
+    let generation = cmd.frontier.generation();
+    // Facts only: the state's observed-reset never sees the generation entry.
+    let stripped;
+    let frontier = if generation == 0 {
+        &cmd.frontier
+    } else {
+        stripped = KeyFrontier {
+            entries: cmd.frontier.facts().to_vec(),
+        };
+        &stripped
+    };
+    match record {
+        // Prepared on an earlier generation: what it observed is gone.
+        Some(record) if record.generation != generation => {
+            (Outcome::Refused(Refusal::KeyRecreated), None)
+        }
+        Some(record) => {
+            let outcome = record.apply_command(
+                &cmd.body,
+                frontier,
+                cmd.absorb.as_ref(),
+                cmd.hlc,
+                cmd.proposer,
+            );
+            (outcome, None)
+        }
+        // A generation is only ever taken from a key that exists.
+        None if generation != 0 => (Outcome::Refused(Refusal::KeyRecreated), None),
+        // Nothing to delete, and a delete creates nothing.
+        None if cmd.body == CommandBody::Delete => (Outcome::Deleted { existed: false }, None),
+        None => {
+            let value_type = cmd.body.value_type().expect("a delete is handled above");
+            let mut state = match KeyState::new(value_type, cmd.body.creation_bounds()) {
+                Ok(s) => s,
+                Err(r) => return (Outcome::Refused(r), None),
+            };
+            let outcome = state.apply_command(
+                &cmd.body,
+                frontier,
+                cmd.absorb.as_ref(),
+                cmd.hlc,
+                cmd.proposer,
+            );
+            // A refused first command leaves no key behind, so the key's type is fixed only
+            // by a command that took effect.
+            let created = (!matches!(outcome, Outcome::Refused(_))).then(|| KeyRecord::new(state));
+            (outcome, created)
         }
     }
 }

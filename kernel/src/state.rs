@@ -195,7 +195,7 @@ impl KeyRecord {
 
     /// Whether a delete observing `frontier` finds the key visible: decided from the
     /// command and Raft-ordered state only, so every replica answers the same.
-    fn observed_visible(&self, frontier: &KeyFrontier) -> bool {
+    pub(crate) fn observed_visible(&self, frontier: &KeyFrontier) -> bool {
         let Some(cut) = &self.tombstone else {
             return true;
         };
@@ -797,6 +797,12 @@ impl Numeric {
         delta
     }
 
+    /// The value as a command observing `frontier` sees it: the Raft-ordered base plus
+    /// the observed facts' totals beyond what sets covered (what a set's delta leaves out).
+    pub(crate) fn observed_value(&self, frontier: &KeyFrontier) -> i64 {
+        0i64.wrapping_sub(self.set_delta(0, frontier))
+    }
+
     fn set(&mut self, value: i64, frontier: &KeyFrontier) {
         let before = self.value;
         let delta = self.set_delta(value, frontier);
@@ -906,6 +912,11 @@ impl BoundedState {
 
     pub fn value(&self) -> i64 {
         self.numeric.value
+    }
+
+    /// See [`Numeric::observed_value`].
+    pub(crate) fn observed_value(&self, frontier: &KeyFrontier) -> i64 {
+        self.numeric.observed_value(frontier)
     }
 
     pub fn bounds(&self) -> Bounds {
@@ -1599,6 +1610,18 @@ impl RegisterState {
             self.write(hlc, proposer, None);
         }
         existed
+    }
+
+    /// The value and version a command observing `frontier` (and absorbing `absorb`) would
+    /// compare with, as compare-and-set does; nothing changes.
+    pub(crate) fn observed(
+        &self,
+        frontier: &KeyFrontier,
+        absorb: Option<&LwwWrite>,
+    ) -> (Option<Vec<u8>>, u64) {
+        let mut view = self.clone();
+        view.absorb(frontier, absorb);
+        (view.base.and_then(|b| b.value), view.version)
     }
 
     /// Drop the LWW writes `frontier` covers, and take the winner the command saw as base.

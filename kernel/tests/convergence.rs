@@ -11,7 +11,7 @@
 
 mod sim;
 
-use calm_kernel::{Mode, Op, Value};
+use calm_kernel::{Cmp, Mode, Op, Test, Value, ValueType};
 use proptest::prelude::*;
 use sim::{Ack, Cluster, KEYS, NODES};
 
@@ -40,6 +40,54 @@ enum Step {
     },
     /// Operators switch every key to this mode (a Raft-ordered rules change).
     FlipRules(Mode),
+    /// A transaction: one comparison, two ops on distinct keys if it holds, one op if not.
+    Txn {
+        node: usize,
+        compare: (usize, Test),
+        success: [(usize, Op); 2],
+        failure: (usize, Op),
+    },
+}
+
+/// Every kind of test, on any key (a test of the wrong type is refused everywhere alike).
+fn test() -> impl Strategy<Value = Test> {
+    let cmp = prop_oneof![
+        Just(Cmp::Equal),
+        Just(Cmp::NotEqual),
+        Just(Cmp::Less),
+        Just(Cmp::Greater)
+    ];
+    prop_oneof![
+        any::<bool>().prop_map(Test::Exists),
+        Just(Test::Type(ValueType::Counter)),
+        (cmp.clone(), 0u64..4).prop_map(|(c, v)| Test::Version(c, v)),
+        (cmp, 0u8..4).prop_map(|(c, v)| Test::Value(c, vec![v])),
+        (-8i64..8, 0i64..8).prop_map(|(min, span)| Test::Counter {
+            min,
+            max: min + span
+        }),
+    ]
+}
+
+fn txn_step() -> impl Strategy<Value = Step> {
+    (
+        0..NODES,
+        0..KEYS.len(),
+        test(),
+        0..KEYS.len(),
+        1..KEYS.len(),
+    )
+        .prop_flat_map(|(node, compared, test, a, offset)| {
+            let b = (a + offset) % KEYS.len();
+            (sim::op_on(a), sim::op_on(b), sim::op_on(compared)).prop_map(
+                move |(op_a, op_b, op_f)| Step::Txn {
+                    node,
+                    compare: (compared, test.clone()),
+                    success: [op_a, op_b],
+                    failure: op_f,
+                },
+            )
+        })
 }
 
 fn step(commutative_only: bool) -> impl Strategy<Value = Step> {
@@ -65,6 +113,7 @@ fn step(commutative_only: bool) -> impl Strategy<Value = Step> {
         1 => (0..NODES, 0..NODES, any::<bool>()).prop_map(|(a, b, cut)| Step::Partition { a, b, cut }),
         flips => prop_oneof![Just(Mode::Available), Just(Mode::Hybrid), Just(Mode::Strict)]
             .prop_map(Step::FlipRules),
+        flips => txn_step(),
     ]
 }
 
@@ -104,6 +153,20 @@ fn run(mode: Mode, steps: &[Step]) -> Cluster {
                 c.cut[b][a] = cut;
             }
             Step::FlipRules(mode) => c.flip_rules(mode),
+            Step::Txn {
+                node,
+                compare: (k, test),
+                success,
+                failure,
+            } => {
+                let [(a, op_a), (b, op_b)] = success;
+                c.client_txn(
+                    node,
+                    &[(KEYS[k], test)],
+                    &[(KEYS[a], op_a), (KEYS[b], op_b)],
+                    &[(KEYS[failure.0], failure.1)],
+                );
+            }
         }
     }
     c.settle();

@@ -1,11 +1,11 @@
-//! The `calm.v1.Kv` service: Write, Batch, Get, Scan and Watch.
+//! The `calm.v1.Kv` service: Write, Batch, Get, Scan, Watch and Txn.
 
 use super::ops::kernel_op;
 use super::pb::kv_server::Kv;
 use super::write::{KeyOps, Pending};
 use super::{
     BATCH_OPS_MAX, METRIC_BATCH_SECONDS, METRIC_READ_SECONDS, METRIC_SCAN_SECONDS,
-    METRIC_WRITE_SECONDS, invalid, pb,
+    METRIC_TXN_SECONDS, METRIC_WRITE_SECONDS, invalid, pb,
 };
 use crate::node::{Node, fatal};
 use std::collections::BTreeMap;
@@ -220,6 +220,30 @@ impl Kv for KvService {
             self.shutdown.clone(),
         )?;
         Ok(tonic::Response::new(Box::pin(stream)))
+    }
+
+    async fn txn(
+        &self,
+        request: Request<pb::TxnRequest>,
+    ) -> Result<tonic::Response<pb::TxnResponse>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        // The leader hint is the first key's: every key of a transaction shares its group.
+        let first = req
+            .compare
+            .first()
+            .map(|c| c.key.clone())
+            .or_else(|| req.success.first().map(|o| o.key.clone()))
+            .or_else(|| req.failure.first().map(|o| o.key.clone()))
+            .unwrap_or_default();
+        let response = self.node.txn(req).await?;
+        let branch = if response.succeeded {
+            "success"
+        } else {
+            "failure"
+        };
+        metrics::histogram!(METRIC_TXN_SECONDS, "branch" => branch).record(started.elapsed());
+        Ok(self.node.hinted(&first, response))
     }
 
     async fn scan(

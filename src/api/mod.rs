@@ -23,8 +23,8 @@
 //! served by the leader, and fast-path ones, carry none.
 
 //!
-//! One service per file: `kv.rs` (Write, Batch, Get, Scan, Watch; Scan's node side is
-//! `scan.rs`, Watch's `watch.rs`), `admin.rs` (status, rules, explain,
+//! One service per file: `kv.rs` (Write, Batch, Get, Scan, Watch, Txn; their node sides
+//! are `write.rs`, `read.rs`, `scan.rs`, `watch.rs`, `txn.rs`), `admin.rs` (status, rules, explain,
 //! checkpoints), `health.rs` (readiness, and the gRPC health service that follows it).
 //! `write.rs` and `read.rs` hold the node's side of a write and a read, which Batch and
 //! other services share; `ops.rs` converts between the wire's ops and values and the
@@ -36,6 +36,7 @@ mod kv;
 mod ops;
 mod read;
 mod scan;
+mod txn;
 mod watch;
 mod write;
 
@@ -83,6 +84,9 @@ pub const METRIC_READ_SECONDS: &str = "calm_read_seconds";
 pub const METRIC_BATCH_SECONDS: &str = "calm_batch_seconds";
 /// Seconds a successful Scan call (one page) took inside this node.
 pub const METRIC_SCAN_SECONDS: &str = "calm_scan_seconds";
+/// Seconds a successful Txn call took inside this node, by the branch that ran
+/// (`success`, `failure`).
+pub const METRIC_TXN_SECONDS: &str = "calm_txn_seconds";
 
 /// Describe the API's metrics to the installed recorder.
 pub(crate) fn describe_metrics() {
@@ -106,6 +110,11 @@ pub(crate) fn describe_metrics() {
         METRIC_SCAN_SECONDS,
         Unit::Seconds,
         "Time a successful Scan call (one page) took inside the node"
+    );
+    describe_histogram!(
+        METRIC_TXN_SECONDS,
+        Unit::Seconds,
+        "Time a successful Txn call took inside the node, by the branch that ran"
     );
     describe_counter!(
         "calm_scan_keys_total",

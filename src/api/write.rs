@@ -240,8 +240,9 @@ impl Node {
                         return Err(Status::new(Code::from_i32(code), message));
                     }
                     Response::None => (true, 0, false),
-                    // `propose` hands each command its own answer.
-                    Response::Batch(_) => {
+                    // `propose` hands each command its own answer; a transaction is not a
+                    // write.
+                    Response::Batch(_) | Response::Txn { .. } => {
                         return Err(Status::internal(
                             "a write was answered for a whole entry, not for itself (a bug); its outcome is unknown",
                         ));

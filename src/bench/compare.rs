@@ -59,6 +59,9 @@ pub enum Workload {
     /// Counter increment, 64 in flight: calm's fast-path add; etcd's CAS loop (Range, then
     /// a Txn on the key's mod_revision, retried on conflict).
     Incr,
+    /// A transaction of a value comparison and 4 puts on keys of one subject (calm: one
+    /// hash tag), 64 in flight; both branches put, so every call writes 4 keys.
+    Txn,
     /// Batch calls of 100 ops, 8 in flight: calm Batch of counter adds; etcd Txn of 100 puts.
     BatchAdd,
     /// Batch calls of 100 ops, 8 in flight: calm Batch of register puts; etcd Txn of 100 puts.
@@ -73,12 +76,13 @@ pub enum Workload {
     Scan,
 }
 
-pub const ALL_WORKLOADS: [Workload; 9] = [
+pub const ALL_WORKLOADS: [Workload; 10] = [
     Workload::Ping,
     Workload::PutSeq,
     Workload::Put,
     Workload::Get,
     Workload::Cas,
+    Workload::Txn,
     Workload::Incr,
     Workload::BatchAdd,
     Workload::BatchPut,
@@ -93,6 +97,7 @@ impl Workload {
             Workload::Put => "put x64",
             Workload::Get => "linearizable get x64",
             Workload::Cas => "cas x64",
+            Workload::Txn => "txn compare + 4 puts x64",
             Workload::Incr => "increment x64",
             Workload::BatchAdd => "batch 100 adds x8 (etcd: txn 100 puts)",
             Workload::BatchPut => "batch 100 puts x8 (etcd: txn 100 puts)",
@@ -107,7 +112,7 @@ impl Workload {
             Workload::Ping => (5_000, 1, 1),
             Workload::PutSeq => (3_000, 1, 1),
             Workload::Put | Workload::Get | Workload::Incr => (30_000, 64, 1),
-            Workload::Cas => (20_000, 64, 1),
+            Workload::Cas | Workload::Txn => (20_000, 64, 1),
             Workload::BatchAdd => (3_000, 8, BATCH),
             Workload::BatchPut => (1_000, 8, BATCH),
             Workload::Partition => (0, 0, 0),
@@ -154,6 +159,13 @@ const CAS_LOOP_MAX: u64 = 100;
 /// A 16-byte key: a letter per key family, then the index.
 fn key(letter: char, i: u64) -> Vec<u8> {
     format!("{letter}-bench-{i:08}").into_bytes()
+}
+
+/// The 4 keys of the `txn` workload's transaction `i`: one hash tag, so one calm subject.
+fn txn_keys(i: u64) -> Vec<Vec<u8>> {
+    (0..4)
+        .map(|j| format!("{{t-bench-{i:08}}}:{j}").into_bytes())
+        .collect()
 }
 
 /// A 64-byte value.
@@ -350,6 +362,35 @@ impl Conn {
                 }
                 // The key's new mod_revision is the revision the txn created.
                 st.cas = r.header.map_or(0, |h| h.revision);
+            }
+            (Conn::Calm(kv, _), Workload::Txn) => {
+                let keys = txn_keys(k);
+                let puts: Vec<pb::TxnOp> = keys
+                    .iter()
+                    .map(|key| pb::TxnOp {
+                        key: key.clone(),
+                        op: Some(pb::Op {
+                            kind: Some(pb::op::Kind::Put(pb::Put { value: value(n) })),
+                        }),
+                    })
+                    .collect();
+                kv.txn(pb::TxnRequest {
+                    compare: vec![pb::Compare {
+                        key: keys[0].clone(),
+                        test: Some(pb::compare::Test::Value(pb::ValueTest {
+                            op: pb::CompareOp::NotEqual as i32,
+                            value: etcd::TXN_MARKER.to_vec(),
+                        })),
+                    }],
+                    success: puts.clone(),
+                    failure: puts,
+                    token: Vec::new(),
+                })
+                .await?;
+            }
+            (Conn::Etcd(kv, _), Workload::Txn) => {
+                kv.txn(etcd::compare_put_all(&txn_keys(k), &value(n)))
+                    .await?;
             }
             (Conn::Calm(kv, _), Workload::Incr) => {
                 let add = pb::op::Kind::Add(pb::Add { delta: 1 });

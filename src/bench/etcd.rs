@@ -62,6 +62,27 @@ pub fn put_all<'a>(keys: impl IntoIterator<Item = &'a [u8]>, value: &[u8]) -> pb
     }
 }
 
+/// A transaction of one value comparison (the first key is not `absent-marker`, which
+/// holds for a missing key too in neither system, so both branches put) and a put of every
+/// key in each branch: what `txn x64` measures on both systems.
+pub fn compare_put_all(keys: &[Vec<u8>], value: &[u8]) -> pb::TxnRequest {
+    let puts: Vec<pb::RequestOp> = keys.iter().map(|k| put_op(k, value)).collect();
+    pb::TxnRequest {
+        compare: vec![pb::Compare {
+            result: CompareResult::NotEqual as i32,
+            target: CompareTarget::Value as i32,
+            key: keys[0].clone(),
+            target_union: Some(TargetUnion::Value(TXN_MARKER.to_vec())),
+            range_end: Vec::new(),
+        }],
+        success: puts.clone(),
+        failure: puts,
+    }
+}
+
+/// The value the `txn` workload's comparison tests against (never written).
+pub const TXN_MARKER: &[u8] = b"absent-marker";
+
 /// A counter as the bench stores it in etcd: decimal text; `(value, mod_revision)`, with an
 /// absent key as 0 at revision 0 (etcd's mod_revision of a missing key).
 pub fn counter(kvs: &[pb::KeyValue]) -> Result<(i64, i64), String> {

@@ -19,7 +19,8 @@
 //!
 //! One file per group of commands: `kv.rs` (put, get, del, cas, add, set, max, sadd, srem,
 //! smembers), `scan.rs` (scan, del --prefix: ranges, printed as JSON lines with `-w json`),
-//! `watch.rs` (watch: a stream of events, JSON lines with `-w json`),
+//! `watch.rs` (watch: a stream of events, JSON lines with `-w json`), `txn.rs` (txn: its
+//! text syntax and answer),
 //! `admin.rs` (status, explain, rules, checkpoint), `cluster.rs` (the views over
 //! every member: `status --cluster`, `health`).
 
@@ -27,6 +28,7 @@ pub mod admin;
 pub mod cluster;
 pub mod kv;
 pub mod scan;
+pub mod txn;
 pub mod watch;
 
 use crate::api::pb;

@@ -8,7 +8,7 @@ use calm_kernel::rules::{Rule, RuleSet};
 use calm_kernel::state::KeyState;
 use calm_kernel::{
     Admitted, Bounds, Command, Delivered, HlcTimestamp, Mode, NodeId, Op, Outcome, Replica,
-    ReplicaError, Value, ValueType,
+    ReplicaError, Test, Txn, TxnOutcome, Value, ValueType,
 };
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -51,13 +51,14 @@ pub enum Ack {
 pub enum Entry {
     Command(Command),
     Rules(RuleSet),
+    Txn(Txn),
 }
 
 impl Entry {
     pub fn command(&self) -> Option<&Command> {
         match self {
             Entry::Command(c) => Some(c),
-            Entry::Rules(_) => None,
+            Entry::Rules(_) | Entry::Txn(_) => None,
         }
     }
 }
@@ -150,6 +151,42 @@ impl Cluster {
         }
     }
 
+    /// A client sends a transaction to `node`, which stamps it with what it observed and
+    /// logs it (ops no path can take make it refused at the proposer, as the node would).
+    pub fn client_txn(
+        &mut self,
+        node: usize,
+        compares: &[(&[u8], Test)],
+        success: &[(&[u8], Op)],
+        failure: &[(&[u8], Op)],
+    ) {
+        let hlc = self.tick();
+        let replica = &self.replicas[node];
+        let prepare = |ops: &[(&[u8], Op)]| -> Option<Vec<Command>> {
+            ops.iter()
+                .map(|(k, op)| replica.prepare_command(k, op, hlc).ok())
+                .collect()
+        };
+        let (Some(success), Some(failure)) = (prepare(success), prepare(failure)) else {
+            self.acks.push(Ack::Refused);
+            return;
+        };
+        let txn = Txn {
+            hlc,
+            proposer: node as NodeId + 1,
+            compares: compares
+                .iter()
+                .map(|(k, t)| replica.prepare_compare(k, t.clone()))
+                .collect(),
+            success,
+            failure,
+        };
+        self.log.push(Entry::Txn(txn));
+        self.acks.push(Ack::Logged {
+            index: self.log.len() - 1,
+        });
+    }
+
     pub fn grant(&mut self, node: usize, down: i64, up: i64) {
         let hlc = self.tick();
         if let Ok(cmd) = self.replicas[node].prepare_grant(STOCK, down, up, hlc) {
@@ -222,6 +259,20 @@ impl Cluster {
                     self.applied[node] += 1;
                     continue;
                 }
+                Entry::Txn(txn) => {
+                    let outcome = loop {
+                        match self.replicas[node].apply_txn(&txn) {
+                            Ok(outcome) => break txn_outcome(outcome),
+                            Err(ReplicaError::Blocked { missing, .. }) => {
+                                self.pull_missing(node, &missing)
+                            }
+                            Err(e) => panic!("txn apply failed: {e}"),
+                        }
+                    };
+                    self.outcomes[node].push(outcome);
+                    self.applied[node] += 1;
+                    continue;
+                }
             };
             let outcome = loop {
                 match self.replicas[node].apply_command(&cmd) {
@@ -264,9 +315,12 @@ impl Cluster {
             .install_snapshot(keys, in_group)
             .expect("a snapshot from a replica further along fits");
         for index in self.applied[to]..self.applied[from] {
-            if let Entry::Command(cmd) = &self.log[index]
-                && in_group(&cmd.key)
-            {
+            let in_it = match &self.log[index] {
+                Entry::Command(cmd) => in_group(&cmd.key),
+                Entry::Txn(txn) => txn.keys().any(in_group),
+                Entry::Rules(_) => false,
+            };
+            if in_it {
                 self.skip[to].insert(index, self.outcomes[from][index].clone());
             }
         }
@@ -323,6 +377,24 @@ pub fn apply_entry(replica: &mut Replica, entry: &Entry) -> Outcome {
             }
             Outcome::Done
         }
+        Entry::Txn(txn) => txn_outcome(
+            replica
+                .apply_txn(txn)
+                .unwrap_or_else(|e| panic!("txn does not apply: {e}")),
+        ),
+    }
+}
+
+/// A transaction's outcome in the one-outcome-per-entry record: which branch ran (`Done`
+/// for success, `CasFailed` for failure) or its refusal. The ops' own outcomes follow from
+/// the branch and the states, which the tests compare anyway.
+pub fn txn_outcome(outcome: TxnOutcome) -> Outcome {
+    match outcome {
+        TxnOutcome::Applied {
+            succeeded: true, ..
+        } => Outcome::Done,
+        TxnOutcome::Applied { .. } => Outcome::CasFailed,
+        TxnOutcome::Refused { refusal, .. } => Outcome::Refused(refusal),
     }
 }
 

@@ -147,10 +147,45 @@ pub fn check_request(map: GroupMap, group: GroupId, request: &Request) -> Result
                 None => Ok(()),
             }
         }
+        Request::Txn(txn) => check_txn(map, group, txn),
         Request::InitRules { .. } | Request::SetRules { .. } if group != GroupMap::METADATA => {
             wrong(GroupMap::METADATA)
         }
         Request::InitRules { .. } | Request::SetRules { .. } => Ok(()),
+    }
+}
+
+/// Whether `txn` may be ordered in `group`: within the limits, each key written at most once
+/// per branch, and every key of one subject, which `group` owns.
+pub fn check_txn(map: GroupMap, group: GroupId, txn: &calm_kernel::txn::Txn) -> Result<(), String> {
+    use calm_kernel::txn::{TXN_COMPARES_MAX, TXN_OPS_MAX};
+    if txn.compares.len() > TXN_COMPARES_MAX
+        || txn.success.len() > TXN_OPS_MAX
+        || txn.failure.len() > TXN_OPS_MAX
+    {
+        return Err(format!(
+            "a transaction has at most {TXN_COMPARES_MAX} comparisons and {TXN_OPS_MAX} ops per branch"
+        ));
+    }
+    if let Some((branch, key)) = txn.repeated_key() {
+        return Err(format!(
+            "a transaction's {branch} branch writes key {} twice; each key at most once per branch",
+            calm_kernel::refusal::DisplayKey(key)
+        ));
+    }
+    let mut subjects = txn.keys().map(|k| map.subject(k));
+    match subjects.next() {
+        None => return Err("a transaction must name at least one key".into()),
+        Some(first) if subjects.any(|s| s != first) => {
+            return Err("a transaction's keys must share one subject".into());
+        }
+        Some(_) => {}
+    }
+    match txn.keys().map(|k| map.group_of(k)).find(|&g| g != group) {
+        Some(other) => Err(format!(
+            "this transaction belongs to group {other}, not group {group}; the peers disagree on the group count"
+        )),
+        None => Ok(()),
     }
 }
 

@@ -398,6 +398,7 @@ impl RaftPeer for PeerService {
         let proposer = match &request {
             Request::Command(cmd) => Some(cmd.proposer),
             Request::Commands(cmds) => cmds.first().map(|c| c.proposer),
+            Request::Txn(txn) => Some(txn.proposer),
             Request::InitRules { .. } | Request::SetRules { .. } => None,
         };
         let started = std::time::Instant::now();

@@ -26,6 +26,7 @@ use crate::local::LocalState;
 use calm_kernel::command::Command;
 use calm_kernel::refusal::StatusCode;
 use calm_kernel::rules::{RuleSet, RulesError};
+use calm_kernel::txn::{Txn, TxnOutcome};
 use calm_kernel::{KeyRecord, KeyState, NodeId, Outcome, ReplicaError};
 use futures::TryStreamExt;
 use futures::future::BoxFuture;
@@ -135,6 +136,47 @@ fn response(outcome: Outcome, version: u64) -> Response {
             },
             message: String::new(),
         },
+    }
+}
+
+/// The answer to an applied transaction: per op of the branch that ran, its outcome with
+/// the register version after it; or the refusal, naming the part and key refused.
+fn txn_response(replica: &calm_kernel::Replica, txn: &Txn, outcome: TxnOutcome) -> Response {
+    match outcome {
+        TxnOutcome::Applied {
+            succeeded,
+            outcomes,
+        } => {
+            let branch = if succeeded {
+                &txn.success
+            } else {
+                &txn.failure
+            };
+            let results = branch
+                .iter()
+                .zip(outcomes)
+                .map(|(cmd, outcome)| response(outcome, register_version(replica, &cmd.key)))
+                .collect();
+            Response::Txn { succeeded, results }
+        }
+        TxnOutcome::Refused { at, key, refusal } => match response(Outcome::Refused(refusal), 0) {
+            Response::Refused { code, .. } => Response::Refused {
+                code,
+                message: format!("transaction refused at {at}: {}", refusal.on_key(&key)),
+            },
+            other => other,
+        },
+    }
+}
+
+/// A register's version (a deleted one's too: deletes are versions); 0 for other types.
+fn register_version(replica: &calm_kernel::Replica, key: &[u8]) -> u64 {
+    match replica.key_record(key) {
+        Some(KeyRecord {
+            state: KeyState::Register(r),
+            ..
+        }) => r.version(),
+        _ => 0,
     }
 }
 
@@ -339,14 +381,7 @@ impl GroupStateMachine {
                             Outcome::Refused(r) => r.on_key(&cmd.key).to_string(),
                             _ => String::new(),
                         };
-                        // A deleted register's version too: deletes are versions.
-                        let version = match local.replica().key_record(&cmd.key) {
-                            Some(KeyRecord {
-                                state: KeyState::Register(r),
-                                ..
-                            }) => r.version(),
-                            _ => 0,
-                        };
+                        let version = register_version(local.replica(), &cmd.key);
                         let mut resp = response(outcome, version);
                         if let Response::Refused { message: m, .. } = &mut resp {
                             *m = message;
@@ -369,6 +404,52 @@ impl GroupStateMachine {
                     ?missing,
                     have = ?vv,
                     "applying an entry waits for facts its commands observed and this node lacks; no peer delivered them yet"
+                );
+                next_warning = waited + BLOCKED_APPLY_WARN_AFTER * 2;
+            }
+            self.facts.fetch(self.group, &missing).await;
+        }
+    }
+
+    /// Apply the transaction of the entry at `log_id`: like `apply_commands`, once every
+    /// fact it observed is here, under one lock with the group's applied position.
+    async fn apply_txn(&self, txn: &Txn, log_id: LogId) -> io::Result<Response> {
+        if let Err(reason) = super::check_txn(self.groups, self.group, txn) {
+            return Err(io::Error::other(format!(
+                "group {} was asked to apply a malformed transaction; the proposer checks this (a bug): {reason}",
+                self.group
+            )));
+        }
+        let position = AppliedPosition {
+            log_id: Some(log_id),
+            membership: self.membership.clone(),
+            rules: self.rules.as_ref().map(rules_text),
+        }
+        .encode();
+        let blocked_since = std::time::Instant::now();
+        let mut next_warning = BLOCKED_APPLY_WARN_AFTER;
+        loop {
+            let missing = {
+                let mut local = lock_local(&self.local);
+                match local.replica_mut().apply_txn(txn) {
+                    Ok(outcome) => {
+                        let response = txn_response(local.replica(), txn, outcome);
+                        local.set_group_applied(self.group, position);
+                        local.publish_entry(self.group, log_id.index());
+                        return Ok(response);
+                    }
+                    Err(ReplicaError::Blocked { missing, .. }) => missing,
+                    Err(e) => return Err(io::Error::other(e)),
+                }
+            };
+            let waited = blocked_since.elapsed();
+            if waited >= next_warning {
+                tracing::warn!(
+                    group = self.group,
+                    index = log_id.index(),
+                    waited_s = waited.as_secs(),
+                    ?missing,
+                    "applying a transaction waits for facts it observed and this node lacks; no peer delivered them yet"
                 );
                 next_warning = waited + BLOCKED_APPLY_WARN_AFTER * 2;
             }
@@ -463,6 +544,7 @@ impl RaftStateMachine<CalmRaft> for GroupStateMachine {
                 EntryPayload::Normal(Request::Commands(cmds)) => {
                     Response::Batch(self.apply_commands(&cmds, log_id).await?)
                 }
+                EntryPayload::Normal(Request::Txn(txn)) => self.apply_txn(&txn, log_id).await?,
                 EntryPayload::Normal(Request::InitRules { toml }) => self.init_rules(&toml)?,
                 EntryPayload::Normal(Request::SetRules {
                     expected_version,

@@ -5,6 +5,7 @@
 //! that travel through the log) so that an upgrade changes this module, not every caller.
 
 use calm_kernel::command::Command;
+use calm_kernel::txn::Txn;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
@@ -69,6 +70,9 @@ pub enum Request {
     /// same as if it had been its own entry. Concurrent proposals share an entry this way
     /// (see `node.rs`, "Coalescing").
     Commands(Arc<[Command]>),
+    /// A transaction on keys of one subject (`calm_kernel::txn`): comparisons, then one
+    /// branch's commands, all or none. Appended last: older entries encode as before.
+    Txn(Arc<Txn>),
 }
 
 impl fmt::Display for Request {
@@ -85,6 +89,13 @@ impl fmt::Display for Request {
                 expected_version, ..
             } => write!(f, "rules replacing version {expected_version}"),
             Request::Commands(cmds) => write!(f, "{} commands", cmds.len()),
+            Request::Txn(txn) => write!(
+                f,
+                "transaction of {} comparisons, {} and {} ops",
+                txn.compares.len(),
+                txn.success.len(),
+                txn.failure.len()
+            ),
         }
     }
 }
@@ -109,6 +120,12 @@ pub enum Response {
     /// A delete applied; `existed`: the key was there to delete (etcd's `deleted: 1`).
     /// Appended last: the encoding of the other answers is unchanged.
     Deleted { version: u64, existed: bool },
+    /// A transaction applied: `succeeded` says which branch ran; one answer per op of that
+    /// branch (`Done` or `Deleted`). A refused transaction is answered `Refused`.
+    Txn {
+        succeeded: bool,
+        results: Vec<Response>,
+    },
 }
 
 #[cfg(test)]
@@ -167,6 +184,25 @@ mod tests {
                     absorb: None,
                 },
             ])),
+            Request::Txn(Arc::new(calm_kernel::Txn {
+                hlc: HlcTimestamp(10),
+                proposer: 3,
+                compares: vec![calm_kernel::Compare {
+                    key: b"{t}:a".to_vec(),
+                    test: calm_kernel::Test::Counter { min: 1, max: 9 },
+                    frontier: Default::default(),
+                    absorb: None,
+                }],
+                success: vec![Command {
+                    key: b"{t}:a".to_vec(),
+                    hlc: HlcTimestamp(10),
+                    proposer: 3,
+                    body: CommandBody::CounterAdd { delta: -1 },
+                    frontier: Default::default(),
+                    absorb: None,
+                }],
+                failure: vec![],
+            })),
         ];
         for r in requests {
             let bytes = postcard::to_stdvec(&r).unwrap();
