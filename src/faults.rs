@@ -8,6 +8,10 @@
 //! - `drop-watch-event[=N]` (N defaults to 20): the Nth event this node would send to a
 //!   watcher is left out of its response, once per process; the response's token still
 //!   covers it, so the watcher never sees it (a gap the watch checker must find).
+//! - `txn-drop-op[=N]` (N defaults to 10): every Nth transaction this node is asked to run
+//!   loses the last op of its success branch before it is checked and proposed, and is
+//!   answered as usual; a bank transfer then debits one account and credits none (a wrong
+//!   total the bank checker must find).
 //!
 //! Never set in production: the faults are process-wide and installed once at startup.
 
@@ -23,11 +27,14 @@ struct Faults {
     drop_every: u64,
     /// Drop the watch event with this 1-based number (0: none).
     drop_watch_event: u64,
+    /// Cut the last success op of one transaction in every `drop_txn_op_every` (0: none).
+    drop_txn_op_every: u64,
 }
 
 static FAULTS: OnceLock<Faults> = OnceLock::new();
 static WRITES: AtomicU64 = AtomicU64::new(0);
 static WATCH_EVENTS: AtomicU64 = AtomicU64::new(0);
+static TXNS: AtomicU64 = AtomicU64::new(0);
 
 /// Parse and install the faults named on the command line (call once, before serving).
 pub fn install(specs: &[String]) -> Result<(), String> {
@@ -59,14 +66,28 @@ pub fn install(specs: &[String]) -> Result<(), String> {
                     }
                 };
             }
+            ("txn-drop-op", n) => {
+                faults.drop_txn_op_every = match n.unwrap_or("10").parse() {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        return Err(format!(
+                            "--fault {spec}: N must be a positive integer (every Nth transaction loses an op)"
+                        ));
+                    }
+                };
+            }
             _ => {
                 return Err(format!(
-                    "--fault {spec}: known faults are stale-reads, drop-acked-writes[=FRACTION] and drop-watch-event[=N]"
+                    "--fault {spec}: known faults are stale-reads, drop-acked-writes[=FRACTION], drop-watch-event[=N] and txn-drop-op[=N]"
                 ));
             }
         }
     }
-    if faults.stale_reads || faults.drop_every > 0 || faults.drop_watch_event > 0 {
+    if faults.stale_reads
+        || faults.drop_every > 0
+        || faults.drop_watch_event > 0
+        || faults.drop_txn_op_every > 0
+    {
         tracing::warn!(
             ?faults,
             "TEST FAULTS INJECTED: this node is deliberately broken"
@@ -114,4 +135,15 @@ pub fn drop_watch_event() -> bool {
     }
     tracing::warn!("fault drop-watch-event: leaving event {nth} out of a watch response");
     true
+}
+
+/// Cut the last op of the success branch of every Nth transaction (counts every call).
+pub fn drop_txn_op(req: &mut pb::TxnRequest) {
+    let every = FAULTS.get().map_or(0, |f| f.drop_txn_op_every);
+    if every == 0 || TXNS.fetch_add(1, Ordering::Relaxed) % every != every - 1 {
+        return;
+    }
+    if req.success.pop().is_some() {
+        tracing::warn!("fault txn-drop-op: proposing a transaction without its last success op");
+    }
 }

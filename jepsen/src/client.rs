@@ -113,6 +113,20 @@ impl Clients {
         self.bounded(kv.get(req)).await
     }
 
+    pub async fn txn(&self, node: usize, req: pb::TxnRequest) -> Result<pb::TxnResponse, Status> {
+        let mut kv = self.kv(node);
+        self.bounded(kv.txn(req)).await
+    }
+
+    pub async fn scan(
+        &self,
+        node: usize,
+        req: pb::ScanRequest,
+    ) -> Result<pb::ScanResponse, Status> {
+        let mut kv = self.kv(node);
+        self.bounded(kv.scan(req)).await
+    }
+
     /// Open a watch stream; only the call's start is bounded by the timeout (the caller
     /// bounds each message).
     pub async fn watch(

@@ -142,6 +142,12 @@ pub enum F {
     /// One stretch of a watch stream: the invocation's value names where it started, the
     /// `ok` value lists the events received (see `checker::watch`).
     Watch,
+    /// A bank transfer, one transaction: value `{"from": key, "to": key, "amount": n}`; the
+    /// `ok` value `{"succeeded": bool}` says whether the balance test held (see
+    /// `checker::bank`).
+    Transfer,
+    /// A read of several keys as one snapshot; the `ok` value is an object from key to value.
+    ReadAll,
     Other(String),
 }
 
@@ -157,6 +163,8 @@ impl F {
             F::SetRemove => "set_remove",
             F::ReadSet => "read_set",
             F::Watch => "watch",
+            F::Transfer => "transfer",
+            F::ReadAll => "read_all",
             F::Other(s) => s,
         }
     }
@@ -172,6 +180,8 @@ impl F {
             "set_remove" => F::SetRemove,
             "read_set" => F::ReadSet,
             "watch" => F::Watch,
+            "transfer" => F::Transfer,
+            "read_all" => F::ReadAll,
             other => F::Other(other.to_owned()),
         }
     }
@@ -580,7 +590,7 @@ impl History {
 pub fn describe(op: &PairedOp<'_>) -> String {
     let mut s = format!("#{} p{} {}", op.index(), op.process(), op.f());
     match op.f() {
-        F::Read | F::ReadSet => {
+        F::Read | F::ReadSet | F::ReadAll => {
             if op.outcome() == Outcome::Ok {
                 match op.result().as_array() {
                     // A set read can hold thousands of elements: count them instead.

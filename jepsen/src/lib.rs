@@ -9,15 +9,17 @@
 //! - [`history`]: ops, the JSON-lines format, invoke/completion pairing and its rules.
 //! - [`edn`]: export to Jepsen's EDN, one op map per line.
 //! - [`checker`]: linearizability per key for registers, counter, set, bounded-counter
-//!   (escrow) and session (read-your-writes) properties; each says `valid`, `invalid` with
-//!   explained anomalies, or `unknown` when a budget ran out.
+//!   (escrow), session (read-your-writes), watch and bank properties; each says `valid`,
+//!   `invalid` with explained anomalies, or `unknown` when a budget ran out.
 //! - [`cluster`]: nodes in network namespaces and the faults done to them.
 //! - [`nemesis`]: which faults, on a seeded schedule.
 //! - [`client`], [`pb`]: the gRPC client and the mapping of results to ok/fail/info.
 //! - [`workload`], [`recorder`]: the client loops and the live history; [`watch`]: the
-//!   watch workload's writers and reconnecting watchers.
+//!   watch workload's writers and reconnecting watchers; [`bank`]: the bank workload's
+//!   accounts, transfers and snapshot reads.
 //! - [`runner`], [`report`]: one run end to end and its report directory.
 
+pub mod bank;
 pub mod checker;
 pub mod client;
 pub mod cluster;

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
+use calm_jepsen::checker::bank::BankChecker;
 use calm_jepsen::checker::bounded::BoundedChecker;
 use calm_jepsen::checker::counter::{CounterChecker, ReadBound};
 use calm_jepsen::checker::linearizable::{LinearizableChecker, SearchLimits};
@@ -79,6 +80,9 @@ enum CheckerName {
     Session,
     /// Watch streams: every acknowledged write once, in order, across reconnects.
     Watch,
+    /// Bank transfers: every snapshot of the accounts sums to the opening total, none
+    /// negative, none missing; final balances conserve.
+    Bank,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -124,8 +128,8 @@ struct TestArgs {
     /// Safety mode the workload's keys start in.
     #[arg(long, value_enum, default_value = "hybrid")]
     mode: ModeArg,
-    /// Test-only node bug (`stale-reads`, `drop-acked-writes[=F]`, `drop-watch-event[=N]`);
-    /// repeatable.
+    /// Test-only node bug (`stale-reads`, `drop-acked-writes[=F]`, `drop-watch-event[=N]`,
+    /// `txn-drop-op[=N]`); repeatable.
     #[arg(long)]
     fault: Vec<String>,
     /// Pass (exit 0) only if the checker finds the history invalid.
@@ -168,9 +172,13 @@ struct CheckArgs {
     /// Print the verdict as JSON instead of text.
     #[arg(long)]
     json: bool,
-    /// Initial value of counters and bounded counters.
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    initial: i64,
+    /// Initial value of counters and bounded counters (default 0), or each bank account's
+    /// opening balance (default 100, as the bank workload opens them).
+    #[arg(long, allow_negative_numbers = true)]
+    initial: Option<i64>,
+    /// Bank: the number of accounts, `{jbank}:acct-0` on (the bank workload's keys).
+    #[arg(long, default_value_t = calm_jepsen::bank::ACCOUNTS)]
+    accounts: u64,
     /// Lower bound (bounded checker).
     #[arg(
         long,
@@ -263,18 +271,22 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
             ..LinearizableChecker::default()
         }),
         CheckerName::Counter => Box::new(CounterChecker {
-            initial: args.initial,
+            initial: args.initial.unwrap_or(0),
             reads,
             ..CounterChecker::default()
         }),
         CheckerName::Set => Box::new(SetChecker),
         CheckerName::Session => Box::new(SessionChecker),
         CheckerName::Watch => Box::new(WatchChecker),
+        CheckerName::Bank => Box::new(BankChecker::new(
+            calm_jepsen::bank::account_keys(args.accounts),
+            args.initial.unwrap_or(calm_jepsen::bank::INITIAL_BALANCE),
+        )),
         CheckerName::Bounded => {
             let (Some(min), Some(max)) = (args.min, args.max) else {
                 anyhow::bail!("--checker bounded needs --min and --max");
             };
-            let mut c = BoundedChecker::new(min, max, args.initial);
+            let mut c = BoundedChecker::new(min, max, args.initial.unwrap_or(0));
             c.reads = reads;
             Box::new(c)
         }
@@ -375,17 +387,22 @@ fn plan(args: &TestArgs, seed: u64) -> Result<Vec<TestOptions>> {
             let mut dropped_event = options(args, Workload::Watch, seed.wrapping_add(3))?;
             dropped_event.nemesis = Vec::new();
             dropped_event.faults = vec!["drop-watch-event=50".into()];
+            // A transfer that debits and never credits: the next snapshot is short.
+            let mut dropped_op = options(args, Workload::Bank, seed.wrapping_add(4))?;
+            dropped_op.nemesis = Vec::new();
+            dropped_op.faults = vec!["txn-drop-op=10".into()];
             for o in [
                 &mut stale,
                 &mut dropped,
                 &mut dropped_set,
                 &mut dropped_event,
+                &mut dropped_op,
             ] {
                 o.expect_invalid = true;
                 o.time = Duration::from_secs(args.time.min(20));
                 o.converge_limit = Duration::from_secs(20);
             }
-            runs.extend([stale, dropped, dropped_set, dropped_event]);
+            runs.extend([stale, dropped, dropped_set, dropped_event, dropped_op]);
         }
     }
     Ok(runs)

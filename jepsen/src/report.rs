@@ -265,7 +265,7 @@ pub fn latency_svg(history: &History, title: &str) -> String {
                 continue;
             }
         }
-        let shape = if matches!(p.f, F::Read | F::ReadSet | F::Watch) {
+        let shape = if matches!(p.f, F::Read | F::ReadSet | F::ReadAll | F::Watch) {
             "circle"
         } else {
             "rect"

@@ -1,7 +1,7 @@
-//! One test run end to end: start the cluster, set the workload's rules, run the workload
-//! and the nemesis until the deadline, heal, run the final phase, check the history, and
-//! write the report directory. The cluster is torn down on every path out of [`run_test`]
-//! (its `Drop` runs on errors and panics too).
+//! One test run end to end: start the cluster, set the workload's rules, prepare its keys
+//! (the bank's accounts), run the workload and the nemesis until the deadline, heal, run
+//! the final phase, check the history, and write the report directory. The cluster is torn
+//! down on every path out of [`run_test`] (its `Drop` runs on errors and panics too).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -38,6 +38,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
     let what = what.into();
     move |source| RunError::Io { what, source }
 }
+
+/// How long a workload's preparation (`workload::prepare`) may take on a healthy cluster.
+const PREPARE_LIMIT: Duration = Duration::from_secs(30);
 
 /// Everything a run needs; `seed` decides every random choice.
 #[derive(Debug, Clone)]
@@ -418,6 +421,13 @@ async fn drive(
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+    // Before the deadline starts and before the nemesis: the load begins on a known state.
+    let prepared = workload::prepare(opts.workload, clients, rec, PREPARE_LIMIT)
+        .await
+        .map_err(|e| RunError::Run(format!("preparing the {} workload: {e}", opts.workload)))?;
+    if let Some(took) = prepared {
+        println!("   workload prepared in {:.1} s", took.as_secs_f64());
     }
     let mut rng = Rng::new(opts.seed);
     let deadline = Instant::now() + opts.time;

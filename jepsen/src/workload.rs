@@ -13,6 +13,7 @@
 //! | set | `js-<g>-0..2` (a new generation every 30 s) | set_add (unique), set_remove (an own acked element, with its add's session token), read_set | set |
 //! | session | `jt-r-<p>-<n>` / `jt-c-<p>-<n>` | write or add at node A, causal read with its token at node B | session |
 //! | watch | `jw-r-0..3`, `jw-s-<g>-0..1` | put (unique), set_add (unique); a watcher per node (`crate::watch`) | watch |
+//! | bank | `{jbank}:acct-0..4`, opened with 100 each ([`prepare`]) | transfer (one transaction), atomic linearizable scan of every account (`crate::bank`) | bank |
 
 use std::collections::HashMap;
 use std::fmt;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::checker::Checker;
+use crate::checker::bank::BankChecker;
 use crate::checker::bounded::BoundedChecker;
 use crate::checker::counter::{CounterChecker, ReadBound};
 use crate::checker::linearizable::{LinearizableChecker, SearchLimits};
@@ -44,16 +46,18 @@ pub enum Workload {
     Set,
     Session,
     Watch,
+    Bank,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 6] = [
+    pub const ALL: [Workload; 7] = [
         Workload::Register,
         Workload::Counter,
         Workload::Bounded,
         Workload::Set,
         Workload::Session,
         Workload::Watch,
+        Workload::Bank,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +68,7 @@ impl Workload {
             Workload::Set => "set",
             Workload::Session => "session",
             Workload::Watch => "watch",
+            Workload::Bank => "bank",
         }
     }
 
@@ -85,6 +90,11 @@ impl Workload {
                 modes: &["strict", "hybrid"],
                 ..RuleSpec::new("jw-*", "")
             },
+            // `available` refuses transactions: every transfer would fail, checking nothing.
+            Workload::Bank => RuleSpec {
+                modes: &["strict", "hybrid"],
+                ..RuleSpec::new(crate::bank::PATTERN, "")
+            },
         }
     }
 
@@ -92,7 +102,11 @@ impl Workload {
     pub fn has_final_phase(self) -> bool {
         matches!(
             self,
-            Workload::Register | Workload::Counter | Workload::Bounded | Workload::Set
+            Workload::Register
+                | Workload::Counter
+                | Workload::Bounded
+                | Workload::Set
+                | Workload::Bank
         )
     }
 
@@ -131,6 +145,10 @@ impl Workload {
             Workload::Set => Box::new(SetChecker),
             Workload::Session => Box::new(SessionChecker),
             Workload::Watch => Box::new(WatchChecker),
+            Workload::Bank => Box::new(BankChecker::new(
+                crate::bank::accounts(),
+                crate::bank::INITIAL_BALANCE,
+            )),
         }
     }
 }
@@ -307,6 +325,20 @@ fn absent_as(key: &str, v: Value) -> Value {
     }
 }
 
+/// What a workload needs in place before its clients and the nemesis start (the bank's
+/// accounts), within `limit`; how long it took.
+pub async fn prepare(
+    workload: Workload,
+    clients: &Clients,
+    rec: &Recorder,
+    limit: Duration,
+) -> Result<Option<Duration>, String> {
+    match workload {
+        Workload::Bank => crate::bank::setup(clients, rec, limit).await.map(Some),
+        _ => Ok(None),
+    }
+}
+
 /// Run `concurrency` workers of `workload` until the deadline. The watch workload's
 /// watchers outlive the writers: they are returned for the final phase.
 pub async fn run(
@@ -328,6 +360,7 @@ pub async fn run(
                 Workload::Counter | Workload::Bounded => counter_worker(&ctx, workload, rng).await,
                 Workload::Set => set_worker(&ctx, w as u64, rng).await,
                 Workload::Session => session_worker(&ctx, rng).await,
+                Workload::Bank => crate::bank::client(&ctx, rng).await,
                 Workload::Watch => unreachable!("run above"),
             }
         }));
@@ -643,12 +676,16 @@ async fn session_worker(ctx: &Ctx, mut rng: Rng) {
 /// then record one final read per node and key. Replicas agree when they read the same
 /// value and, for registers, the same version (a replica that applied an entry twice
 /// shows the right value under a wrong version). Returns how long convergence took, or
-/// the disagreement still seen at the limit.
+/// the disagreement still seen at the limit. The bank reads all its accounts at once
+/// (`crate::bank::final_phase`).
 pub async fn final_phase(
     workload: Workload,
     ctx: &Ctx,
     limit: Duration,
 ) -> Result<Duration, String> {
+    if workload == Workload::Bank {
+        return crate::bank::final_phase(ctx, limit).await;
+    }
     let keys = workload.final_keys(ctx.rec.start().elapsed());
     let started = Instant::now();
     let mut outcome = Err("no round of reads completed".to_owned());

@@ -1,5 +1,6 @@
 //! Live runs against real nodes (need root for network namespaces): the checkers must catch
-//! the node's injected bugs. Skipped, with the reason printed, where they cannot run.
+//! the node's injected bugs, and find a healthy cluster's history valid. Skipped, with the
+//! reason printed, where they cannot run.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -37,35 +38,51 @@ fn skip_reason() -> Option<String> {
     })
 }
 
-/// Run the harness with `args` and --expect-invalid; the run must pass (the bug was caught).
-fn expect_caught(name: &str, args: &[&str]) {
+/// Run the harness with `args` (3 nodes, seed 11); its stdout if it passed (`None`: skipped).
+fn run_passing(name: &str, args: &[&str], what: &str) -> Option<String> {
     let _turn = ONE_RUN.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(reason) = skip_reason() {
         println!("SKIPPED {name}: {reason}");
-        return;
+        return None;
     }
     let store = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_calm-jepsen"))
         .arg("test")
         .args(args)
-        .args(["--expect-invalid", "--nodes", "3", "--seed", "11"])
+        .args(["--nodes", "3", "--seed", "11"])
         .arg("--binary")
         .arg(calm_binary())
         .arg("--store")
         .arg(store.path())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{name}: the checker did not catch the injected bug (exit {:?}):\n{stdout}\n{}",
+        "{name}: {what} (exit {:?}):\n{stdout}\n{}",
         out.status.code(),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        stdout.contains("INVALID (invalid expected: PASS)"),
-        "{stdout}"
-    );
+    Some(stdout)
+}
+
+/// Run the harness with `args` and --expect-invalid; the run must pass (the bug was caught).
+fn expect_caught(name: &str, args: &[&str]) {
+    let args = [args, &["--expect-invalid"]].concat();
+    let what = "the checker did not catch the injected bug";
+    if let Some(stdout) = run_passing(name, &args, what) {
+        assert!(
+            stdout.contains("INVALID (invalid expected: PASS)"),
+            "{stdout}"
+        );
+    }
+}
+
+/// Run the harness with `args` on healthy nodes; the history must be valid.
+fn expect_valid(name: &str, args: &[&str]) {
+    if let Some(stdout) = run_passing(name, args, "a healthy cluster's history is not valid") {
+        assert!(stdout.contains(": valid\n"), "{stdout}");
+    }
 }
 
 #[test]
@@ -113,6 +130,31 @@ fn a_dropped_watch_event_is_a_gap_the_watch_checker_finds() {
             "none",
             "--fault",
             "drop-watch-event=50",
+            "--time",
+            "8",
+        ],
+    );
+}
+
+#[test]
+fn bank_transfers_under_every_nemesis_keep_the_total() {
+    expect_valid(
+        "bank",
+        &["--workload", "bank", "--nemesis", "all", "--time", "15"],
+    );
+}
+
+#[test]
+fn a_transfer_that_loses_its_credit_breaks_the_bank_total() {
+    expect_caught(
+        "txn-drop-op",
+        &[
+            "--workload",
+            "bank",
+            "--nemesis",
+            "none",
+            "--fault",
+            "txn-drop-op=10",
             "--time",
             "8",
         ],

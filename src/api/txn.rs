@@ -18,7 +18,8 @@ use std::sync::Arc;
 use tonic::{Code, Status};
 
 impl Node {
-    pub async fn txn(&self, req: pb::TxnRequest) -> Result<pb::TxnResponse, Status> {
+    pub async fn txn(&self, mut req: pb::TxnRequest) -> Result<pb::TxnResponse, Status> {
+        crate::faults::drop_txn_op(&mut req);
         if req.compare.len() > TXN_COMPARES_MAX {
             return Err(invalid(format!(
                 "the transaction has {} comparisons; at most {TXN_COMPARES_MAX}",

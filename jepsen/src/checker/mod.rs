@@ -11,12 +11,15 @@
 //! - [`session`]: read-your-writes across nodes with session tokens.
 //! - [`watch`]: every watcher receives each acknowledged write exactly once, in order, across
 //!   reconnects.
+//! - [`bank`]: transfers conserve the accounts' total; every snapshot shows it, with no
+//!   negative balance and no account missing.
 //!
 //! A checker never says "valid" unless it established validity: running out of a search
 //! budget, or lacking the final reads a property needs, yields [`Validity::Unknown`] with the
 //! reason in [`Verdict::anomalies`]. A history the checker cannot interpret (an op it does not
 //! understand, a malformed value) is a [`CheckError`], not a verdict: it is a harness bug.
 
+pub mod bank;
 pub mod bounded;
 pub mod counter;
 pub mod linearizable;
@@ -108,7 +111,8 @@ pub enum AnomalyKind {
     /// Final reads of one key disagree: replicas did not converge after heal.
     FinalReadsDiverge,
     /// A final counter value that is not the acknowledged adds plus a subset of the
-    /// indeterminate ones: an acknowledged add was lost, or a failed one applied.
+    /// indeterminate ones: an acknowledged add was lost, or a failed one applied. For the
+    /// bank: final balances that no subset of the indeterminate transfers explains.
     FinalValueUnreachable,
     /// A bounded-counter read outside `[min, max]`.
     BoundViolated,
@@ -137,6 +141,14 @@ pub enum AnomalyKind {
     WatchOrder,
     /// One write delivered to watchers as different facts or entries.
     WatchDisagree,
+    /// A snapshot of the bank's accounts whose balances do not sum to the opening total.
+    BankWrongTotal,
+    /// A snapshot of the bank's accounts with a negative balance.
+    BankNegative,
+    /// A snapshot of the bank's accounts without one of them.
+    BankMissingAccount,
+    /// A snapshot of the bank's accounts holding a key that is no account.
+    BankUnknownAccount,
     /// A search or computation stopped at a configured limit.
     UndecidedLimit,
     /// A property needs final reads and the history has none for this key.
@@ -232,6 +244,10 @@ fn kind_stat_name(kind: AnomalyKind) -> &'static str {
         AnomalyKind::WatchPhantom => "anomalies.watch_phantom",
         AnomalyKind::WatchOrder => "anomalies.watch_order",
         AnomalyKind::WatchDisagree => "anomalies.watch_disagree",
+        AnomalyKind::BankWrongTotal => "anomalies.bank_wrong_total",
+        AnomalyKind::BankNegative => "anomalies.bank_negative",
+        AnomalyKind::BankMissingAccount => "anomalies.bank_missing_account",
+        AnomalyKind::BankUnknownAccount => "anomalies.bank_unknown_account",
         AnomalyKind::UndecidedLimit => "undecided.limit",
         AnomalyKind::UndecidedNoReads => "undecided.no_reads",
         AnomalyKind::UndecidedNoFinalRead => "undecided.no_final_read",
