@@ -439,7 +439,6 @@ mod tests {
 
     struct H {
         history: History,
-        next: u64,
         process: u64,
     }
 
@@ -447,19 +446,12 @@ mod tests {
         fn new() -> H {
             H {
                 history: History::new(),
-                next: 0,
                 process: 0,
             }
         }
 
         fn push(&mut self, op: Op) {
-            let op = Op {
-                index: self.next,
-                time_ns: self.next * 10,
-                ..op
-            };
-            self.next += 1;
-            self.history.push(op).unwrap();
+            crate::checker::push_numbered(&mut self.history, op);
         }
 
         /// A transfer completed as `kind`; `succeeded` for an `ok` one.

@@ -336,3 +336,15 @@ pub(crate) fn abbreviate<T: fmt::Display>(items: &[T], n: usize) -> String {
     }
     s.join(", ")
 }
+
+/// Checker tests: append `op` as the history's next op (index and a time 10 ns apart).
+#[cfg(test)]
+pub(crate) fn push_numbered(history: &mut History, op: crate::history::Op) {
+    let next = history.len() as u64;
+    let op = crate::history::Op {
+        index: next,
+        time_ns: next * 10,
+        ..op
+    };
+    history.push(op).unwrap();
+}

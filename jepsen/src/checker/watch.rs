@@ -416,25 +416,17 @@ mod tests {
 
     struct H {
         history: History,
-        next: u64,
     }
 
     impl H {
         fn new() -> H {
             H {
                 history: History::new(),
-                next: 0,
             }
         }
 
         fn push(&mut self, op: Op) {
-            let op = Op {
-                index: self.next,
-                time_ns: self.next * 10,
-                ..op
-            };
-            self.next += 1;
-            self.history.push(op).unwrap();
+            crate::checker::push_numbered(&mut self.history, op);
         }
 
         fn write(&mut self, p: u64, f: F, key: &str, v: i64, kind: OpType) {
