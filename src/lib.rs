@@ -13,6 +13,7 @@ pub mod escrow;
 pub mod faults;
 pub mod gossip;
 pub mod http;
+pub mod lease_keeper;
 pub mod node;
 pub mod route;
 pub mod token;

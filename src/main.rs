@@ -102,6 +102,10 @@ enum Command {
         /// Read the value from this file.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Attach the key to this lease (hex id from `calm lease grant`): it is deleted when
+        /// the lease ends.
+        #[arg(long)]
+        lease: Option<String>,
         #[command(flatten)]
         client: WriteArgs,
     },
@@ -183,6 +187,13 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Leases: grant one, keep it alive, revoke it, see what remains of it, list them.
+    /// Keys written with `--lease` are deleted when their lease ends (docs/leases.md).
+    #[command(after_help = EXIT_CODES)]
+    Lease {
+        #[command(subcommand)]
+        command: LeaseCommand,
+    },
     /// Run a transaction read from FILE (or stdin, for - or no FILE): comparisons on keys of
     /// one subject, then the success ops if they all hold, else the failure ops, atomically
     /// (exit 1 when the failure branch ran). The syntax:
@@ -225,6 +236,9 @@ enum Command {
         expect_absent: bool,
         #[arg(long)]
         delete: bool,
+        /// Attach the key to this lease (hex id) when the new value is written.
+        #[arg(long, conflicts_with = "delete")]
+        lease: Option<String>,
         #[command(flatten)]
         client: WriteArgs,
     },
@@ -445,6 +459,51 @@ enum ConsistencyArg {
 }
 
 #[derive(Subcommand)]
+enum LeaseCommand {
+    /// Grant a lease of TTL (500ms, 10s, 2m; a bare number is seconds) for the keys of one
+    /// subject, given as --subject or as one of its keys (--key). Prints its hex id.
+    Grant {
+        ttl: String,
+        #[arg(long, required_unless_present = "key", conflicts_with = "key")]
+        subject: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Keep a lease alive (renewing every third of its TTL) until interrupted; exit 1 once
+    /// it no longer exists.
+    Keepalive {
+        id: String,
+        /// Renew once and exit.
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// End a lease now and delete its keys (exit 1 when it did not exist).
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A lease's TTL and what remains of it, linearizably (exit 1 when it does not exist).
+    Ttl {
+        id: String,
+        /// List its keys too.
+        #[arg(long)]
+        keys: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Every lease, with its subject and key count.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum RulesCommand {
     /// Validate a rules file: errors (refused by the cluster) and warnings (rules that can
     /// never match). Exits non-zero on errors.
@@ -552,8 +611,10 @@ fn serve(args: ServeArgs) -> Result<()> {
 async fn writes(
     args: &WriteArgs,
     key: &str,
+    lease: Option<&str>,
     ops: impl FnOnce(cli::Encoding) -> Result<Vec<pb::op::Kind>, CliError>,
 ) -> Result<Exit> {
+    let lease = lease.map(cli::lease::parse_id).transpose()?.unwrap_or(0);
     let enc = args.client.encoding();
     let key = enc.decode("key", key)?;
     let token = args
@@ -568,9 +629,57 @@ async fn writes(
         &key,
         ops,
         &token,
+        lease,
         args.client.output,
     )
     .await?)
+}
+
+async fn lease(command: LeaseCommand) -> Result<Exit> {
+    use cli::lease;
+    Ok(match command {
+        LeaseCommand::Grant {
+            ttl,
+            subject,
+            key,
+            client,
+        } => {
+            let enc = client.encoding();
+            let ttl = lease::parse_ttl(&ttl)?;
+            let subject = subject.map(|s| enc.decode("subject", &s)).transpose()?;
+            let key = key.map(|k| enc.decode("key", &k)).transpose()?;
+            lease::grant(
+                &client.endpoints,
+                ttl,
+                subject.unwrap_or_default(),
+                key.unwrap_or_default(),
+                client.output,
+            )
+            .await?
+        }
+        LeaseCommand::Keepalive { id, once, client } => {
+            let id = lease::parse_id(&id)?;
+            let stop = shutdown_on_signals();
+            lease::keep_alive(&client.endpoints, id, once, client.output, stop).await?
+        }
+        LeaseCommand::Revoke { id, client } => {
+            lease::revoke(&client.endpoints, lease::parse_id(&id)?, client.output).await?
+        }
+        LeaseCommand::Ttl { id, keys, client } => {
+            let id = lease::parse_id(&id)?;
+            lease::time_to_live(
+                &client.endpoints,
+                id,
+                keys,
+                client.encoding(),
+                client.output,
+            )
+            .await?
+        }
+        LeaseCommand::List { client } => {
+            lease::list(&client.endpoints, client.encoding(), client.output).await?
+        }
+    })
 }
 
 impl Command {
@@ -599,6 +708,14 @@ impl Command {
             | Bench { client, .. } => client,
             Rules {
                 command: RulesCommand::Get { client } | RulesCommand::Set { client, .. },
+            } => client,
+            Lease {
+                command:
+                    LeaseCommand::Grant { client, .. }
+                    | LeaseCommand::Keepalive { client, .. }
+                    | LeaseCommand::Revoke { client, .. }
+                    | LeaseCommand::Ttl { client, .. }
+                    | LeaseCommand::List { client },
             } => client,
             Rules {
                 command: RulesCommand::Check { output, .. } | RulesCommand::Explain { output, .. },
@@ -677,9 +794,10 @@ async fn run(command: Command) -> Result<Exit> {
             key,
             value,
             file,
+            lease,
             client,
         } => {
-            writes(&client, &key, |enc| {
+            writes(&client, &key, lease.as_deref(), |enc| {
                 let value = enc.value(value.as_deref(), file.as_deref())?;
                 Ok(vec![Kind::Put(pb::Put { value })])
             })
@@ -713,7 +831,12 @@ async fn run(command: Command) -> Result<Exit> {
             key: Some(key),
             client,
             ..
-        } => writes(&client, &key, |_| Ok(vec![Kind::Delete(pb::Delete {})])).await,
+        } => {
+            writes(&client, &key, None, |_| {
+                Ok(vec![Kind::Delete(pb::Delete {})])
+            })
+            .await
+        }
         Command::Del { prefix, client, .. } => {
             let enc = client.client.encoding();
             let prefix = enc.decode("prefix", prefix.as_deref().unwrap_or_default())?;
@@ -791,10 +914,11 @@ async fn run(command: Command) -> Result<Exit> {
             expect_value,
             expect_absent,
             delete,
+            lease,
             client,
         } => {
             use pb::cas::Expect;
-            writes(&client, &key, |enc| {
+            writes(&client, &key, lease.as_deref(), |enc| {
                 let expect = match (expect_version, expect_value, expect_absent) {
                     (Some(v), None, false) => Expect::Version(v),
                     (None, Some(v), false) => Expect::Value(enc.decode("expected value", &v)?),
@@ -824,10 +948,13 @@ async fn run(command: Command) -> Result<Exit> {
             .await
         }
         Command::Add { key, delta, client } => {
-            writes(&client, &key, |_| Ok(vec![Kind::Add(pb::Add { delta })])).await
+            writes(&client, &key, None, |_| {
+                Ok(vec![Kind::Add(pb::Add { delta })])
+            })
+            .await
         }
         Command::Set { key, value, client } => {
-            writes(&client, &key, |_| {
+            writes(&client, &key, None, |_| {
                 Ok(vec![Kind::SetValue(pb::SetValue { value })])
             })
             .await
@@ -838,17 +965,18 @@ async fn run(command: Command) -> Result<Exit> {
             max,
             client,
         } => {
-            writes(&client, &key, |_| {
+            writes(&client, &key, None, |_| {
                 Ok(vec![Kind::SetBounds(pb::SetBounds { min, max })])
             })
             .await
         }
         Command::Max { key, value, client } => {
-            writes(&client, &key, |_| {
+            writes(&client, &key, None, |_| {
                 Ok(vec![Kind::Raise(pb::Raise { value })])
             })
             .await
         }
+        Command::Lease { command } => lease(command).await,
         Command::Txn { file, client } => {
             let text = match file.as_deref() {
                 Some(path) if path != std::path::Path::new("-") => std::fs::read_to_string(path)
@@ -881,7 +1009,7 @@ async fn run(command: Command) -> Result<Exit> {
             elements,
             client,
         } => {
-            writes(&client, &key, |enc| {
+            writes(&client, &key, None, |enc| {
                 elements
                     .iter()
                     .map(|e| {
@@ -898,7 +1026,7 @@ async fn run(command: Command) -> Result<Exit> {
             elements,
             client,
         } => {
-            writes(&client, &key, |enc| {
+            writes(&client, &key, None, |enc| {
                 elements
                     .iter()
                     .map(|e| {

@@ -133,6 +133,8 @@ pub struct Node {
     pub tokens_issued: Vec<AtomicU64>,
     /// The cluster this node belongs to (see `cluster_record`).
     pub cluster_id: crate::cluster_record::ClusterId,
+    /// Keep-alive renewals waiting for their group's next entry (`lease_keeper`).
+    pub renewals: crate::lease_keeper::Renewals,
 }
 
 impl Node {
@@ -419,6 +421,7 @@ impl Node {
             refills,
             tokens_issued,
             cluster_id: settled.cluster_id,
+            renewals: Default::default(),
         });
         tasks.push(tokio::spawn(crate::escrow::run(
             node.clone(),
@@ -433,6 +436,10 @@ impl Node {
         )));
         tasks.push(tokio::spawn(gossip.run(shutdown.clone())));
         tasks.push(tokio::spawn(persist_loop(node.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(crate::lease_keeper::tick_loop(
+            node.clone(),
+            shutdown.clone(),
+        )));
         tasks.push(tokio::spawn(checkpoint_loop(
             node.clone(),
             shutdown.clone(),

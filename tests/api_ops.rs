@@ -148,6 +148,7 @@ async fn batch<'a>(
                 key: key.as_bytes().to_vec(),
                 op: Some(op.clone()),
                 token: token.to_vec(),
+                lease: 0,
             })
             .collect(),
     };
@@ -643,6 +644,7 @@ async fn metrics_show_group_commits_and_where_a_writes_time_goes() {
             key: b"metrics:batch".to_vec(),
             op: Some(op::add(1)),
             token: Vec::new(),
+            lease: 0,
         }],
     })
     .await

@@ -92,6 +92,7 @@ fn req(key: &[u8], op: pb::Op) -> pb::WriteRequest {
         key: key.to_vec(),
         op: Some(op),
         token: Vec::new(),
+        lease: 0,
     }
 }
 
@@ -217,6 +218,7 @@ async fn bad_input_gets_the_documented_code_and_changes_nothing() {
                 key: b"bad:new".to_vec(),
                 op: None,
                 token: Vec::new(),
+                lease: 0,
             },
         )
         .await,

@@ -586,6 +586,7 @@ async fn a_forwarded_request_names_the_leader_and_the_router_goes_there() {
         key: key.clone().into_bytes(),
         op: Some(put(value)),
         token: Vec::new(),
+        lease: 0,
     };
     let get_req = |consistency: Consistency| pb::GetRequest {
         key: key.clone().into_bytes(),
@@ -627,6 +628,7 @@ async fn a_forwarded_request_names_the_leader_and_the_router_goes_there() {
         key: b"n-route".to_vec(),
         op: Some(op::add(1)),
         token: Vec::new(),
+        lease: 0,
     };
     // The first add creates the counter, through Raft; the second is a fast-path fact.
     c.kv(1).await.write(add.clone()).await.unwrap();

@@ -66,6 +66,7 @@ async fn client(
                     key: ctr.as_bytes().to_vec(),
                     op: Some(op::add(1)),
                     token: Vec::new(),
+                    lease: 0,
                 })
                 .collect(),
         };

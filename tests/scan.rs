@@ -64,6 +64,7 @@ async fn batch(c: &Cluster, at: usize, ops: Vec<(String, pb::Op)>) {
             key: key.into_bytes(),
             op: Some(op),
             token: Vec::new(),
+            lease: 0,
         })
         .collect();
     let results = c

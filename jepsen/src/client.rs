@@ -93,6 +93,7 @@ impl Clients {
             key: key.as_bytes().to_vec(),
             op: Some(pb::Op { kind: Some(op) }),
             token,
+            lease: 0,
         };
         self.bounded(kv.write(req)).await
     }

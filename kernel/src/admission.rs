@@ -27,6 +27,8 @@ pub enum ConsensusReason {
     EscrowExhausted,
     /// The key has no type yet; its first write fixes it in Raft order.
     KeyCreation,
+    /// The key is attached to a lease, whose expiry deletes it in Raft order.
+    Leased,
 }
 
 /// The path an op takes.

@@ -45,6 +45,9 @@ use crate::admission::{Admission, ConsensusReason, EscrowView, classify};
 use crate::clock::{HlcTimestamp, NodeId};
 use crate::command::{Command, CommandBody, KeyFrontier};
 use crate::fact::{Fact, FactError, FactId, FactKind, FactRef};
+use crate::lease::{
+    GroupLeases, LeaseChanges, LeaseCommand, LeaseId, LeaseOutcome, LeaseRefusal, Leases,
+};
 use crate::refusal::Refusal;
 use crate::rules::CompiledRules;
 use crate::state::{KeyRecord, KeyState, Outcome, Value};
@@ -263,6 +266,8 @@ pub struct Replica {
     dirty: Vec<Box<[u8]>>,
     /// Changes since the last `take_journal`, in apply order; `None`: not journaling.
     journal: Option<Vec<Change>>,
+    /// Every group's leases (Raft-ordered, like commands; see `lease.rs`).
+    leases: Leases,
 }
 
 impl Replica {
@@ -279,6 +284,7 @@ impl Replica {
             rules_version,
             dirty: Vec::new(),
             journal: None,
+            leases: Leases::default(),
         }
     }
 
@@ -577,6 +583,11 @@ impl Replica {
         hlc: HlcTimestamp,
         out: &mut Vec<u8>,
     ) -> Result<Admitted, RefusedOp> {
+        // A fact admitted after the lease's delete would bring the key back on the replicas
+        // that apply it later: writes to an attached key are ordered like the delete.
+        if self.leases.lease_of(key).is_some() {
+            return Ok(Admitted::Consensus(ConsensusReason::Leased));
+        }
         let kind = op.kind();
         let (arg, payload, fact_kind) = match op {
             Op::CounterAdd { delta } => (*delta, &[][..], FactKind::CounterAdd),
@@ -901,6 +912,8 @@ impl Replica {
                 if took_effect(&outcome) {
                     let (cause, hlc) = (ChangeCause::Command, cmd.hlc);
                     journal_change(&mut self.journal, &cmd.key, cause, hlc, prev, &entry.record);
+                    // A write without the lease owns the key now (as in etcd).
+                    self.leases.detach(&cmd.key);
                 }
                 outcome
             }
@@ -1026,6 +1039,9 @@ impl Replica {
                 // A delete of a key that does not exist: nothing to store.
                 (_, None) => {}
             }
+            if took_effect(&outcome) {
+                self.leases.detach(&cmd.key);
+            }
             outcomes.push(outcome);
         }
         if !self.pending.is_empty() {
@@ -1035,6 +1051,126 @@ impl Replica {
             succeeded,
             outcomes,
         })
+    }
+
+    /// Every group's leases.
+    pub fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    /// Put back the leases the state store holds (at open, with `restore`).
+    pub fn restore_leases(&mut self, leases: Leases) {
+        self.leases = leases;
+    }
+
+    /// The lease rows changed since the last call, for the node to persist with the keys.
+    pub fn take_lease_changes(&mut self) -> LeaseChanges {
+        self.leases.take_dirty()
+    }
+
+    /// Replace `group`'s leases with a Raft snapshot's (with `install_snapshot`).
+    pub fn install_group_leases(&mut self, group: u64, leases: GroupLeases) {
+        self.leases.install(group, leases);
+    }
+
+    /// Apply a Raft-ordered lease entry of `group` whose log entry is of `entry_term`. A
+    /// revoke or an expiry deletes the lease's keys here, in the same step (see `lease.rs`).
+    pub fn apply_lease(
+        &mut self,
+        group: u64,
+        cmd: &LeaseCommand,
+        entry_term: u64,
+        hlc: HlcTimestamp,
+        proposer: NodeId,
+    ) -> LeaseOutcome {
+        match cmd {
+            LeaseCommand::Grant { subject, ttl_ms } => {
+                match self.leases.grant(group, subject, *ttl_ms) {
+                    Ok((id, ttl_ms)) => LeaseOutcome::Granted { id, ttl_ms },
+                    Err(refusal) => LeaseOutcome::Refused(refusal),
+                }
+            }
+            LeaseCommand::Renew { ids } => LeaseOutcome::Renewed {
+                ttl_ms: self.leases.renew(group, ids),
+            },
+            LeaseCommand::Revoke { id } => {
+                if crate::lease::lease_group(*id) != group {
+                    return LeaseOutcome::Refused(LeaseRefusal::WrongGroup { id: *id, group });
+                }
+                match self.leases.revoke(*id) {
+                    Some(keys) => {
+                        self.delete_lease_keys(&keys, hlc, proposer);
+                        LeaseOutcome::Revoked { found: true, keys }
+                    }
+                    None => LeaseOutcome::Revoked {
+                        found: false,
+                        keys: Vec::new(),
+                    },
+                }
+            }
+            LeaseCommand::Tick {
+                term,
+                elapsed_ms,
+                extend_ms,
+            } => {
+                if *term != entry_term {
+                    return LeaseOutcome::Refused(LeaseRefusal::Fenced {
+                        tick_term: *term,
+                        entry_term,
+                    });
+                }
+                let expired = self.leases.tick(group, *term, *elapsed_ms, *extend_ms);
+                for (_, keys) in &expired {
+                    self.delete_lease_keys(keys, hlc, proposer);
+                }
+                LeaseOutcome::Ticked { expired }
+            }
+        }
+    }
+
+    /// Delete the keys of a lease that ended: a delete observing no facts (attached keys
+    /// take no fast path, so there are none to observe), at the key's generation.
+    fn delete_lease_keys(&mut self, keys: &[Vec<u8>], hlc: HlcTimestamp, proposer: NodeId) {
+        for key in keys {
+            let Some(record) = self.key_record(key) else {
+                continue;
+            };
+            let cmd = Command {
+                key: key.clone(),
+                hlc,
+                proposer,
+                body: CommandBody::Delete,
+                frontier: KeyFrontier::default().with_generation(record.generation),
+                absorb: None,
+            };
+            let outcome = self.apply_command(&cmd);
+            debug_assert!(outcome.is_ok(), "a delete observing no facts never blocks");
+        }
+    }
+
+    /// Apply a register put or compare-and-set that attaches its key (of subject
+    /// `key_subject`) to lease `lease` once it takes effect. The lease is checked first: a
+    /// refusal changes nothing.
+    pub fn apply_leased(
+        &mut self,
+        cmd: &Command,
+        lease: LeaseId,
+        key_subject: &[u8],
+    ) -> Result<Result<Outcome, LeaseRefusal>, ReplicaError> {
+        if !matches!(
+            cmd.body,
+            CommandBody::RegisterPut { .. } | CommandBody::RegisterCas { value: Some(_), .. }
+        ) {
+            return Ok(Err(LeaseRefusal::NotARegisterWrite));
+        }
+        if let Err(refusal) = self.leases.check_attach(lease, &cmd.key, key_subject) {
+            return Ok(Err(refusal));
+        }
+        let outcome = self.apply_command(cmd)?;
+        if outcome == Outcome::Done {
+            self.leases.attach(lease, &cmd.key);
+        }
+        Ok(Ok(outcome))
     }
 
     /// Deliver a fact from a peer (or from the WAL on recovery).

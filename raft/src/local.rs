@@ -278,6 +278,7 @@ pub struct PersistJob {
     groups: BTreeMap<u64, Vec<u8>>,
     changed: Arc<ChangedKeys>,
     facts: Vec<(FactId, Vec<u8>)>,
+    leases: calm_kernel::lease::LeaseChanges,
     store: Arc<StateStore>,
 }
 
@@ -306,6 +307,7 @@ impl PersistJob {
         self.store.write_with_facts(
             self.changed.iter().map(|(k, s)| (k.as_slice(), s)),
             self.facts.iter().map(|(id, f)| (*id, f.as_slice())),
+            &self.leases,
             &meta,
         )?;
         let receipt = PersistReceipt {
@@ -515,6 +517,8 @@ impl LocalState {
             wal.subscribe_durable(),
         ));
         let mut replica = Replica::restore(node, rules, meta.vv.clone(), keys).with_journal();
+        // Written in the same batches as the keys and the groups' positions, so they agree.
+        replica.restore_leases(store.load_leases()?);
         // Facts that were waiting when the store was written (accepted and archived, not
         // applicable yet) come before the store's LSN, where replay does not look: deliver
         // them from the archive first. Without this a restart forgot them, the node's own
@@ -986,6 +990,7 @@ impl LocalState {
             groups: self.groups.clone(),
             changed,
             facts,
+            leases: self.replica.take_lease_changes(),
             store: self.store.clone(),
         })
     }

@@ -17,6 +17,7 @@
 //! it includes. RocksDB's own WAL is off (our WAL replays anything lost from memtables);
 //! `atomic_flush` keeps the column families consistent with each other when they reach disk.
 
+use calm_kernel::lease::{Lease, LeaseChanges, LeaseClock, Leases};
 use calm_kernel::state::{KeyRecord, StateCodecError};
 use calm_kernel::{FactId, NodeId, VersionVector};
 use rocksdb::{
@@ -32,6 +33,16 @@ const CF_KEYS: &str = "keys";
 const CF_META: &str = "meta";
 const CF_FACTS: &str = "facts";
 const META_APPLIED: &[u8] = b"applied";
+/// `lease/` + lease id (u64 BE): one lease (`calm_kernel::lease::Lease`, postcard).
+const META_LEASE: &[u8] = b"lease/";
+/// `leaseclock/` + group (u64 BE): the group's lease clock.
+const META_LEASE_CLOCK: &[u8] = b"leaseclock/";
+
+fn meta_row(prefix: &[u8], id: u64) -> Vec<u8> {
+    let mut key = prefix.to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
 
 /// Where the state in the store stands. Written with every batch of key states.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,14 +146,16 @@ impl StateStore {
         keys: impl IntoIterator<Item = (&'a [u8], &'a KeyRecord)>,
         meta: &AppliedMeta,
     ) -> Result<(), StoreError> {
-        self.write_with_facts(keys, std::iter::empty(), meta)
+        self.write_with_facts(keys, std::iter::empty(), &LeaseChanges::default(), meta)
     }
 
-    /// `write`, also archiving `facts` (each one encoded fact) in the same batch.
+    /// `write`, also archiving `facts` (each one encoded fact) and writing the changed
+    /// leases in the same batch.
     pub fn write_with_facts<'a>(
         &self,
         keys: impl IntoIterator<Item = (&'a [u8], &'a KeyRecord)>,
         facts: impl IntoIterator<Item = (FactId, &'a [u8])>,
+        leases: &LeaseChanges,
         meta: &AppliedMeta,
     ) -> Result<(), StoreError> {
         let keys_cf = self.db.cf_handle(CF_KEYS).expect("opened with this family");
@@ -157,6 +170,20 @@ impl StateStore {
         }
         for (id, fact) in facts {
             batch.put_cf(&facts_cf, fact_key(id.origin, id.seq), fact);
+        }
+        for (group, clock) in &leases.clocks {
+            let encoded = postcard::to_stdvec(clock).expect("encoding into a Vec cannot fail");
+            batch.put_cf(&meta_cf, meta_row(META_LEASE_CLOCK, *group), encoded);
+        }
+        for (id, lease) in &leases.leases {
+            match lease {
+                Some(lease) => {
+                    let encoded =
+                        postcard::to_stdvec(lease).expect("encoding into a Vec cannot fail");
+                    batch.put_cf(&meta_cf, meta_row(META_LEASE, *id), encoded);
+                }
+                None => batch.delete_cf(&meta_cf, meta_row(META_LEASE, *id)),
+            }
         }
         let encoded = postcard::to_stdvec(meta).expect("encoding into a Vec cannot fail");
         batch.put_cf(&meta_cf, META_APPLIED, encoded);
@@ -235,6 +262,44 @@ impl StateStore {
             out.push((key.into_vec(), state));
         }
         Ok(out)
+    }
+
+    /// Every group's leases and lease clock, as the last write left them.
+    pub fn load_leases(&self) -> Result<Leases, StoreError> {
+        let meta_cf = self.db.cf_handle(CF_META).expect("opened with this family");
+        let bad = |what: &str, e: postcard::Error| StoreError::Meta {
+            path: self.path.clone(),
+            reason: format!("a stored {what} does not decode ({e})"),
+        };
+        let rows = |prefix: &[u8]| -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+            let mut out = Vec::new();
+            let mode = IteratorMode::From(prefix, rocksdb::Direction::Forward);
+            for item in self.db.iterator_cf(&meta_cf, mode) {
+                let (key, value) = item.map_err(self.io())?;
+                let Some(id) = key.strip_prefix(prefix) else {
+                    break;
+                };
+                let id = <[u8; 8]>::try_from(id).map_err(|_| StoreError::Meta {
+                    path: self.path.clone(),
+                    reason: format!("a lease row key of {} bytes", key.len()),
+                })?;
+                out.push((u64::from_be_bytes(id), value.into_vec()));
+            }
+            Ok(out)
+        };
+        let clocks = rows(META_LEASE_CLOCK)?
+            .into_iter()
+            .map(|(group, v)| {
+                postcard::from_bytes::<LeaseClock>(&v)
+                    .map(|c| (group, c))
+                    .map_err(|e| bad("lease clock", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let leases = rows(META_LEASE)?
+            .into_iter()
+            .map(|(_, v)| postcard::from_bytes::<Lease>(&v).map_err(|e| bad("lease", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Leases::restore(clocks, leases))
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<KeyRecord>, StoreError> {

@@ -37,7 +37,7 @@ impl Kv for KvService {
         let started = Instant::now();
         let req = request.into_inner();
         let op = req.op.and_then(|o| o.kind);
-        let response = self.node.write(&req.key, op, &req.token).await?;
+        let response = self.node.write(&req.key, op, &req.token, req.lease).await?;
         let path = match pb::Path::try_from(response.path) {
             Ok(pb::Path::Consensus) => "consensus",
             Ok(pb::Path::Escrow) => "escrow",
@@ -66,14 +66,23 @@ impl Kv for KvService {
             )));
         }
         let mut by_key: BTreeMap<Vec<u8>, KeyOps> = BTreeMap::new();
+        let mut results = Vec::with_capacity(ops.len());
         for (i, op) in ops.into_iter().enumerate() {
+            if op.lease != 0 {
+                results.push((
+                    i,
+                    Err(invalid(
+                        "a Batch op carries a lease; attach keys to leases with Write (one leased write per call)",
+                    )),
+                ));
+                continue;
+            }
             by_key
                 .entry(op.key)
                 .or_default()
                 .push((i, op.op.and_then(|o| o.kind), op.token));
         }
         let node = &self.node;
-        let mut results = Vec::with_capacity(by_key.len());
         let (admitted, durable, rest) = node.admit_leading_fast(by_key, &mut results);
         let fast = async {
             if let Some(durable) = durable

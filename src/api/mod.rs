@@ -24,8 +24,9 @@
 
 //!
 //! One service per file: `kv.rs` (Write, Batch, Get, Scan, Watch, Txn; their node sides
-//! are `write.rs`, `read.rs`, `scan.rs`, `watch.rs`, `txn.rs`), `admin.rs` (status, rules, explain,
-//! checkpoints), `health.rs` (readiness, and the gRPC health service that follows it).
+//! are `write.rs`, `read.rs`, `scan.rs`, `watch.rs`, `txn.rs`), `lease.rs` (Grant, Revoke,
+//! KeepAlive, TimeToLive, List), `admin.rs` (status, rules, explain, checkpoints),
+//! `health.rs` (readiness, and the gRPC health service that follows it).
 //! `write.rs` and `read.rs` hold the node's side of a write and a read, which Batch and
 //! other services share; `ops.rs` converts between the wire's ops and values and the
 //! kernel's.
@@ -33,6 +34,7 @@
 mod admin;
 mod health;
 mod kv;
+mod lease;
 mod ops;
 mod read;
 mod scan;
@@ -225,12 +227,17 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, shutdown: Cancellatio
     })
     .max_decoding_message_size(MESSAGE_BYTES_MAX)
     .max_encoding_message_size(MESSAGE_BYTES_MAX);
+    let lease = pb::lease_server::LeaseServer::new(lease::LeaseService {
+        node: node.clone(),
+        shutdown: shutdown.clone(),
+    });
     let admin = AdminServer::new(AdminService { node });
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(kv)
+        .add_service(lease)
         .add_service(admin)
         .serve_with_incoming_shutdown(crate::node::incoming(listener), shutdown.cancelled_owned())
         .await;

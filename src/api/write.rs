@@ -6,11 +6,13 @@ use super::ops::{kernel_op, kernel_op_on};
 use super::{BATCH_OPS_PER_LOCK_MAX, check_key, insert_leader_hint, pb, refused};
 use crate::node::{Node, fatal, lock};
 use crate::token::SessionToken;
+use calm_kernel::lease::LeaseId;
 use calm_kernel::{Admitted, Command, FactId, KeyState, Op};
-use calm_raft::consensus::{ProposeError, Response};
+use calm_raft::consensus::{ProposeError, Request, Response};
 use calm_raft::local::{FastAdmit, LocalAdmit};
 use calm_raft::wal::AppendTicket;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Rounds of gathering escrow rights (a pool grant, asks to peers) for one refused spend.
@@ -38,6 +40,8 @@ pub(super) enum Pending {
         cmd: Command,
         /// To await before proposing (own facts the command observed, not yet durable).
         barrier: Option<(AppendTicket, u64)>,
+        /// The lease the write attaches its key to (`api/lease.rs`).
+        lease: Option<LeaseId>,
     },
 }
 
@@ -75,9 +79,32 @@ impl Node {
                 let barrier = local
                     .own_facts_barrier()
                     .unwrap_or_else(|e| fatal("appending a WAL barrier", &e));
-                Ok(Pending::Consensus { cmd, barrier })
+                Ok(Pending::Consensus {
+                    cmd,
+                    barrier,
+                    lease: None,
+                })
             }
         }
+    }
+
+    /// Prepare a write that attaches `key` to `lease`: always a Raft command (a leased key
+    /// takes no fast path), checked by `check_leased_write`.
+    fn prepare_leased(&self, key: &[u8], op: &Op, lease: LeaseId) -> Result<Pending, Status> {
+        let hlc = self.hlc.now();
+        let mut local = lock(&self.local);
+        let cmd = local
+            .replica()
+            .prepare_command(key, op, hlc)
+            .map_err(refused)?;
+        let barrier = local
+            .own_facts_barrier()
+            .unwrap_or_else(|e| fatal("appending a WAL barrier", &e));
+        Ok(Pending::Consensus {
+            cmd,
+            barrier,
+            lease: Some(lease),
+        })
     }
 
     /// Wait until the own facts a command observed are durable (see
@@ -222,13 +249,23 @@ impl Node {
                     .increment(1);
                 Ok(self.fast_response(id, escrow, group, deleted))
             }
-            Pending::Consensus { cmd, barrier } => {
+            Pending::Consensus {
+                cmd,
+                barrier,
+                lease,
+            } => {
                 self.own_facts_durable(barrier).await;
-                let proposed = self
-                    .consensus
-                    .propose(cmd)
-                    .await
-                    .map_err(|e| self.unavailable(e))?;
+                let proposed = match lease {
+                    None => self.consensus.propose(cmd).await,
+                    Some(lease) => {
+                        let group = self.consensus.group_map().group_of(&cmd.key);
+                        let cmd = Arc::new(cmd);
+                        self.consensus
+                            .propose_to(group, Request::Leased { cmd, lease })
+                            .await
+                    }
+                }
+                .map_err(|e| self.unavailable(e))?;
                 metrics::counter!("calm_writes_total", "path" => "consensus").increment(1);
                 self.issue_index(proposed.group, proposed.index);
                 let token = SessionToken::of_entry(proposed.group, proposed.index).encode();
@@ -242,7 +279,12 @@ impl Node {
                     Response::None => (true, 0, false),
                     // `propose` hands each command its own answer; a transaction is not a
                     // write.
-                    Response::Batch(_) | Response::Txn { .. } => {
+                    Response::Batch(_)
+                    | Response::Txn { .. }
+                    | Response::LeaseGranted { .. }
+                    | Response::LeaseRenewed { .. }
+                    | Response::LeaseRevoked { .. }
+                    | Response::LeaseTicked { .. } => {
                         return Err(Status::internal(
                             "a write was answered for a whole entry, not for itself (a bug); its outcome is unknown",
                         ));
@@ -266,12 +308,20 @@ impl Node {
         key: &[u8],
         op: Option<pb::op::Kind>,
         token: &[u8],
+        lease: LeaseId,
     ) -> Result<pb::WriteResponse, Status> {
         check_key(key)?;
         let op = kernel_op(self, key, op)?;
+        if lease != 0 {
+            self.check_leased_write(key, &op, lease)?;
+        }
         self.await_write_token(key, token).await?;
         if let Some(fake) = crate::faults::drop_acked_write(&op) {
             return Ok(fake);
+        }
+        if lease != 0 {
+            let pending = self.prepare_leased(key, &op, lease)?;
+            return self.finish(pending).await;
         }
         let result = match self.admit(key, &op) {
             Ok(pending) => self.finish(pending).await,

@@ -259,6 +259,7 @@ fn write(key: Vec<u8>, kind: pb::op::Kind) -> pb::WriteRequest {
         key,
         op: Some(pb::Op { kind: Some(kind) }),
         token: Vec::new(),
+        lease: 0,
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod compare;
 pub mod etcd;
+pub mod keepalive;
 pub mod watch;
 
 use crate::api::pb;
@@ -45,6 +46,9 @@ pub enum Workload {
     /// registers under it; ops are events delivered, latencies from a put's send to each
     /// watcher's receipt (see `watch`).
     Watch,
+    /// Lease keep-alives: `--keys` leases (TTL 9 s) granted first, then `--concurrency`
+    /// streams renew each one every 3 s; ops are renewals answered (see `keepalive`).
+    Keepalive,
     /// grpc.health.v1 Check: no calm code at all, so the floor of one call (client, tonic,
     /// HTTP/2, loopback, the node's wake-up) that every other workload pays too.
     Ping,
@@ -114,6 +118,7 @@ fn key(w: Workload, i: u64) -> Vec<u8> {
         Workload::Add | Workload::Batch => 'n',
         Workload::Scan => 's',
         Workload::Watch => 'w',
+        Workload::Keepalive => 'l',
     };
     format!("{letter}-bench-{i:08}").into_bytes()
 }
@@ -129,6 +134,7 @@ fn write(key: Vec<u8>, kind: pb::op::Kind) -> pb::WriteRequest {
         key,
         op: Some(pb::Op { kind: Some(kind) }),
         token: Vec::new(),
+        lease: 0,
     }
 }
 
@@ -180,6 +186,9 @@ async fn one_call(
         }
         Workload::Ping => ping(health).await?,
         Workload::Watch => unreachable!("`run` hands the watch workload to `watch::run`"),
+        Workload::Keepalive => {
+            unreachable!("`run` hands the keepalive workload to `keepalive::run`")
+        }
         Workload::Scan => {
             // Pages start where a whole page follows, so every call returns `--batch` keys.
             let k = k % o.keys.saturating_sub(o.batch).max(1);
@@ -293,6 +302,9 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
     }
     if o.workload == Workload::Watch {
         return watch::run(endpoints, &o).await;
+    }
+    if o.workload == Workload::Keepalive {
+        return keepalive::run(endpoints, &o).await;
     }
     if o.workload == Workload::Scan && !(1..=10_000).contains(&o.batch) {
         bail!("--batch (keys per scan page) must be within 1..=10000");

@@ -14,6 +14,7 @@ pub async fn write(
     key: &[u8],
     ops: Vec<pb::op::Kind>,
     token: &[u8],
+    lease: u64,
     output: Output,
 ) -> Result<Exit, CliError> {
     let mut kv = KvClient::new(channel(endpoints).await?);
@@ -24,6 +25,7 @@ pub async fn write(
                 key: key.to_vec(),
                 op: Some(pb::Op { kind: Some(op) }),
                 token: token.to_vec(),
+                lease,
             })
             .await
             .map_err(|s| CliError::from_status(&s))?

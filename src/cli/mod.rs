@@ -27,6 +27,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod kv;
+pub mod lease;
 pub mod scan;
 pub mod txn;
 pub mod watch;

@@ -169,6 +169,7 @@ pub async fn delete_range(
                     kind: Some(pb::op::Kind::Delete(pb::Delete {})),
                 }),
                 token: Vec::new(),
+                lease: 0,
             })
             .collect();
         let results = match kv.batch(pb::BatchRequest { ops }).await {

@@ -393,6 +393,7 @@ pub async fn write_with_token(
         key: key.as_bytes().to_vec(),
         op: Some(op),
         token: token.to_vec(),
+        lease: 0,
     })
     .await
     .map(|r| r.into_inner())

@@ -148,10 +148,63 @@ pub fn check_request(map: GroupMap, group: GroupId, request: &Request) -> Result
             }
         }
         Request::Txn(txn) => check_txn(map, group, txn),
+        Request::Lease(entry) => check_lease(map, group, &entry.cmd),
+        Request::Leased { cmd, lease } => {
+            if map.group_of(&cmd.key) != group {
+                return wrong(map.group_of(&cmd.key));
+            }
+            if calm_kernel::lease::lease_group(*lease) != group {
+                return Err(format!(
+                    "lease {lease:x} belongs to group {}, but key {} to group {group}; a key attaches only to a lease of its subject",
+                    calm_kernel::lease::lease_group(*lease),
+                    calm_kernel::refusal::DisplayKey(&cmd.key)
+                ));
+            }
+            Ok(())
+        }
         Request::InitRules { .. } | Request::SetRules { .. } if group != GroupMap::METADATA => {
             wrong(GroupMap::METADATA)
         }
         Request::InitRules { .. } | Request::SetRules { .. } => Ok(()),
+    }
+}
+
+/// Whether a lease entry may be ordered in `group`: a data group, which owns the subject a
+/// grant names and every lease a renewal or revoke names, within the limits.
+pub fn check_lease(
+    map: GroupMap,
+    group: GroupId,
+    cmd: &calm_kernel::lease::LeaseCommand,
+) -> Result<(), String> {
+    use calm_kernel::lease::{LeaseCommand, RENEW_IDS_MAX, lease_group};
+    if group == GroupMap::METADATA || group > map.data_groups() {
+        return Err(format!(
+            "leases live in data groups 1..={}, not group {group}",
+            map.data_groups()
+        ));
+    }
+    match cmd {
+        LeaseCommand::Grant { subject, .. } if map.group_of(subject) != group => Err(format!(
+            "a lease for subject {} belongs to group {}, not group {group}; the peers disagree on the group count",
+            calm_kernel::refusal::DisplayKey(subject),
+            map.group_of(subject)
+        )),
+        LeaseCommand::Renew { ids } if ids.len() > RENEW_IDS_MAX => Err(format!(
+            "a renewal names {} leases; at most {RENEW_IDS_MAX}",
+            ids.len()
+        )),
+        LeaseCommand::Renew { ids } => match ids.iter().find(|&&id| lease_group(id) != group) {
+            Some(id) => Err(format!(
+                "lease {id:x} belongs to group {}, not group {group}",
+                lease_group(*id)
+            )),
+            None => Ok(()),
+        },
+        LeaseCommand::Revoke { id } if lease_group(*id) != group => Err(format!(
+            "lease {id:x} belongs to group {}, not group {group}",
+            lease_group(*id)
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -1095,6 +1095,13 @@ impl Consensus {
             .collect()
     }
 
+    /// The term this node leads `group` in, if it leads it.
+    pub fn led_term(&self, group: GroupId) -> Option<u64> {
+        let metrics = self.raft(group).metrics();
+        let m = metrics.borrow_watched();
+        (m.current_leader == Some(self.node)).then_some(m.current_term)
+    }
+
     /// Stop every group (their state stays on disk).
     pub async fn shutdown(&self) {
         for raft in self.handles.all() {

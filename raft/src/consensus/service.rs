@@ -399,6 +399,8 @@ impl RaftPeer for PeerService {
             Request::Command(cmd) => Some(cmd.proposer),
             Request::Commands(cmds) => cmds.first().map(|c| c.proposer),
             Request::Txn(txn) => Some(txn.proposer),
+            Request::Lease(entry) => Some(entry.proposer),
+            Request::Leased { cmd, .. } => Some(cmd.proposer),
             Request::InitRules { .. } | Request::SetRules { .. } => None,
         };
         let started = std::time::Instant::now();

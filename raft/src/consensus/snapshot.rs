@@ -14,14 +14,17 @@
 
 use super::types::{GroupId, SnapshotMeta};
 use calm_kernel::KeyRecord;
+use calm_kernel::lease::GroupLeases;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"CALMSNAP";
-/// 2: the metadata group's snapshot carries the rules.
-pub const SNAPSHOT_FORMAT: u32 = 2;
+/// 2: the metadata group's snapshot carries the rules. 3: data groups' carry their leases.
+pub const SNAPSHOT_FORMAT: u32 = 3;
+/// The oldest format this build reads (as the current one, without leases).
+const SNAPSHOT_FORMAT_MIN: u32 = 2;
 const HEADER_BYTES: usize = 8 + 4 + 8;
 const HASH_BYTES: usize = 32;
 /// Largest snapshot accepted, on disk or over the network.
@@ -37,6 +40,17 @@ pub struct SnapshotBody {
     /// The metadata group's state: the rules in force as their TOML text (`None` before
     /// they are set, and in data groups).
     pub rules: Option<String>,
+    /// A data group's leases and lease clock (empty in the metadata group).
+    pub leases: GroupLeases,
+}
+
+/// Format 2's body: the same without leases.
+#[derive(Deserialize)]
+struct SnapshotBodyV2 {
+    group: GroupId,
+    meta: SnapshotMeta,
+    keys: Vec<(Vec<u8>, Vec<u8>)>,
+    rules: Option<String>,
 }
 
 impl SnapshotBody {
@@ -80,9 +94,9 @@ pub fn decode(frame: &[u8]) -> io::Result<SnapshotBody> {
         ));
     }
     let format = u32::from_le_bytes(frame[8..12].try_into().expect("4 bytes"));
-    if format != SNAPSHOT_FORMAT {
+    if !(SNAPSHOT_FORMAT_MIN..=SNAPSHOT_FORMAT).contains(&format) {
         return Err(invalid(format!(
-            "snapshot format {format}, this build reads {SNAPSHOT_FORMAT}; run matching calm versions"
+            "snapshot format {format}, this build reads {SNAPSHOT_FORMAT_MIN} to {SNAPSHOT_FORMAT}; run matching calm versions"
         )));
     }
     let len = u64::from_le_bytes(frame[12..20].try_into().expect("8 bytes"));
@@ -102,7 +116,18 @@ pub fn decode(frame: &[u8]) -> io::Result<SnapshotBody> {
                 .into(),
         ));
     }
-    postcard::from_bytes(body).map_err(|e| invalid(format!("snapshot body does not decode ({e})")))
+    let undecodable = |e: postcard::Error| invalid(format!("snapshot body does not decode ({e})"));
+    if format == SNAPSHOT_FORMAT {
+        return postcard::from_bytes(body).map_err(undecodable);
+    }
+    let old: SnapshotBodyV2 = postcard::from_bytes(body).map_err(undecodable)?;
+    Ok(SnapshotBody {
+        group: old.group,
+        meta: old.meta,
+        keys: old.keys,
+        rules: old.rules,
+        leases: GroupLeases::default(),
+    })
 }
 
 /// Where one group's current snapshot lives.

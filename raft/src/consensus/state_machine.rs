@@ -19,11 +19,12 @@
 use super::GroupMap;
 use super::snapshot::{self, SnapshotBody};
 use super::types::{
-    CalmRaft, EntryPayload, GroupId, LogId, Request, Response, Snapshot, SnapshotMeta,
+    CalmRaft, EntryPayload, GroupId, LeaseEntry, LogId, Request, Response, Snapshot, SnapshotMeta,
     StoredMembership,
 };
 use crate::local::LocalState;
 use calm_kernel::command::Command;
+use calm_kernel::lease::{LeaseId, LeaseOutcome, LeaseRefusal};
 use calm_kernel::refusal::StatusCode;
 use calm_kernel::rules::{RuleSet, RulesError};
 use calm_kernel::txn::{Txn, TxnOutcome};
@@ -180,6 +181,26 @@ fn register_version(replica: &calm_kernel::Replica, key: &[u8]) -> u64 {
     }
 }
 
+/// The answer to one applied command on `cmd`'s key.
+fn command_response(replica: &calm_kernel::Replica, cmd: &Command, outcome: Outcome) -> Response {
+    let message = match &outcome {
+        Outcome::Refused(r) => r.on_key(&cmd.key).to_string(),
+        _ => String::new(),
+    };
+    let mut resp = response(outcome, register_version(replica, &cmd.key));
+    if let Response::Refused { message: m, .. } = &mut resp {
+        *m = message;
+    }
+    resp
+}
+
+fn lease_refused(refusal: &LeaseRefusal) -> Response {
+    Response::Refused {
+        code: refusal.code(),
+        message: refusal.to_string(),
+    }
+}
+
 /// How long an apply may wait for facts its commands observed before each warning: a
 /// group stalled on facts nobody delivers must be visible at the default log level.
 pub const BLOCKED_APPLY_WARN_AFTER: Duration = Duration::from_secs(5);
@@ -329,21 +350,8 @@ impl GroupStateMachine {
     /// The lock is taken only once every command's frontier is applied here; until then the
     /// missing facts are fetched with the lock released.
     async fn apply_commands(&self, cmds: &[Command], log_id: LogId) -> io::Result<Vec<Response>> {
-        let position = AppliedPosition {
-            log_id: Some(log_id),
-            membership: self.membership.clone(),
-            rules: self.rules.as_ref().map(rules_text),
-        }
-        .encode();
         for (i, cmd) in cmds.iter().enumerate() {
-            if self.groups.group_of(&cmd.key) != self.group {
-                return Err(io::Error::other(format!(
-                    "group {} was asked to apply a command on key {} of group {}; the proposer routed it wrongly (a bug)",
-                    self.group,
-                    calm_kernel::refusal::DisplayKey(&cmd.key),
-                    self.groups.group_of(&cmd.key)
-                )));
-            }
+            self.check_key_group(&cmd.key)?;
             // Distinct keys make one command's effect independent of the others' in the
             // entry, which the all-at-once application below relies on.
             if cmds[..i].iter().any(|c| c.key == cmd.key) {
@@ -354,45 +362,76 @@ impl GroupStateMachine {
                 )));
             }
         }
+        self.apply_when_facts_here(log_id, "an entry", |local| {
+            let missing: Vec<(NodeId, u64)> = cmds
+                .iter()
+                .flat_map(|cmd| local.replica().missing_facts(cmd))
+                .collect();
+            if !missing.is_empty() {
+                return Ok(Err(missing));
+            }
+            let mut responses = Vec::with_capacity(cmds.len());
+            for cmd in cmds {
+                let outcome = match local.replica_mut().apply_command(cmd) {
+                    Ok(outcome) => outcome,
+                    // Checked above under this lock, and commands touch their own key
+                    // only: a block here would apply the entry in part.
+                    Err(e @ ReplicaError::Blocked { .. }) => {
+                        return Err(io::Error::other(format!(
+                            "a command blocked after its facts were checked, with earlier commands of its entry applied (a bug): {e}"
+                        )));
+                    }
+                    Err(e) => return Err(io::Error::other(e)),
+                };
+                responses.push(command_response(local.replica(), cmd, outcome));
+            }
+            Ok(Ok(responses))
+        })
+        .await
+    }
+
+    /// An error unless `key` belongs to this group.
+    fn check_key_group(&self, key: &[u8]) -> io::Result<()> {
+        if self.groups.group_of(key) == self.group {
+            return Ok(());
+        }
+        Err(io::Error::other(format!(
+            "group {} was asked to apply a command on key {} of group {}; the proposer routed it wrongly (a bug)",
+            self.group,
+            calm_kernel::refusal::DisplayKey(key),
+            self.groups.group_of(key)
+        )))
+    }
+
+    /// Run `step` on the node's state under one lock with recording the group's applied
+    /// position as `log_id`, once the facts the entry observed are here: `step` answers
+    /// `Err(missing)` (having changed nothing) while this node lacks facts, which are then
+    /// fetched with the lock released, and `step` runs again.
+    async fn apply_when_facts_here<T>(
+        &self,
+        log_id: LogId,
+        what: &str,
+        mut step: impl FnMut(&mut LocalState) -> io::Result<Result<T, Vec<(NodeId, u64)>>>,
+    ) -> io::Result<T> {
+        let position = AppliedPosition {
+            log_id: Some(log_id),
+            membership: self.membership.clone(),
+            rules: self.rules.as_ref().map(rules_text),
+        }
+        .encode();
         let blocked_since = std::time::Instant::now();
         let mut next_warning = BLOCKED_APPLY_WARN_AFTER;
         loop {
             let missing = {
                 let mut local = lock_local(&self.local);
-                let missing: Vec<(NodeId, u64)> = cmds
-                    .iter()
-                    .flat_map(|cmd| local.replica().missing_facts(cmd))
-                    .collect();
-                if missing.is_empty() {
-                    let mut responses = Vec::with_capacity(cmds.len());
-                    for cmd in cmds {
-                        let outcome = match local.replica_mut().apply_command(cmd) {
-                            Ok(outcome) => outcome,
-                            // Checked above under this lock, and commands touch their own
-                            // key only: a block here would apply the entry in part.
-                            Err(e @ ReplicaError::Blocked { .. }) => {
-                                return Err(io::Error::other(format!(
-                                    "a command blocked after its facts were checked, with earlier commands of its entry applied (a bug): {e}"
-                                )));
-                            }
-                            Err(e) => return Err(io::Error::other(e)),
-                        };
-                        let message = match &outcome {
-                            Outcome::Refused(r) => r.on_key(&cmd.key).to_string(),
-                            _ => String::new(),
-                        };
-                        let version = register_version(local.replica(), &cmd.key);
-                        let mut resp = response(outcome, version);
-                        if let Response::Refused { message: m, .. } = &mut resp {
-                            *m = message;
-                        }
-                        responses.push(resp);
+                match step(&mut local)? {
+                    Ok(answer) => {
+                        local.set_group_applied(self.group, position);
+                        local.publish_entry(self.group, log_id.index());
+                        return Ok(answer);
                     }
-                    local.set_group_applied(self.group, position);
-                    local.publish_entry(self.group, log_id.index());
-                    return Ok(responses);
+                    Err(missing) => missing,
                 }
-                missing
             };
             let waited = blocked_since.elapsed();
             if waited >= next_warning {
@@ -403,7 +442,7 @@ impl GroupStateMachine {
                     waited_s = waited.as_secs(),
                     ?missing,
                     have = ?vv,
-                    "applying an entry waits for facts its commands observed and this node lacks; no peer delivered them yet"
+                    "applying {what} waits for facts it observed and this node lacks; no peer delivered them yet"
                 );
                 next_warning = waited + BLOCKED_APPLY_WARN_AFTER * 2;
             }
@@ -420,41 +459,77 @@ impl GroupStateMachine {
                 self.group
             )));
         }
-        let position = AppliedPosition {
-            log_id: Some(log_id),
-            membership: self.membership.clone(),
-            rules: self.rules.as_ref().map(rules_text),
-        }
-        .encode();
-        let blocked_since = std::time::Instant::now();
-        let mut next_warning = BLOCKED_APPLY_WARN_AFTER;
-        loop {
-            let missing = {
-                let mut local = lock_local(&self.local);
-                match local.replica_mut().apply_txn(txn) {
-                    Ok(outcome) => {
-                        let response = txn_response(local.replica(), txn, outcome);
-                        local.set_group_applied(self.group, position);
-                        local.publish_entry(self.group, log_id.index());
-                        return Ok(response);
-                    }
-                    Err(ReplicaError::Blocked { missing, .. }) => missing,
-                    Err(e) => return Err(io::Error::other(e)),
-                }
-            };
-            let waited = blocked_since.elapsed();
-            if waited >= next_warning {
-                tracing::warn!(
-                    group = self.group,
-                    index = log_id.index(),
-                    waited_s = waited.as_secs(),
-                    ?missing,
-                    "applying a transaction waits for facts it observed and this node lacks; no peer delivered them yet"
-                );
-                next_warning = waited + BLOCKED_APPLY_WARN_AFTER * 2;
+        self.apply_when_facts_here(log_id, "a transaction", |local| {
+            match local.replica_mut().apply_txn(txn) {
+                Ok(outcome) => Ok(Ok(txn_response(local.replica(), txn, outcome))),
+                Err(ReplicaError::Blocked { missing, .. }) => Ok(Err(missing)),
+                Err(e) => Err(io::Error::other(e)),
             }
-            self.facts.fetch(self.group, &missing).await;
+        })
+        .await
+    }
+
+    /// Apply a register write that attaches its key to `lease`: like a command, once the
+    /// facts it observed are here.
+    async fn apply_leased(
+        &self,
+        cmd: &Command,
+        lease: LeaseId,
+        log_id: LogId,
+    ) -> io::Result<Response> {
+        self.check_key_group(&cmd.key)?;
+        let subject = self.groups.subject(&cmd.key);
+        self.apply_when_facts_here(log_id, "a leased write", |local| {
+            match local.replica_mut().apply_leased(cmd, lease, subject) {
+                Ok(Ok(outcome)) => Ok(Ok(command_response(local.replica(), cmd, outcome))),
+                Ok(Err(refusal)) => Ok(Ok(lease_refused(&refusal))),
+                Err(ReplicaError::Blocked { missing, .. }) => Ok(Err(missing)),
+                Err(e) => Err(io::Error::other(e)),
+            }
+        })
+        .await
+    }
+
+    /// Apply a lease entry (it observes no facts) at `log_id`.
+    async fn apply_lease(&self, entry: &LeaseEntry, log_id: LogId) -> io::Result<Response> {
+        if let Err(reason) = super::check_lease(self.groups, self.group, &entry.cmd) {
+            return Err(io::Error::other(format!(
+                "group {} was asked to apply a malformed lease entry; the proposer checks this (a bug): {reason}",
+                self.group
+            )));
         }
+        let term = log_id.committed_leader_id().term;
+        self.apply_when_facts_here(log_id, "a lease entry", |local| {
+            let outcome = local.replica_mut().apply_lease(
+                self.group,
+                &entry.cmd,
+                term,
+                entry.hlc,
+                entry.proposer,
+            );
+            Ok(Ok(match outcome {
+                LeaseOutcome::Granted { id, ttl_ms } => Response::LeaseGranted { id, ttl_ms },
+                LeaseOutcome::Renewed { ttl_ms } => Response::LeaseRenewed { ttl_ms },
+                LeaseOutcome::Revoked { found, keys } => Response::LeaseRevoked {
+                    found,
+                    keys: keys.len() as u64,
+                },
+                LeaseOutcome::Ticked { expired } => {
+                    if !expired.is_empty() {
+                        tracing::debug!(
+                            group = self.group,
+                            expired = expired.len(),
+                            "leases expired"
+                        );
+                    }
+                    Response::LeaseTicked {
+                        expired: expired.len() as u64,
+                    }
+                }
+                LeaseOutcome::Refused(refusal) => lease_refused(&refusal),
+            }))
+        })
+        .await
     }
 
     fn position(&self) -> AppliedPosition {
@@ -476,13 +551,20 @@ impl GroupStateMachine {
 
     fn capture(&self) -> SnapshotBody {
         let (groups, group) = (self.groups, self.group);
-        let keys = lock_local(&self.local)
-            .replica()
-            .keys_matching(|k| groups.group_of(k) == group)
-            .into_iter()
-            .map(|(k, s)| (k, s.encode()))
-            .collect();
+        // Keys and leases under one lock: a lease's keys are in the same cut.
+        let (keys, leases) = {
+            let local = lock_local(&self.local);
+            let keys = local
+                .replica()
+                .keys_matching(|k| groups.group_of(k) == group)
+                .into_iter()
+                .map(|(k, s)| (k, s.encode()))
+                .collect();
+            let leases = local.replica().leases().group(group).cloned();
+            (keys, leases.unwrap_or_default())
+        };
         SnapshotBody {
+            leases,
             group,
             meta: SnapshotMeta {
                 last_log_id: self.applied,
@@ -545,6 +627,12 @@ impl RaftStateMachine<CalmRaft> for GroupStateMachine {
                     Response::Batch(self.apply_commands(&cmds, log_id).await?)
                 }
                 EntryPayload::Normal(Request::Txn(txn)) => self.apply_txn(&txn, log_id).await?,
+                EntryPayload::Normal(Request::Lease(entry)) => {
+                    self.apply_lease(&entry, log_id).await?
+                }
+                EntryPayload::Normal(Request::Leased { cmd, lease }) => {
+                    self.apply_leased(&cmd, lease, log_id).await?
+                }
                 EntryPayload::Normal(Request::InitRules { toml }) => self.init_rules(&toml)?,
                 EntryPayload::Normal(Request::SetRules {
                     expected_version,
@@ -607,6 +695,9 @@ impl RaftStateMachine<CalmRaft> for GroupStateMachine {
                 .replica_mut()
                 .install_snapshot(keys, |k| groups.group_of(k) == group)
                 .map_err(io::Error::other)?;
+            local
+                .replica_mut()
+                .install_group_leases(group, body.leases.clone());
             let index = meta.last_log_id.map_or(0, |l| l.index());
             local.publish_snapshot(group, index);
             local.set_group_applied(group, position.encode());

@@ -5,7 +5,9 @@
 //! that travel through the log) so that an upgrade changes this module, not every caller.
 
 use calm_kernel::command::Command;
+use calm_kernel::lease::{LeaseCommand, LeaseId};
 use calm_kernel::txn::Txn;
+use calm_kernel::{HlcTimestamp, NodeId as KernelNodeId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::sync::Arc;
@@ -73,6 +75,21 @@ pub enum Request {
     /// A transaction on keys of one subject (`calm_kernel::txn`): comparisons, then one
     /// branch's commands, all or none. Appended last: older entries encode as before.
     Txn(Arc<Txn>),
+    /// A lease's grant, renewals, revoke, or the group's lease clock tick
+    /// (`calm_kernel::lease`). Data groups only: a lease lives in its subject's group.
+    Lease(Arc<LeaseEntry>),
+    /// A register put or compare-and-set that attaches its key to `lease` (of the key's
+    /// subject) once it takes effect.
+    Leased { cmd: Arc<Command>, lease: LeaseId },
+}
+
+/// A lease entry with its proposer's stamp (the deletes a revoke or an expiry makes carry
+/// it, as a command's do).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseEntry {
+    pub hlc: HlcTimestamp,
+    pub proposer: KernelNodeId,
+    pub cmd: LeaseCommand,
 }
 
 impl fmt::Display for Request {
@@ -95,6 +112,17 @@ impl fmt::Display for Request {
                 txn.compares.len(),
                 txn.success.len(),
                 txn.failure.len()
+            ),
+            Request::Lease(entry) => match &entry.cmd {
+                LeaseCommand::Grant { ttl_ms, .. } => write!(f, "lease grant of {ttl_ms} ms"),
+                LeaseCommand::Renew { ids } => write!(f, "renewal of {} leases", ids.len()),
+                LeaseCommand::Revoke { id } => write!(f, "revoke of lease {id:x}"),
+                LeaseCommand::Tick { term, .. } => write!(f, "lease tick of term {term}"),
+            },
+            Request::Leased { cmd, lease } => write!(
+                f,
+                "register write on {} with lease {lease:x}",
+                calm_kernel::refusal::DisplayKey(&cmd.key)
             ),
         }
     }
@@ -126,6 +154,14 @@ pub enum Response {
         succeeded: bool,
         results: Vec<Response>,
     },
+    /// A lease was granted (`ttl_ms`: the TTL it got).
+    LeaseGranted { id: LeaseId, ttl_ms: u64 },
+    /// Per lease renewed, its TTL; 0: it no longer exists.
+    LeaseRenewed { ttl_ms: Vec<u64> },
+    /// A revoke applied: whether the lease existed, and how many keys it deleted.
+    LeaseRevoked { found: bool, keys: u64 },
+    /// A tick applied: how many leases expired at it.
+    LeaseTicked { expired: u64 },
 }
 
 #[cfg(test)]
@@ -203,6 +239,28 @@ mod tests {
                 }],
                 failure: vec![],
             })),
+            Request::Lease(Arc::new(LeaseEntry {
+                hlc: HlcTimestamp(11),
+                proposer: 1,
+                cmd: LeaseCommand::Tick {
+                    term: 4,
+                    elapsed_ms: 500,
+                    extend_ms: 1_500,
+                },
+            })),
+            Request::Leased {
+                cmd: Arc::new(Command {
+                    key: b"{t}:lock".to_vec(),
+                    hlc: HlcTimestamp(12),
+                    proposer: 2,
+                    body: CommandBody::RegisterPut {
+                        value: b"me".to_vec(),
+                    },
+                    frontier: Default::default(),
+                    absorb: None,
+                }),
+                lease: (1 << 48) | 3,
+            },
         ];
         for r in requests {
             let bytes = postcard::to_stdvec(&r).unwrap();
