@@ -194,6 +194,36 @@ enum Command {
         #[command(subcommand)]
         command: LeaseCommand,
     },
+    /// Hold KEY as a lock while CMD runs (`calm lock jobs/nightly -- ./run.sh`): a lease and
+    /// a compare-and-set; waits while another holder has it. CMD gets the lock's fencing
+    /// token in CALM_LOCK_FENCING_TOKEN (it grows with every holder) and is stopped if the
+    /// lease is lost. Exit: CMD's exit code, or 1 when the lock was lost (docs/leases.md).
+    Lock {
+        key: String,
+        /// The lease's TTL: how long a crashed holder keeps the lock.
+        #[arg(long, default_value = "10s")]
+        ttl: String,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Campaign to lead KEY with VALUE: waits until elected, prints it, and leads until
+    /// Ctrl-C (resigning) or until its lease is lost (exit 1). With --listen: print the
+    /// leader now and at every change.
+    Elect {
+        key: String,
+        #[arg(required_unless_present = "listen", conflicts_with = "listen")]
+        value: Option<String>,
+        #[arg(long)]
+        listen: bool,
+        /// The lease's TTL: how long a crashed leader keeps leading.
+        #[arg(long, default_value = "10s")]
+        ttl: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Run a transaction read from FILE (or stdin, for - or no FILE): comparisons on keys of
     /// one subject, then the success ops if they all hold, else the failure ops, atomically
     /// (exit 1 when the failure branch ran). The syntax:
@@ -709,6 +739,7 @@ impl Command {
             Rules {
                 command: RulesCommand::Get { client } | RulesCommand::Set { client, .. },
             } => client,
+            Lock { client, .. } | Elect { client, .. } => client,
             Lease {
                 command:
                     LeaseCommand::Grant { client, .. }
@@ -977,6 +1008,37 @@ async fn run(command: Command) -> Result<Exit> {
             .await
         }
         Command::Lease { command } => lease(command).await,
+        Command::Lock {
+            key,
+            ttl,
+            command,
+            client,
+        } => {
+            let key = client.encoding().decode("key", &key)?;
+            let ttl = cli::lease::parse_ttl(&ttl)?;
+            let stop = shutdown_on_signals();
+            Ok(cli::lock::lock(&client.endpoints, key, ttl, command, client.output, stop).await?)
+        }
+        Command::Elect {
+            key,
+            value,
+            listen,
+            ttl,
+            client,
+        } => {
+            let enc = client.encoding();
+            let key = enc.decode("key", &key)?;
+            let stop = shutdown_on_signals();
+            Ok(match value {
+                Some(value) if !listen => {
+                    let value = enc.decode("value", &value)?;
+                    let ttl = cli::lease::parse_ttl(&ttl)?;
+                    cli::lock::elect(&client.endpoints, key, value, ttl, client.output, stop)
+                        .await?
+                }
+                _ => cli::lock::listen(&client.endpoints, key, client.output, stop).await?,
+            })
+        }
         Command::Txn { file, client } => {
             let text = match file.as_deref() {
                 Some(path) if path != std::path::Path::new("-") => std::fs::read_to_string(path)

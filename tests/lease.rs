@@ -435,3 +435,178 @@ async fn a_kept_alive_lease_survives_a_leader_kill_and_unkept_leases_expire() {
     assert!(list.leases.iter().any(|l| l.id == kept.id));
     assert!(!list.leases.iter().any(|l| l.id == dropped.id));
 }
+
+/// A `calm` client process against node 1, its stdout read line by line on a thread.
+struct CliProcess {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl CliProcess {
+    fn start(c: &Cluster, args: &[&str]) -> CliProcess {
+        // The client flags go first: after `--`, everything is the locked command's.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_calm"))
+            .args(&args[..1])
+            .args(["-w", "json", "--endpoints", &c.nodes[0].client.to_string()])
+            .args(&args[1..])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = tx.send(line);
+            }
+        });
+        CliProcess { child, lines }
+    }
+
+    /// The next JSON line it prints, within `timeout`.
+    fn next(&self, timeout: Duration) -> Option<serde_json::Value> {
+        let line = self.lines.recv_timeout(timeout).ok()?;
+        Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")))
+    }
+
+    fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    fn interrupt(&self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+    }
+}
+
+impl Drop for CliProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calm_lock_serializes_holders_with_growing_fencing_tokens_and_calm_elect_hands_over() {
+    let c = Cluster::start(3, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("holders.log");
+    // Three holders, each appending its token, sleeping, then appending it again: held
+    // one at a time, the log is pairs of equal tokens, growing.
+    let script = format!(
+        "echo start $CALM_LOCK_FENCING_TOKEN >> {0}; sleep 0.5; echo end $CALM_LOCK_FENCING_TOKEN >> {0}",
+        log.display()
+    );
+    let mut holders: Vec<CliProcess> = (0..3)
+        .map(|_| {
+            CliProcess::start(
+                &c,
+                &[
+                    "lock",
+                    "{jobs}:nightly",
+                    "--ttl",
+                    "3s",
+                    "--",
+                    "sh",
+                    "-c",
+                    &script,
+                ],
+            )
+        })
+        .collect();
+    for h in &mut holders {
+        assert_eq!(h.wait(Duration::from_secs(60)), Some(0), "a holder failed");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<(&str, u64)> = text
+        .lines()
+        .map(|l| {
+            let (what, token) = l.split_once(' ').unwrap();
+            (what, token.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(lines.len(), 6, "{text}");
+    for pair in lines.chunks(2) {
+        assert_eq!(
+            (pair[0].0, pair[1].0),
+            ("start", "end"),
+            "holders interleaved:\n{text}"
+        );
+        assert_eq!(pair[0].1, pair[1].1, "holders interleaved:\n{text}");
+    }
+    assert!(
+        lines.windows(3).step_by(2).all(|w| w[0].1 < w[2].1),
+        "fencing tokens did not grow:\n{text}"
+    );
+    assert_eq!(
+        value_at(&c, 2, "{jobs}:nightly").await,
+        None,
+        "released on exit"
+    );
+
+    // CMD's exit code is the command's; a revoked lease stops CMD and exits 1.
+    let mut failing = CliProcess::start(&c, &["lock", "{jobs}:x", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(failing.wait(Duration::from_secs(30)), Some(7));
+    let mut sleeper = CliProcess::start(
+        &c,
+        &["lock", "{jobs}:x", "--ttl", "3s", "--", "sleep", "60"],
+    );
+    let held = sleeper
+        .next(Duration::from_secs(30))
+        .expect("the lock was reported held");
+    let lease = u64::from_str_radix(held["lease"].as_str().unwrap(), 16).unwrap();
+    leases(&c, 2)
+        .await
+        .revoke(pb::LeaseRevokeRequest { id: lease })
+        .await
+        .unwrap();
+    assert_eq!(
+        sleeper.wait(Duration::from_secs(20)),
+        Some(1),
+        "the lost lock was not noticed"
+    );
+
+    // Elections: a listener sees a, then b once a resigns (Ctrl-C).
+    let listener = CliProcess::start(&c, &["elect", "--listen", "{svc}:leader"]);
+    assert_eq!(
+        listener.next(Duration::from_secs(30)).unwrap()["leader"],
+        serde_json::Value::Null
+    );
+    let mut a = CliProcess::start(&c, &["elect", "{svc}:leader", "a", "--ttl", "3s"]);
+    let elected_a = a.next(Duration::from_secs(30)).expect("a was elected");
+    assert_eq!(elected_a["leader"], "a");
+    assert_eq!(
+        listener.next(Duration::from_secs(30)).unwrap()["leader"],
+        "a"
+    );
+    let mut b = CliProcess::start(&c, &["elect", "{svc}:leader", "b", "--ttl", "3s"]);
+    assert!(
+        b.next(Duration::from_secs(2)).is_none(),
+        "b was elected while a leads"
+    );
+    a.interrupt();
+    assert_eq!(a.wait(Duration::from_secs(20)), Some(0));
+    let elected_b = b
+        .next(Duration::from_secs(30))
+        .expect("b was elected after a resigned");
+    assert_eq!(elected_b["leader"], "b");
+    assert!(elected_b["fencing_token"].as_u64() > elected_a["fencing_token"].as_u64());
+    // The listener may see the gap between them (no leader) or not, then b.
+    let mut seen = listener.next(Duration::from_secs(30)).unwrap();
+    if seen["leader"].is_null() {
+        seen = listener.next(Duration::from_secs(30)).unwrap();
+    }
+    assert_eq!(seen["leader"], "b");
+    b.interrupt();
+    assert_eq!(b.wait(Duration::from_secs(20)), Some(0));
+}

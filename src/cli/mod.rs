@@ -28,6 +28,7 @@ pub mod admin;
 pub mod cluster;
 pub mod kv;
 pub mod lease;
+pub mod lock;
 pub mod scan;
 pub mod txn;
 pub mod watch;
