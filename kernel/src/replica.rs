@@ -912,6 +912,8 @@ impl Replica {
                 if took_effect(&outcome) {
                     let (cause, hlc) = (ChangeCause::Command, cmd.hlc);
                     journal_change(&mut self.journal, &cmd.key, cause, hlc, prev, &entry.record);
+                }
+                if detaches(&outcome) {
                     // A write without the lease owns the key now (as in etcd).
                     self.leases.detach(&cmd.key);
                 }
@@ -1039,7 +1041,7 @@ impl Replica {
                 // A delete of a key that does not exist: nothing to store.
                 (_, None) => {}
             }
-            if took_effect(&outcome) {
+            if detaches(&outcome) {
                 self.leases.detach(&cmd.key);
             }
             outcomes.push(outcome);
@@ -1371,6 +1373,14 @@ fn run_command(record: Option<&mut KeyRecord>, cmd: &Command) -> (Outcome, Optio
 /// Whether a command's outcome changed its key (what the journal records).
 fn took_effect(outcome: &Outcome) -> bool {
     matches!(outcome, Outcome::Done | Outcome::Deleted { existed: true })
+}
+
+/// Whether a command with `outcome` takes its key from its lease: any write or delete that
+/// was not refused and whose condition held, whether or not it changed the value (a delete of
+/// a key a fact already hid is still a write ordered after the attach; outcomes are the same
+/// on every replica, which the key's visibility alone is not).
+fn detaches(outcome: &Outcome) -> bool {
+    !matches!(outcome, Outcome::Refused(_) | Outcome::CasFailed)
 }
 
 /// Note that `entry` changed; allocates only when a clean key becomes dirty.

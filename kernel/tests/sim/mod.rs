@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use calm_kernel::fact::decode_fact;
+use calm_kernel::lease::{LeaseCommand, LeaseId, LeaseOutcome};
 use calm_kernel::rules::{Rule, RuleSet};
 use calm_kernel::state::KeyState;
 use calm_kernel::{
@@ -52,14 +53,42 @@ pub enum Entry {
     Command(Command),
     Rules(RuleSet),
     Txn(Txn),
+    /// A lease entry of the one group every key of the sim is in ([`LEASE_GROUP`]), in an
+    /// entry of Raft term `term`.
+    Lease {
+        cmd: LeaseCommand,
+        term: u64,
+    },
+    /// A register write attaching its key to `lease` (the key is its own subject).
+    Leased {
+        cmd: Command,
+        lease: LeaseId,
+    },
 }
+
+/// The group the sim's leases live in.
+pub const LEASE_GROUP: u64 = 1;
 
 impl Entry {
     pub fn command(&self) -> Option<&Command> {
         match self {
-            Entry::Command(c) => Some(c),
-            Entry::Rules(_) | Entry::Txn(_) => None,
+            Entry::Command(c) | Entry::Leased { cmd: c, .. } => Some(c),
+            Entry::Rules(_) | Entry::Txn(_) | Entry::Lease { .. } => None,
         }
+    }
+}
+
+/// A lease entry's outcome in the one-outcome-per-entry record (the tests compare the
+/// lease tables themselves too): `Done` for a grant, a renewal or a tick expiring nothing;
+/// `Deleted` for a revoke (`existed`: the lease did) or a tick expiring leases; `CasFailed`
+/// for a refusal.
+pub fn lease_outcome(outcome: LeaseOutcome) -> Outcome {
+    match outcome {
+        LeaseOutcome::Granted { .. } | LeaseOutcome::Renewed { .. } => Outcome::Done,
+        LeaseOutcome::Ticked { expired } if expired.is_empty() => Outcome::Done,
+        LeaseOutcome::Ticked { .. } => Outcome::Deleted { existed: true },
+        LeaseOutcome::Revoked { found, .. } => Outcome::Deleted { existed: found },
+        LeaseOutcome::Refused(_) => Outcome::CasFailed,
     }
 }
 
@@ -82,6 +111,8 @@ pub struct Cluster {
     /// Per replica: log entries a snapshot install already covered, with the outcome the
     /// snapshot's source computed for them; `raft_apply` skips them.
     pub skip: Vec<BTreeMap<usize, Outcome>>,
+    /// Whether any key was ever in `available` mode (register writes were facts then).
+    pub ever_available: bool,
 }
 
 impl Cluster {
@@ -101,6 +132,7 @@ impl Cluster {
             hlc: 0,
             acks: Vec::new(),
             skip: vec![BTreeMap::new(); NODES],
+            ever_available: mode == Mode::Available,
         }
     }
 
@@ -194,8 +226,26 @@ impl Cluster {
         }
     }
 
+    /// Log a lease entry in Raft term `term`.
+    pub fn lease(&mut self, cmd: LeaseCommand, term: u64) {
+        self.log.push(Entry::Lease { cmd, term });
+    }
+
+    /// `node` proposes a put of `value` on `key` attached to `lease` (nothing when the
+    /// replica refuses to prepare it, e.g. `key` is not a register).
+    pub fn leased_put(&mut self, node: usize, key: &[u8], value: &[u8], lease: LeaseId) {
+        let hlc = self.tick();
+        let op = Op::RegisterPut {
+            value: value.to_vec(),
+        };
+        if let Ok(cmd) = self.replicas[node].prepare_command(key, &op, hlc) {
+            self.log.push(Entry::Leased { cmd, lease });
+        }
+    }
+
     /// Log a rules change: every key's mode (default and `stock:*`) becomes `mode`.
     pub fn flip_rules(&mut self, mode: Mode) {
+        self.ever_available |= mode == Mode::Available;
         let mut rules = rules(mode);
         rules.version = self.rules.version + 1;
         self.rules = rules.clone();
@@ -253,6 +303,28 @@ impl Cluster {
             }
             let cmd = match entry {
                 Entry::Command(cmd) => cmd,
+                Entry::Lease { cmd, term } => {
+                    let hlc = HlcTimestamp(index as u64);
+                    let outcome = self.replicas[node].apply_lease(LEASE_GROUP, &cmd, term, hlc, 1);
+                    self.outcomes[node].push(lease_outcome(outcome));
+                    self.applied[node] += 1;
+                    continue;
+                }
+                Entry::Leased { cmd, lease } => {
+                    let outcome = loop {
+                        match self.replicas[node].apply_leased(&cmd, lease, &cmd.key) {
+                            Ok(Ok(outcome)) => break outcome,
+                            Ok(Err(_)) => break Outcome::CasFailed,
+                            Err(ReplicaError::Blocked { missing, .. }) => {
+                                self.pull_missing(node, &missing)
+                            }
+                            Err(e) => panic!("leased write failed: {e}"),
+                        }
+                    };
+                    self.outcomes[node].push(outcome);
+                    self.applied[node] += 1;
+                    continue;
+                }
                 Entry::Rules(rules) => {
                     self.replicas[node].set_rules(rules.compile().expect("valid rules"));
                     self.outcomes[node].push(Outcome::Done);
@@ -318,7 +390,10 @@ impl Cluster {
             let in_it = match &self.log[index] {
                 Entry::Command(cmd) => in_group(&cmd.key),
                 Entry::Txn(txn) => txn.keys().any(in_group),
-                Entry::Rules(_) => false,
+                Entry::Leased { cmd, .. } => in_group(&cmd.key),
+                // Leases travel with their group's snapshot; the snapshot schedules make
+                // no lease entries.
+                Entry::Rules(_) | Entry::Lease { .. } => false,
             };
             if in_it {
                 self.skip[to].insert(index, self.outcomes[from][index].clone());
@@ -382,6 +457,16 @@ pub fn apply_entry(replica: &mut Replica, entry: &Entry) -> Outcome {
                 .apply_txn(txn)
                 .unwrap_or_else(|e| panic!("txn does not apply: {e}")),
         ),
+        Entry::Lease { cmd, term } => {
+            lease_outcome(replica.apply_lease(LEASE_GROUP, cmd, *term, HlcTimestamp(0), 1))
+        }
+        Entry::Leased { cmd, lease } => match replica
+            .apply_leased(cmd, *lease, &cmd.key)
+            .unwrap_or_else(|e| panic!("leased write does not apply: {e}"))
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::CasFailed,
+        },
     }
 }
 
