@@ -124,6 +124,16 @@ pub(crate) fn describe_metrics() {
         "Keys returned by Scan pages"
     );
     describe_metrics_watch();
+    describe_counter!(
+        "calm_lease_grants_total",
+        Unit::Count,
+        "Leases granted through this node"
+    );
+    describe_counter!(
+        "calm_lease_renewals_total",
+        Unit::Count,
+        "Lease renewals this node proposed (one batched entry names many)"
+    );
     describe_histogram!(
         METRIC_BATCH_SECONDS,
         Unit::Seconds,
