@@ -12,6 +12,14 @@
 //!   loses the last op of its success branch before it is checked and proposed, and is
 //!   answered as usual; a bank transfer then debits one account and credits none (a wrong
 //!   total the bank checker must find).
+//! - `lease-early-expiry[=FACTOR]` (FACTOR defaults to 4): the lease clock of every group
+//!   this node leads runs FACTOR times too fast. Each tick interval it proposes ticks
+//!   claiming FACTOR times the time that passed, as several ticks of at most the per-tick
+//!   cap each (the kernel clamps every tick to `TICK_CLAIM_MS_MAX`, so one bigger claim
+//!   would not do), and leases end about FACTOR times too early: a lock holder loses the
+//!   lock while it still counts itself the holder (the lock checker must find two holders
+//!   at once). With the 3 s minimum TTL and its 1 s slack, a lease then lasts 1-1.5 s at
+//!   FACTOR 4 (which renewals every third of the TTL still cover) and 0.5-1 s at 8.
 //!
 //! Never set in production: the faults are process-wide and installed once at startup.
 
@@ -29,9 +37,14 @@ struct Faults {
     drop_watch_event: u64,
     /// Cut the last success op of one transaction in every `drop_txn_op_every` (0: none).
     drop_txn_op_every: u64,
+    /// Lease ticks claim this many times the time that passed (0: the fault is off).
+    lease_clock_factor: u64,
 }
 
 static FAULTS: OnceLock<Faults> = OnceLock::new();
+/// Most `lease-early-expiry` may speed the lease clock up: each tick interval proposes up to
+/// this many ticks per group.
+const LEASE_CLOCK_FACTOR_MAX: u64 = 100;
 static WRITES: AtomicU64 = AtomicU64::new(0);
 static WATCH_EVENTS: AtomicU64 = AtomicU64::new(0);
 static TXNS: AtomicU64 = AtomicU64::new(0);
@@ -76,9 +89,19 @@ pub fn install(specs: &[String]) -> Result<(), String> {
                     }
                 };
             }
+            ("lease-early-expiry", f) => {
+                faults.lease_clock_factor = match f.unwrap_or("4").parse() {
+                    Ok(f) if (2..=LEASE_CLOCK_FACTOR_MAX).contains(&f) => f,
+                    _ => {
+                        return Err(format!(
+                            "--fault {spec}: FACTOR must be an integer from 2 to {LEASE_CLOCK_FACTOR_MAX} (how many times too fast the lease clock runs)"
+                        ));
+                    }
+                };
+            }
             _ => {
                 return Err(format!(
-                    "--fault {spec}: known faults are stale-reads, drop-acked-writes[=FRACTION], drop-watch-event[=N] and txn-drop-op[=N]"
+                    "--fault {spec}: known faults are stale-reads, drop-acked-writes[=FRACTION], drop-watch-event[=N], txn-drop-op[=N] and lease-early-expiry[=FACTOR]"
                 ));
             }
         }
@@ -87,6 +110,7 @@ pub fn install(specs: &[String]) -> Result<(), String> {
         || faults.drop_every > 0
         || faults.drop_watch_event > 0
         || faults.drop_txn_op_every > 0
+        || faults.lease_clock_factor > 0
     {
         tracing::warn!(
             ?faults,
@@ -145,5 +169,40 @@ pub fn drop_txn_op(req: &mut pb::TxnRequest) {
     }
     if req.success.pop().is_some() {
         tracing::warn!("fault txn-drop-op: proposing a transaction without its last success op");
+    }
+}
+
+/// With `lease-early-expiry`, the claims of the ticks to propose for `elapsed_ms` of measured
+/// time (their sum is FACTOR times it, each at most `cap`, the kernel's per-tick clamp);
+/// `None` when the fault is off (the caller claims `elapsed_ms.min(cap)` as one tick).
+pub fn lease_tick_claims(elapsed_ms: u64, cap: u64) -> Option<Vec<u64>> {
+    let factor = FAULTS.get().map_or(0, |f| f.lease_clock_factor);
+    if factor == 0 {
+        return None;
+    }
+    Some(split_claim(elapsed_ms.min(cap) * factor, cap))
+}
+
+/// `total` as claims of at most `cap` each (one zero claim for a zero total: the tick still
+/// carries its term).
+fn split_claim(total: u64, cap: u64) -> Vec<u64> {
+    let cap = cap.max(1);
+    let mut claims = vec![cap; (total / cap) as usize];
+    if !total.is_multiple_of(cap) || claims.is_empty() {
+        claims.push(total % cap);
+    }
+    claims
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sped_up_claim_is_split_into_ticks_the_kernel_accepts_whole() {
+        assert_eq!(split_claim(2_000, 1_000), vec![1_000, 1_000]);
+        assert_eq!(split_claim(2_200, 1_000), vec![1_000, 1_000, 200]);
+        assert_eq!(split_claim(300, 1_000), vec![300]);
+        assert_eq!(split_claim(0, 1_000), vec![0]);
     }
 }

@@ -160,15 +160,20 @@ pub async fn tick_loop(node: Arc<Node>, shutdown: CancellationToken) {
             }
             let elapsed_ms = (now - since).as_millis() as u64;
             last.insert(group, (term, now));
-            let cmd = LeaseCommand::Tick {
-                term,
-                elapsed_ms: elapsed_ms.min(TICK_CLAIM_MS_MAX),
-                extend_ms,
-            };
+            // A test-only fault (`--fault lease-early-expiry`) claims more than passed.
+            let claims = crate::faults::lease_tick_claims(elapsed_ms, TICK_CLAIM_MS_MAX)
+                .unwrap_or_else(|| vec![elapsed_ms.min(TICK_CLAIM_MS_MAX)]);
             let node = node.clone();
             ticks.push(async move {
-                if let Err(e) = node.propose_lease(group, cmd).await {
-                    tracing::debug!(group, error = %e, "a lease tick did not commit");
+                for elapsed_ms in claims {
+                    let cmd = LeaseCommand::Tick {
+                        term,
+                        elapsed_ms,
+                        extend_ms,
+                    };
+                    if let Err(e) = node.propose_lease(group, cmd).await {
+                        tracing::debug!(group, error = %e, "a lease tick did not commit");
+                    }
                 }
             });
         }

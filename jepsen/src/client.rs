@@ -16,6 +16,7 @@ use crate::cluster::{CLIENT_PORT, node_ip};
 use crate::pb;
 use crate::pb::admin_client::AdminClient;
 use crate::pb::kv_client::KvClient;
+use crate::pb::lease_client::LeaseClient;
 
 /// How a client op ended.
 #[derive(Debug, Clone)]
@@ -81,6 +82,10 @@ impl Clients {
         }
     }
 
+    pub fn leases(&self, node: usize) -> LeaseClient<Channel> {
+        LeaseClient::new(self.channels[node - 1].clone())
+    }
+
     pub async fn write(
         &self,
         node: usize,
@@ -88,14 +93,59 @@ impl Clients {
         op: pb::op::Kind,
         token: Vec<u8>,
     ) -> Result<pb::WriteResponse, Status> {
+        self.write_leased(node, key, op, token, 0).await
+    }
+
+    /// A write attaching `key` to lease `lease` (0: none) once it takes effect.
+    pub async fn write_leased(
+        &self,
+        node: usize,
+        key: &str,
+        op: pb::op::Kind,
+        token: Vec<u8>,
+        lease: u64,
+    ) -> Result<pb::WriteResponse, Status> {
         let mut kv = self.kv(node);
         let req = pb::WriteRequest {
             key: key.as_bytes().to_vec(),
             op: Some(pb::Op { kind: Some(op) }),
             token,
-            lease: 0,
+            lease,
         };
         self.bounded(kv.write(req)).await
+    }
+
+    /// A lease for `key`'s subject of at least `ttl_ms` (the cluster raises it to its minimum).
+    pub async fn grant(
+        &self,
+        node: usize,
+        key: &str,
+        ttl_ms: u64,
+    ) -> Result<pb::LeaseGrantResponse, Status> {
+        let mut leases = self.leases(node);
+        let req = pb::LeaseGrantRequest {
+            ttl_ms,
+            subject: Vec::new(),
+            key: key.as_bytes().to_vec(),
+        };
+        self.bounded(leases.grant(req)).await
+    }
+
+    pub async fn revoke(&self, node: usize, id: u64) -> Result<pb::LeaseRevokeResponse, Status> {
+        let mut leases = self.leases(node);
+        self.bounded(leases.revoke(pb::LeaseRevokeRequest { id }))
+            .await
+    }
+
+    /// Open a keep-alive stream fed by `requests`; only the call's start is bounded by the
+    /// timeout (the caller bounds each answer).
+    pub async fn keep_alive(
+        &self,
+        node: usize,
+        requests: impl futures::Stream<Item = pb::LeaseKeepAliveRequest> + Send + 'static,
+    ) -> Result<tonic::Streaming<pb::LeaseKeepAliveResponse>, Status> {
+        let mut leases = self.leases(node);
+        self.bounded(leases.keep_alive(requests)).await
     }
 
     pub async fn get(

@@ -148,6 +148,17 @@ pub enum F {
     Transfer,
     /// A read of several keys as one snapshot; the `ok` value is an object from key to value.
     ReadAll,
+    /// A lock acquisition (a lease, then a leased compare-and-set expecting the key absent):
+    /// the `ok` value `{"token": n, "lease": id, "ttl_ms": n}` (see `checker::lock`).
+    Acquire,
+    /// One keep-alive of a held lock's lease: value `{"lease": id, "token": n}`; the `ok`
+    /// value `{"ttl_ms": n}`, 0 when the lease no longer existed.
+    Renew,
+    /// A lock's release (its lease revoked): value `{"lease": id, "token": n}`.
+    Release,
+    /// A write fenced by a lock's token (a transaction comparing the lock's version): value
+    /// `{"token": n, "value": s}`; the `ok` value `{"succeeded": bool}`.
+    FencedWrite,
     Other(String),
 }
 
@@ -165,6 +176,10 @@ impl F {
             F::Watch => "watch",
             F::Transfer => "transfer",
             F::ReadAll => "read_all",
+            F::Acquire => "acquire",
+            F::Renew => "renew",
+            F::Release => "release",
+            F::FencedWrite => "fenced_write",
             F::Other(s) => s,
         }
     }
@@ -182,6 +197,10 @@ impl F {
             "watch" => F::Watch,
             "transfer" => F::Transfer,
             "read_all" => F::ReadAll,
+            "acquire" => F::Acquire,
+            "renew" => F::Renew,
+            "release" => F::Release,
+            "fenced_write" => F::FencedWrite,
             other => F::Other(other.to_owned()),
         }
     }

@@ -9,14 +9,15 @@
 //! - [`history`]: ops, the JSON-lines format, invoke/completion pairing and its rules.
 //! - [`edn`]: export to Jepsen's EDN, one op map per line.
 //! - [`checker`]: linearizability per key for registers, counter, set, bounded-counter
-//!   (escrow), session (read-your-writes), watch and bank properties; each says `valid`,
+//!   (escrow), session (read-your-writes), watch, bank and lock properties; each says `valid`,
 //!   `invalid` with explained anomalies, or `unknown` when a budget ran out.
 //! - [`cluster`]: nodes in network namespaces and the faults done to them.
 //! - [`nemesis`]: which faults, on a seeded schedule.
 //! - [`client`], [`pb`]: the gRPC client and the mapping of results to ok/fail/info.
 //! - [`workload`], [`recorder`]: the client loops and the live history; [`watch`]: the
 //!   watch workload's writers and reconnecting watchers; [`bank`]: the bank workload's
-//!   accounts, transfers and snapshot reads.
+//!   accounts, transfers and snapshot reads; [`lock`]: the lock workload's lease-based
+//!   lock, its renewals and its fenced writes.
 //! - [`runner`], [`report`]: one run end to end and its report directory.
 
 pub mod bank;
@@ -25,6 +26,7 @@ pub mod client;
 pub mod cluster;
 pub mod edn;
 pub mod history;
+pub mod lock;
 pub mod nemesis;
 pub mod pb;
 pub mod recorder;

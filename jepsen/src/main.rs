@@ -23,6 +23,7 @@ use calm_jepsen::checker::bank::BankChecker;
 use calm_jepsen::checker::bounded::BoundedChecker;
 use calm_jepsen::checker::counter::{CounterChecker, ReadBound};
 use calm_jepsen::checker::linearizable::{LinearizableChecker, SearchLimits};
+use calm_jepsen::checker::lock::LockChecker;
 use calm_jepsen::checker::session::SessionChecker;
 use calm_jepsen::checker::set::SetChecker;
 use calm_jepsen::checker::watch::WatchChecker;
@@ -83,6 +84,9 @@ enum CheckerName {
     /// Bank transfers: every snapshot of the accounts sums to the opening total, none
     /// negative, none missing; final balances conserve.
     Bank,
+    /// A lease-based lock: fencing tokens increase, no two holders at once, fenced writes
+    /// only for the current holder.
+    Lock,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -129,7 +133,7 @@ struct TestArgs {
     #[arg(long, value_enum, default_value = "hybrid")]
     mode: ModeArg,
     /// Test-only node bug (`stale-reads`, `drop-acked-writes[=F]`, `drop-watch-event[=N]`,
-    /// `txn-drop-op[=N]`); repeatable.
+    /// `txn-drop-op[=N]`, `lease-early-expiry[=FACTOR]`); repeatable.
     #[arg(long)]
     fault: Vec<String>,
     /// Pass (exit 0) only if the checker finds the history invalid.
@@ -278,6 +282,7 @@ fn check(args: CheckArgs) -> Result<ExitCode> {
         CheckerName::Set => Box::new(SetChecker),
         CheckerName::Session => Box::new(SessionChecker),
         CheckerName::Watch => Box::new(WatchChecker),
+        CheckerName::Lock => Box::new(LockChecker),
         CheckerName::Bank => Box::new(BankChecker::new(
             calm_jepsen::bank::account_keys(args.accounts),
             args.initial.unwrap_or(calm_jepsen::bank::INITIAL_BALANCE),
@@ -391,18 +396,33 @@ fn plan(args: &TestArgs, seed: u64) -> Result<Vec<TestOptions>> {
             let mut dropped_op = options(args, Workload::Bank, seed.wrapping_add(4))?;
             dropped_op.nemesis = Vec::new();
             dropped_op.faults = vec!["txn-drop-op=10".into()];
+            // A lease clock 8 times too fast: leases end 0.5-1 s after their last renewal
+            // instead of 3 s, and the next client takes the lock while its holder still
+            // counts itself the holder. (At the default 4 they last 1-1.5 s, and renewals
+            // every third of the TTL hide it: rarely caught without a nemesis.)
+            let mut early_expiry = options(args, Workload::Lock, seed.wrapping_add(5))?;
+            early_expiry.nemesis = Vec::new();
+            early_expiry.faults = vec!["lease-early-expiry=8".into()];
             for o in [
                 &mut stale,
                 &mut dropped,
                 &mut dropped_set,
                 &mut dropped_event,
                 &mut dropped_op,
+                &mut early_expiry,
             ] {
                 o.expect_invalid = true;
                 o.time = Duration::from_secs(args.time.min(20));
                 o.converge_limit = Duration::from_secs(20);
             }
-            runs.extend([stale, dropped, dropped_set, dropped_event, dropped_op]);
+            runs.extend([
+                stale,
+                dropped,
+                dropped_set,
+                dropped_event,
+                dropped_op,
+                early_expiry,
+            ]);
         }
     }
     Ok(runs)

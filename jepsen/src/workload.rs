@@ -14,6 +14,7 @@
 //! | session | `jt-r-<p>-<n>` / `jt-c-<p>-<n>` | write or add at node A, causal read with its token at node B | session |
 //! | watch | `jw-r-0..3`, `jw-s-<g>-0..1` | put (unique), set_add (unique); a watcher per node (`crate::watch`) | watch |
 //! | bank | `{jbank}:acct-0..4`, opened with 100 each ([`prepare`]) | transfer (one transaction), atomic linearizable scan of every account (`crate::bank`) | bank |
+//! | lock | `{jlock}:lock`, `{jlock}:data` | acquire (lease grant + leased cas expecting absent; the version is the fencing token), renew (KeepAlive every TTL/3), fenced_write (a transaction comparing the lock's version), release (revoke) (`crate::lock`) | lock |
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,6 +29,7 @@ use crate::checker::bank::BankChecker;
 use crate::checker::bounded::BoundedChecker;
 use crate::checker::counter::{CounterChecker, ReadBound};
 use crate::checker::linearizable::{LinearizableChecker, SearchLimits};
+use crate::checker::lock::LockChecker;
 use crate::checker::session::SessionChecker;
 use crate::checker::set::SetChecker;
 use crate::checker::watch::WatchChecker;
@@ -47,10 +49,11 @@ pub enum Workload {
     Session,
     Watch,
     Bank,
+    Lock,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 7] = [
+    pub const ALL: [Workload; 8] = [
         Workload::Register,
         Workload::Counter,
         Workload::Bounded,
@@ -58,6 +61,7 @@ impl Workload {
         Workload::Session,
         Workload::Watch,
         Workload::Bank,
+        Workload::Lock,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +73,7 @@ impl Workload {
             Workload::Session => "session",
             Workload::Watch => "watch",
             Workload::Bank => "bank",
+            Workload::Lock => "lock",
         }
     }
 
@@ -94,6 +99,12 @@ impl Workload {
             Workload::Bank => RuleSpec {
                 modes: &["strict", "hybrid"],
                 ..RuleSpec::new(crate::bank::PATTERN, "")
+            },
+            // Leases refuse to attach keys in `available` (their deletes could be undone by
+            // a fact admitted elsewhere), and `available` refuses transactions.
+            Workload::Lock => RuleSpec {
+                modes: &["strict", "hybrid"],
+                ..RuleSpec::new(crate::lock::PATTERN, "")
             },
         }
     }
@@ -149,6 +160,7 @@ impl Workload {
                 crate::bank::accounts(),
                 crate::bank::INITIAL_BALANCE,
             )),
+            Workload::Lock => Box::new(LockChecker),
         }
     }
 }
@@ -361,6 +373,7 @@ pub async fn run(
                 Workload::Set => set_worker(&ctx, w as u64, rng).await,
                 Workload::Session => session_worker(&ctx, rng).await,
                 Workload::Bank => crate::bank::client(&ctx, rng).await,
+                Workload::Lock => crate::lock::client(&ctx, w as u64, rng).await,
                 Workload::Watch => unreachable!("run above"),
             }
         }));

@@ -160,3 +160,28 @@ fn a_transfer_that_loses_its_credit_breaks_the_bank_total() {
         ],
     );
 }
+
+#[test]
+fn lock_holders_under_every_nemesis_never_overlap() {
+    expect_valid(
+        "lock",
+        &["--workload", "lock", "--nemesis", "all", "--time", "15"],
+    );
+}
+
+#[test]
+fn leases_that_expire_early_give_the_lock_two_holders() {
+    expect_caught(
+        "lease-early-expiry",
+        &[
+            "--workload",
+            "lock",
+            "--nemesis",
+            "none",
+            "--fault",
+            "lease-early-expiry=8",
+            "--time",
+            "8",
+        ],
+    );
+}

@@ -13,6 +13,8 @@
 //!   reconnects.
 //! - [`bank`]: transfers conserve the accounts' total; every snapshot shows it, with no
 //!   negative balance and no account missing.
+//! - [`lock`]: a lease-based lock's fencing tokens increase, no two holders' windows
+//!   overlap, and fenced writes succeed only for the current holder, in token order.
 //!
 //! A checker never says "valid" unless it established validity: running out of a search
 //! budget, or lacking the final reads a property needs, yields [`Validity::Unknown`] with the
@@ -23,6 +25,7 @@ pub mod bank;
 pub mod bounded;
 pub mod counter;
 pub mod linearizable;
+pub mod lock;
 pub mod session;
 pub mod set;
 pub mod watch;
@@ -149,11 +152,24 @@ pub enum AnomalyKind {
     BankMissingAccount,
     /// A snapshot of the bank's accounts holding a key that is no account.
     BankUnknownAccount,
+    /// Two successful lock acquisitions with one fencing token.
+    LockTokenReused,
+    /// A lock acquisition that completed before another was invoked, with the larger token.
+    LockTokenOrder,
+    /// A lock acquired (larger token) before the previous holder's window ended: two holders.
+    LockOverlap,
+    /// A fenced write that succeeded with a token older than an acquisition completed before
+    /// it was invoked.
+    LockStaleWrite,
+    /// Successful fenced writes, one completed before the other was invoked, whose tokens
+    /// decrease.
+    LockWriteOrder,
     /// A search or computation stopped at a configured limit.
     UndecidedLimit,
     /// A property needs final reads and the history has none for this key.
     UndecidedNoFinalRead,
-    /// The history has no read the property could be checked on.
+    /// The history has no read the property could be checked on (for the lock: no
+    /// successful acquisition).
     UndecidedNoReads,
 }
 
@@ -248,6 +264,11 @@ fn kind_stat_name(kind: AnomalyKind) -> &'static str {
         AnomalyKind::BankNegative => "anomalies.bank_negative",
         AnomalyKind::BankMissingAccount => "anomalies.bank_missing_account",
         AnomalyKind::BankUnknownAccount => "anomalies.bank_unknown_account",
+        AnomalyKind::LockTokenReused => "anomalies.lock_token_reused",
+        AnomalyKind::LockTokenOrder => "anomalies.lock_token_order",
+        AnomalyKind::LockOverlap => "anomalies.lock_overlap",
+        AnomalyKind::LockStaleWrite => "anomalies.lock_stale_write",
+        AnomalyKind::LockWriteOrder => "anomalies.lock_write_order",
         AnomalyKind::UndecidedLimit => "undecided.limit",
         AnomalyKind::UndecidedNoReads => "undecided.no_reads",
         AnomalyKind::UndecidedNoFinalRead => "undecided.no_final_read",
