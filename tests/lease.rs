@@ -144,6 +144,64 @@ async fn leases_attach_revoke_detach_and_refuse_with_the_right_codes() {
         vec![b"{svc}:lock".to_vec()]
     );
 
+    // A transaction's put attaches its key when its branch runs: the lock recipe as one
+    // command (create the key only if missing, with the lease).
+    let g3 = grant(&c, 3, "{svc}:t", 60_000).await;
+    let attached = c
+        .kv(2)
+        .await
+        .txn(pb::TxnRequest {
+            compare: vec![pb::Compare {
+                key: b"{svc}:t".to_vec(),
+                test: Some(pb::compare::Test::Exists(false)),
+            }],
+            success: vec![pb::TxnOp {
+                key: b"{svc}:t".to_vec(),
+                op: Some(op::put("mine")),
+                lease: g3.id,
+            }],
+            failure: vec![pb::TxnOp {
+                key: b"{svc}:t-lost".to_vec(),
+                op: Some(op::put("lost")),
+                lease: g3.id,
+            }],
+            token: g3.token.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(attached.succeeded);
+    let keys = ttl(&c, 1, g3.id).await.unwrap().lease.unwrap().keys;
+    assert_eq!(
+        keys,
+        vec![b"{svc}:t".to_vec()],
+        "only the branch that ran attaches"
+    );
+    let not_a_put = c
+        .kv(1)
+        .await
+        .txn(pb::TxnRequest {
+            compare: vec![],
+            success: vec![pb::TxnOp {
+                key: b"{svc}:n".to_vec(),
+                op: Some(op::add(1)),
+                lease: g3.id,
+            }],
+            failure: vec![],
+            token: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(not_a_put.code(), Code::InvalidArgument, "{not_a_put:?}");
+    let revoked = leases(&c, 1)
+        .await
+        .revoke(pb::LeaseRevokeRequest { id: g3.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(revoked.keys_deleted, 1);
+    assert_eq!(value_at(&c, 2, "{svc}:t").await, None);
+
     // Refusals: each with its code and a message naming the fix, none changing anything.
     let no_subject = leases(&c, 1)
         .await

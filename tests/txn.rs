@@ -17,6 +17,7 @@ fn txn_op(key: &str, op: pb::Op) -> pb::TxnOp {
     pb::TxnOp {
         key: key.as_bytes().to_vec(),
         op: Some(op),
+        lease: 0,
     }
 }
 

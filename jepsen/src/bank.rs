@@ -67,6 +67,7 @@ fn add(key: &str, delta: i64) -> pb::TxnOp {
         op: Some(pb::Op {
             kind: Some(pb::op::Kind::Add(pb::Add { delta })),
         }),
+        lease: 0,
     }
 }
 

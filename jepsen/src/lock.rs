@@ -318,6 +318,7 @@ async fn hold_and_write(
                             value: value.clone().into_bytes(),
                         })),
                     }),
+                    lease: 0,
                 }],
                 failure: Vec::new(),
                 token: Vec::new(),

@@ -1175,6 +1175,57 @@ impl Replica {
         Ok(Ok(outcome))
     }
 
+    /// Apply a transaction some of whose puts attach their keys to leases if they run and
+    /// take effect: `attach` names each such op as (success branch?, index in its branch,
+    /// lease, the key's subject). Every attach is checked first, in both branches: a
+    /// refusal refuses the whole transaction and changes nothing.
+    pub fn apply_txn_leased(
+        &mut self,
+        txn: &Txn,
+        attach: &[(bool, usize, LeaseId, &[u8])],
+    ) -> Result<Result<TxnOutcome, LeaseRefusal>, ReplicaError> {
+        let op_of = |success: bool, index: usize| {
+            if success {
+                txn.success.get(index)
+            } else {
+                txn.failure.get(index)
+            }
+        };
+        for &(success, index, lease, subject) in attach {
+            let Some(cmd) = op_of(success, index) else {
+                return Ok(Err(LeaseRefusal::NotARegisterWrite));
+            };
+            if !matches!(cmd.body, CommandBody::RegisterPut { .. }) {
+                return Ok(Err(LeaseRefusal::NotARegisterWrite));
+            }
+            if let Err(refusal) = self.leases.check_attach(lease, &cmd.key, subject) {
+                return Ok(Err(refusal));
+            }
+        }
+        let outcome = self.apply_txn(txn)?;
+        if let TxnOutcome::Applied {
+            succeeded,
+            outcomes,
+        } = &outcome
+        {
+            let branch = if *succeeded {
+                &txn.success
+            } else {
+                &txn.failure
+            };
+            for (index, (cmd, outcome)) in branch.iter().zip(outcomes).enumerate() {
+                let lease = attach
+                    .iter()
+                    .find(|a| a.0 == *succeeded && a.1 == index)
+                    .map(|a| a.2);
+                if let (Some(lease), Outcome::Done) = (lease, outcome) {
+                    self.leases.attach(lease, &cmd.key);
+                }
+            }
+        }
+        Ok(Ok(outcome))
+    }
+
     /// Deliver a fact from a peer (or from the WAL on recovery).
     pub fn deliver(&mut self, fact: &FactRef<'_>) -> Result<Delivered, ReplicaError> {
         let FactId { origin, seq } = fact.id;

@@ -68,9 +68,10 @@ impl Node {
             .enumerate()
             .map(|(i, c)| test_of(c).map_err(|m| invalid(format!("comparison {i}: {m}"))))
             .collect::<Result<Vec<Test>, Status>>()?;
+        let group = self.consensus.group_map().group_of(first);
+        let attach = self.txn_attachments(&req, group)?;
         self.await_write_token(first, &req.token).await?;
 
-        let group = self.consensus.group_map().group_of(first);
         let hlc = self.hlc.now();
         let (txn, barrier) = {
             let mut local = lock(&self.local);
@@ -121,9 +122,17 @@ impl Node {
         };
         // The comparisons may have observed own facts not yet durable (as a command may).
         self.own_facts_durable(barrier).await;
+        let request = if attach.is_empty() {
+            Request::Txn(Arc::new(txn))
+        } else {
+            Request::TxnLeased {
+                txn: Arc::new(txn),
+                attach: attach.into(),
+            }
+        };
         let proposed = self
             .consensus
-            .propose_to(group, Request::Txn(Arc::new(txn)))
+            .propose_to(group, request)
             .await
             .map_err(|e| self.unavailable(e))?;
         metrics::counter!("calm_txns_total").increment(1);
@@ -153,6 +162,41 @@ impl Node {
                 "a transaction was answered {other:?} (a bug); its outcome is unknown, read its keys to see"
             ))),
         }
+    }
+
+    /// The keys the transaction's ops attach to leases: only puts, to leases of `group`
+    /// (the transaction's one subject's); the leases themselves are checked where the
+    /// transaction applies.
+    fn txn_attachments(
+        &self,
+        req: &pb::TxnRequest,
+        group: u64,
+    ) -> Result<Vec<(bool, u32, calm_kernel::LeaseId)>, Status> {
+        let mut attach = Vec::new();
+        for (success, name, branch) in [
+            (true, "success", &req.success),
+            (false, "failure", &req.failure),
+        ] {
+            for (i, op) in branch.iter().enumerate().filter(|(_, o)| o.lease != 0) {
+                if !matches!(
+                    op.op.as_ref().and_then(|o| o.kind.as_ref()),
+                    Some(pb::op::Kind::Put(_))
+                ) {
+                    return Err(invalid(format!(
+                        "{name} op {i} carries a lease, but only a put attaches a key to a lease inside a transaction"
+                    )));
+                }
+                self.lease_group_of(op.lease)?;
+                if calm_kernel::lease::lease_group(op.lease) != group {
+                    return Err(Status::failed_precondition(format!(
+                        "{name} op {i}: lease {:x} is not of the transaction's subject (its id is of another group's); grant the lease for the keys' subject",
+                        op.lease
+                    )));
+                }
+                attach.push((success, i as u32, op.lease));
+            }
+        }
+        Ok(attach)
     }
 
     /// FAILED_PRECONDITION unless every key has the subject of the first.

@@ -373,6 +373,7 @@ impl Conn {
                         op: Some(pb::Op {
                             kind: Some(pb::op::Kind::Put(pb::Put { value: value(n) })),
                         }),
+                        lease: 0,
                     })
                     .collect();
                 kv.txn(pb::TxnRequest {

@@ -19,7 +19,8 @@
 //!
 //! Comparisons: `exists K`, `missing K`, `type K register|counter|bounded_counter|max|set`,
 //! `version K OP N`, `value K OP V` (`OP` is `=`, `!=`, `<` or `>`), `counter K MIN..MAX`
-//! (either bound may be left out). Ops: `put K V`, `del K`, `add K N`, `set K N`,
+//! (either bound may be left out). Ops: `put K V [lease=ID]` (attach K to a lease, hex id),
+//! `del K`, `add K N`, `set K N`,
 //! `bounds K MIN MAX`, `max K N` (raise), `setmax K N`, `sadd K E`, `srem K E`.
 
 use super::{CliError, Encoding, Exit, Output, channel, json_bytes, print_json};
@@ -235,7 +236,9 @@ fn op(words: &[String], enc: Encoding) -> Result<pb::TxnOp, String> {
     let bytes = |what: &str, w: &String| enc.decode(what, w).map_err(|e| e.message);
     let kind = match words[0].as_str() {
         "put" => {
-            arity(words, 3, "put KEY VALUE")?;
+            if words.len() != 4 {
+                arity(words, 3, "put KEY VALUE [lease=ID]")?;
+            }
             Kind::Put(pb::Put {
                 value: bytes("value", &words[2])?,
             })
@@ -290,9 +293,17 @@ fn op(words: &[String], enc: Encoding) -> Result<pb::TxnOp, String> {
             ));
         }
     };
+    let lease = match words.get(3) {
+        None => 0,
+        Some(w) => match w.strip_prefix("lease=") {
+            Some(id) => super::lease::parse_id(id).map_err(|e| e.message)?,
+            None => return Err(format!("expected 'lease=ID' after the value, not '{w}'")),
+        },
+    };
     Ok(pb::TxnOp {
         key: bytes("key", &words[1])?,
         op: Some(pb::Op { kind: Some(kind) }),
+        lease,
     })
 }
 
@@ -395,12 +406,19 @@ failure:
             }))
         );
         assert_eq!(req.success.len(), 2);
+        assert_eq!(req.failure[0].lease, 0);
         assert_eq!(
             req.failure[0].op.as_ref().unwrap().kind,
             Some(pb::op::Kind::Put(pb::Put {
                 value: b"transfer \"refused\" # not a comment".to_vec()
             }))
         );
+    }
+
+    #[test]
+    fn a_put_may_name_a_lease() {
+        let req = parse("success:\n  put {s}:k v lease=1a\n", Encoding::default()).unwrap();
+        assert_eq!(req.success[0].lease, 0x1a);
     }
 
     #[test]
@@ -412,8 +430,16 @@ failure:
                 "line 2: '~' is not an operator",
             ),
             ("success:\ncompare:\n", "line 2: sections come once each"),
-            ("success:\n  put k\n", "line 2: expected 'put KEY VALUE'"),
+            (
+                "success:\n  put k\n",
+                "line 2: expected 'put KEY VALUE [lease=ID]'",
+            ),
             ("success:\n  put k \"v\n", "line 2: a quote is not closed"),
+            ("success:\n  put k v 1a\n", "line 2: expected 'lease=ID'"),
+            (
+                "success:\n  put k v lease=zz\n",
+                "line 2: 'zz' is not a lease id",
+            ),
             (
                 "compare:\n  counter k 1-2\n",
                 "line 2: '1-2' is not a range",

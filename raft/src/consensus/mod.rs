@@ -148,6 +148,41 @@ pub fn check_request(map: GroupMap, group: GroupId, request: &Request) -> Result
             }
         }
         Request::Txn(txn) => check_txn(map, group, txn),
+        Request::TxnLeased { txn, attach } => {
+            check_txn(map, group, txn)?;
+            if attach.is_empty() || attach.len() > 2 * calm_kernel::txn::TXN_OPS_MAX {
+                return Err(format!(
+                    "a leased transaction attaches 1 to {} keys, not {}",
+                    2 * calm_kernel::txn::TXN_OPS_MAX,
+                    attach.len()
+                ));
+            }
+            let len = |success: bool| {
+                if success {
+                    txn.success.len()
+                } else {
+                    txn.failure.len()
+                }
+            };
+            if let Some((success, index, _)) =
+                attach.iter().find(|(s, i, _)| *i as usize >= len(*s))
+            {
+                return Err(format!(
+                    "a leased transaction names op {index} of its {} branch, which it does not have",
+                    if *success { "success" } else { "failure" }
+                ));
+            }
+            match attach
+                .iter()
+                .find(|(_, _, lease)| calm_kernel::lease::lease_group(*lease) != group)
+            {
+                Some((_, _, lease)) => Err(format!(
+                    "lease {lease:x} belongs to group {}, not the transaction's group {group}",
+                    calm_kernel::lease::lease_group(*lease)
+                )),
+                None => Ok(()),
+            }
+        }
         Request::Lease(entry) => check_lease(map, group, &entry.cmd),
         Request::Leased { cmd, lease } => {
             if map.group_of(&cmd.key) != group {

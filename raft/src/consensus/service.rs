@@ -398,7 +398,7 @@ impl RaftPeer for PeerService {
         let proposer = match &request {
             Request::Command(cmd) => Some(cmd.proposer),
             Request::Commands(cmds) => cmds.first().map(|c| c.proposer),
-            Request::Txn(txn) => Some(txn.proposer),
+            Request::Txn(txn) | Request::TxnLeased { txn, .. } => Some(txn.proposer),
             Request::Lease(entry) => Some(entry.proposer),
             Request::Leased { cmd, .. } => Some(cmd.proposer),
             Request::InitRules { .. } | Request::SetRules { .. } => None,

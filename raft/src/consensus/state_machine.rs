@@ -450,18 +450,39 @@ impl GroupStateMachine {
         }
     }
 
-    /// Apply the transaction of the entry at `log_id`: like `apply_commands`, once every
-    /// fact it observed is here, under one lock with the group's applied position.
-    async fn apply_txn(&self, txn: &Txn, log_id: LogId) -> io::Result<Response> {
+    /// Apply the transaction of the entry at `log_id` (attaching the keys in `attach` to
+    /// their leases): like `apply_commands`, once every fact it observed is here, under one
+    /// lock with the group's applied position.
+    async fn apply_txn(
+        &self,
+        txn: &Txn,
+        attach: &[(bool, u32, LeaseId)],
+        log_id: LogId,
+    ) -> io::Result<Response> {
         if let Err(reason) = super::check_txn(self.groups, self.group, txn) {
             return Err(io::Error::other(format!(
                 "group {} was asked to apply a malformed transaction; the proposer checks this (a bug): {reason}",
                 self.group
             )));
         }
+        // `check_txn` and `check_request` keep the indexes within the branches.
+        let attach: Vec<(bool, usize, LeaseId, &[u8])> = attach
+            .iter()
+            .filter_map(|&(success, index, lease)| {
+                let branch = if success { &txn.success } else { &txn.failure };
+                let cmd = branch.get(index as usize)?;
+                Some((
+                    success,
+                    index as usize,
+                    lease,
+                    self.groups.subject(&cmd.key),
+                ))
+            })
+            .collect();
         self.apply_when_facts_here(log_id, "a transaction", |local| {
-            match local.replica_mut().apply_txn(txn) {
-                Ok(outcome) => Ok(Ok(txn_response(local.replica(), txn, outcome))),
+            match local.replica_mut().apply_txn_leased(txn, &attach) {
+                Ok(Ok(outcome)) => Ok(Ok(txn_response(local.replica(), txn, outcome))),
+                Ok(Err(refusal)) => Ok(Ok(lease_refused(&refusal))),
                 Err(ReplicaError::Blocked { missing, .. }) => Ok(Err(missing)),
                 Err(e) => Err(io::Error::other(e)),
             }
@@ -626,7 +647,12 @@ impl RaftStateMachine<CalmRaft> for GroupStateMachine {
                 EntryPayload::Normal(Request::Commands(cmds)) => {
                     Response::Batch(self.apply_commands(&cmds, log_id).await?)
                 }
-                EntryPayload::Normal(Request::Txn(txn)) => self.apply_txn(&txn, log_id).await?,
+                EntryPayload::Normal(Request::Txn(txn)) => {
+                    self.apply_txn(&txn, &[], log_id).await?
+                }
+                EntryPayload::Normal(Request::TxnLeased { txn, attach }) => {
+                    self.apply_txn(&txn, &attach, log_id).await?
+                }
                 EntryPayload::Normal(Request::Lease(entry)) => {
                     self.apply_lease(&entry, log_id).await?
                 }

@@ -81,6 +81,13 @@ pub enum Request {
     /// A register put or compare-and-set that attaches its key to `lease` (of the key's
     /// subject) once it takes effect.
     Leased { cmd: Arc<Command>, lease: LeaseId },
+    /// A transaction some of whose puts attach their keys to leases when they run:
+    /// `attach` names each as (in the success branch?, its index there, the lease)
+    /// (`Replica::apply_txn_leased`).
+    TxnLeased {
+        txn: Arc<Txn>,
+        attach: Arc<[(bool, u32, LeaseId)]>,
+    },
 }
 
 /// A lease entry with its proposer's stamp (the deletes a revoke or an expiry makes carry
@@ -119,6 +126,14 @@ impl fmt::Display for Request {
                 LeaseCommand::Revoke { id } => write!(f, "revoke of lease {id:x}"),
                 LeaseCommand::Tick { term, .. } => write!(f, "lease tick of term {term}"),
             },
+            Request::TxnLeased { txn, attach } => write!(
+                f,
+                "transaction of {} comparisons, {} and {} ops, {} of them leased",
+                txn.compares.len(),
+                txn.success.len(),
+                txn.failure.len(),
+                attach.len()
+            ),
             Request::Leased { cmd, lease } => write!(
                 f,
                 "register write on {} with lease {lease:x}",
