@@ -71,20 +71,7 @@ impl Node {
             Ok(Ok(LocalAdmit {
                 admitted: Admitted::Consensus(_),
                 ..
-            })) => {
-                let cmd = local
-                    .replica()
-                    .prepare_command(key, op, hlc)
-                    .map_err(refused)?;
-                let barrier = local
-                    .own_facts_barrier()
-                    .unwrap_or_else(|e| fatal("appending a WAL barrier", &e));
-                Ok(Pending::Consensus {
-                    cmd,
-                    barrier,
-                    lease: None,
-                })
-            }
+            })) => consensus_pending(&mut local, key, op, hlc, None),
         }
     }
 
@@ -92,19 +79,7 @@ impl Node {
     /// takes no fast path), checked by `check_leased_write`.
     fn prepare_leased(&self, key: &[u8], op: &Op, lease: LeaseId) -> Result<Pending, Status> {
         let hlc = self.hlc.now();
-        let mut local = lock(&self.local);
-        let cmd = local
-            .replica()
-            .prepare_command(key, op, hlc)
-            .map_err(refused)?;
-        let barrier = local
-            .own_facts_barrier()
-            .unwrap_or_else(|e| fatal("appending a WAL barrier", &e));
-        Ok(Pending::Consensus {
-            cmd,
-            barrier,
-            lease: Some(lease),
-        })
+        consensus_pending(&mut lock(&self.local), key, op, hlc, Some(lease))
     }
 
     /// Wait until the own facts a command observed are durable (see
@@ -454,6 +429,29 @@ impl Node {
         }
         response
     }
+}
+
+/// `op` on `key` as the Raft command to propose, stamped with what this node observed, with
+/// the WAL barrier of the own facts it observed.
+fn consensus_pending(
+    local: &mut calm_raft::local::LocalState,
+    key: &[u8],
+    op: &Op,
+    hlc: calm_kernel::HlcTimestamp,
+    lease: Option<LeaseId>,
+) -> Result<Pending, Status> {
+    let cmd = local
+        .replica()
+        .prepare_command(key, op, hlc)
+        .map_err(refused)?;
+    let barrier = local
+        .own_facts_barrier()
+        .unwrap_or_else(|e| fatal("appending a WAL barrier", &e));
+    Ok(Pending::Consensus {
+        cmd,
+        barrier,
+        lease,
+    })
 }
 
 /// Whether `op` is a delete of a key that has a value on `replica` (what a last-writer-wins

@@ -307,6 +307,32 @@ async fn confirm(
     Ok(())
 }
 
+/// Grant a lease for `key` and take `key` with `value` (waiting for other holders), checked
+/// before it is reported: the hold and its fencing token, or `None` when `stop` came first.
+/// Whatever fails or stops releases the lease.
+async fn take(
+    channel: &H2Channel,
+    key: &[u8],
+    value: &[u8],
+    ttl: Duration,
+    stop: &CancellationToken,
+) -> Result<Option<(Held, u64)>, CliError> {
+    let (held, token) = Held::grant(channel, key, ttl).await?;
+    let taken = match acquire(channel, key, value, &held, token, stop).await {
+        Ok(Some(fence)) => confirm(channel, key, value, &held)
+            .await
+            .map(|()| Some(fence)),
+        other => other,
+    };
+    match taken {
+        Ok(Some(fence)) => Ok(Some((held, fence))),
+        other => {
+            held.release(channel).await;
+            other.map(|_| None)
+        }
+    }
+}
+
 /// This process's identity as a holder: host and pid.
 fn holder_id() -> Vec<u8> {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -327,22 +353,9 @@ pub async fn lock(
     };
     let channel = channel(endpoints).await?;
     let value = holder_id();
-    let (mut held, token) = Held::grant(&channel, &key, ttl).await?;
-    let fence = match acquire(&channel, &key, &value, &held, token, &stop).await {
-        Ok(Some(fence)) => fence,
-        Ok(None) => {
-            held.release(&channel).await;
-            return Ok(Exit::No);
-        }
-        Err(e) => {
-            held.release(&channel).await;
-            return Err(e);
-        }
+    let Some((mut held, fence)) = take(&channel, &key, &value, ttl, &stop).await? else {
+        return Ok(Exit::No);
     };
-    if let Err(e) = confirm(&channel, &key, &value, &held).await {
-        held.release(&channel).await;
-        return Err(e);
-    }
     let shown = String::from_utf8_lossy(&key).into_owned();
     match output {
         Output::Json => print_json(&json!({
@@ -443,22 +456,9 @@ pub async fn elect(
     stop: CancellationToken,
 ) -> Result<Exit, CliError> {
     let channel = channel(endpoints).await?;
-    let (mut held, token) = Held::grant(&channel, &key, ttl).await?;
-    let term = match acquire(&channel, &key, &value, &held, token, &stop).await {
-        Ok(Some(term)) => term,
-        Ok(None) => {
-            held.release(&channel).await;
-            return Ok(Exit::Done);
-        }
-        Err(e) => {
-            held.release(&channel).await;
-            return Err(e);
-        }
+    let Some((mut held, term)) = take(&channel, &key, &value, ttl, &stop).await? else {
+        return Ok(Exit::Done);
     };
-    if let Err(e) = confirm(&channel, &key, &value, &held).await {
-        held.release(&channel).await;
-        return Err(e);
-    }
     let (key_s, value_s) = (
         String::from_utf8_lossy(&key),
         String::from_utf8_lossy(&value),
