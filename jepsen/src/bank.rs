@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::client::{Clients, Completion, read_error, write_error};
+use crate::client::{Clients, Completion, read_error, txn_completion};
 use crate::history::F;
 use crate::pb;
 use crate::recorder::Recorder;
@@ -211,10 +211,7 @@ pub async fn client(ctx: &Ctx, mut rng: Rng) {
                     failure: Vec::new(),
                     token: Vec::new(),
                 };
-                match ctx.clients.txn(node, req).await {
-                    Ok(r) => Completion::Ok(json!({"succeeded": r.succeeded})),
-                    Err(e) => write_error(&e),
-                }
+                txn_completion(ctx.clients.txn(node, req).await)
             })
             .await;
         } else {

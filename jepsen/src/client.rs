@@ -221,6 +221,14 @@ fn never_sent(status: &Status) -> bool {
         && (text.contains("tcp connect error") || text.contains("Connection refused"))
 }
 
+/// A transaction's answer as a completion: `ok` with the branch that ran, or the error.
+pub fn txn_completion(answer: Result<pb::TxnResponse, Status>) -> Completion {
+    match answer {
+        Ok(r) => Completion::Ok(serde_json::json!({"succeeded": r.succeeded})),
+        Err(e) => write_error(&e),
+    }
+}
+
 /// A write's error as a completion.
 pub fn write_error(status: &Status) -> Completion {
     let text = format!("{:?}: {}", status.code(), status.message());

@@ -38,7 +38,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::client::{Completion, write_error};
+use crate::client::{Completion, txn_completion, write_error};
 use crate::history::F;
 use crate::pb;
 use crate::rng::Rng;
@@ -323,10 +323,7 @@ async fn hold_and_write(
                 failure: Vec::new(),
                 token: Vec::new(),
             };
-            match ctx.clients.txn(node, req).await {
-                Ok(r) => Completion::Ok(json!({"succeeded": r.succeeded})),
-                Err(e) => write_error(&e),
-            }
+            txn_completion(ctx.clients.txn(node, req).await)
         })
         .await;
     }

@@ -121,16 +121,8 @@ pub(super) async fn run(endpoints: &[String], o: &BenchOptions) -> Result<Report
             anyhow::Ok((latencies, errors, first_error))
         }));
     }
-    let mut latencies_us = Vec::new();
-    let (mut errors, mut first_error) = (0, None);
-    for t in tasks {
-        let (l, e, f) = t.await??;
-        latencies_us.extend(l);
-        errors += e;
-        first_error = first_error.or(f);
-    }
+    let (latencies_us, errors, first_error) = super::gather(tasks).await?;
     let elapsed = started.elapsed();
-    latencies_us.sort_unstable();
     Ok(Report {
         ops: latencies_us.len() as u64,
         errors,

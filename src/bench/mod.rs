@@ -353,17 +353,8 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
             anyhow::Ok((latencies, errors, first_error))
         }));
     }
-    let mut latencies_us = Vec::new();
-    let mut errors = 0;
-    let mut first_error = None;
-    for t in tasks {
-        let (l, e, f) = t.await??;
-        latencies_us.extend(l);
-        errors += e;
-        first_error = first_error.or(f);
-    }
+    let (latencies_us, errors, first_error) = gather(tasks).await?;
     let elapsed = started.elapsed();
-    latencies_us.sort_unstable();
     let ops_per_call = if matches!(
         o.workload,
         Workload::Batch | Workload::BatchPut | Workload::Scan
@@ -380,6 +371,24 @@ pub async fn run(endpoints: &[String], o: BenchOptions) -> Result<Report> {
         latencies_us,
         ops_per_call,
     })
+}
+
+/// What one bench client measured: its latencies (µs), its errors and the first of them.
+type ClientMeasures = (Vec<u64>, u64, Option<String>);
+
+/// Every client's measures together, latencies sorted.
+async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<Result<ClientMeasures>>>,
+) -> Result<ClientMeasures> {
+    let (mut latencies_us, mut errors, mut first_error) = (Vec::new(), 0, None);
+    for t in tasks {
+        let (l, e, f) = t.await??;
+        latencies_us.extend(l);
+        errors += e;
+        first_error = first_error.or(f);
+    }
+    latencies_us.sort_unstable();
+    Ok((latencies_us, errors, first_error))
 }
 
 /// A failed call for a report: its code, how long it took, and its message.
