@@ -32,6 +32,9 @@ pub const RENEW_BATCH_WAIT: Duration = Duration::from_millis(10);
 /// RESOURCE_EXHAUSTED (the client retries).
 pub const RENEWALS_WAITING_MAX: usize = 200_000;
 
+/// Leases this node's replica holds, over every group (updated every tick interval).
+pub const METRIC_LEASES: &str = "calm_leases";
+
 type Answer = oneshot::Sender<Result<u64, Status>>;
 
 /// Keep-alive renewals waiting for their group's next flush.
@@ -142,7 +145,14 @@ pub async fn tick_loop(node: Arc<Node>, shutdown: CancellationToken) {
             _ = interval.tick() => {}
         }
         let mut ticks = Vec::new();
-        for group in 1..=node.consensus.group_map().data_groups() {
+        let data_groups = node.consensus.group_map().data_groups();
+        let held: usize = {
+            let local = lock(&node.local);
+            let leases = local.replica().leases();
+            (1..=data_groups).map(|g| leases.count(g)).sum()
+        };
+        metrics::gauge!(METRIC_LEASES).set(held as f64);
+        for group in 1..=data_groups {
             let Some(term) = node.consensus.led_term(group) else {
                 last.remove(&group);
                 continue;

@@ -124,6 +124,11 @@ pub(crate) fn describe_metrics() {
         "Keys returned by Scan pages"
     );
     describe_metrics_watch();
+    metrics::describe_gauge!(
+        crate::lease_keeper::METRIC_LEASES,
+        Unit::Count,
+        "Leases this node's replica holds, over every group"
+    );
     describe_counter!(
         "calm_lease_grants_total",
         Unit::Count,
