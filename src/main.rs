@@ -661,6 +661,7 @@ async fn writes(
         &token,
         lease,
         args.client.output,
+        enc,
     )
     .await?)
 }

@@ -319,6 +319,10 @@ async fn every_type_can_be_deleted_and_recreated() {
     }
     let r = calm(&c, &["del", "never-written", "-w", "json"], b"");
     assert_eq!((r.code, r.json()["deleted"].clone()), (1, false.into()));
+    // With --hex the key is named as it was given: a binary key is not mangled.
+    let r = calm(&c, &["del", "--hex", "00ff"], b"");
+    assert_eq!(r.code, 1, "{}", r.out());
+    assert!(r.out().contains("key '00ff'"), "{}", r.out());
 
     // Written again: the same type starts from nothing, another type is a new key.
     ok(&["add", "hits", "2"]);

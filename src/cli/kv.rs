@@ -16,6 +16,7 @@ pub async fn write(
     token: &[u8],
     lease: u64,
     output: Output,
+    enc: Encoding,
 ) -> Result<Exit, CliError> {
     let mut kv = KvClient::new(channel(endpoints).await?);
     for op in ops {
@@ -30,7 +31,7 @@ pub async fn write(
             .await
             .map_err(|s| CliError::from_status(&s))?
             .into_inner();
-        let exit = print_write(key, &resp, delete, output);
+        let exit = print_write(key, &resp, delete, output, enc);
         if exit != Exit::Done {
             return Ok(exit);
         }
@@ -40,7 +41,13 @@ pub async fn write(
 
 /// Print one write's answer. A delete of a key that did not exist is exit 1 ("NOT FOUND",
 /// `"deleted": false`), as `calm get` of a missing key is.
-fn print_write(key: &[u8], resp: &pb::WriteResponse, delete: bool, output: Output) -> Exit {
+fn print_write(
+    key: &[u8],
+    resp: &pb::WriteResponse,
+    delete: bool,
+    output: Output,
+    enc: Encoding,
+) -> Exit {
     let missing = delete && !resp.deleted;
     match output {
         Output::Json => {
@@ -59,7 +66,7 @@ fn print_write(key: &[u8], resp: &pb::WriteResponse, delete: bool, output: Outpu
             let line = if missing {
                 format!(
                     "NOT FOUND: key '{}' did not exist; nothing was deleted",
-                    String::from_utf8_lossy(key)
+                    enc.cell(key)
                 )
             } else if !resp.succeeded {
                 format!(
